@@ -1,0 +1,44 @@
+"""The ``rgfusion`` command: one argparse tree, each component registers its subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from rgfusion.configs import ConfigError
+
+# Modules that each expose ``register(subparsers)``; imported lazily so ``rgfusion data``
+# never pays for importing DeepSpeed or Ray.
+COMMAND_MODULES = (
+    "rgfusion.datasets.cli",
+    "rgfusion.trainer.commands",
+    "rgfusion.cluster.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rgfusion", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"rgfusion: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
