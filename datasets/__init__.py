@@ -8,6 +8,9 @@ The trainer uses ``load_manifest``, ``DataConfig``, ``build_text_processor``, ``
 from rgfusion.datasets.schema import (
     MANIFEST_NAME, SCHEMA_VERSION, VOCAB_NAME, Manifest, Sample, SchemaError, SplitInfo, sanitize_key,
 )
+from rgfusion.datasets.reader import (
+    Batch, DataConfig, SkipStats, eval_loader, load_manifest, skip_stats, train_loader,
+)
 from rgfusion.datasets.storage import DatasetNotFound
 from rgfusion.datasets.text import TextProcessor, Vocab, build_text_processor, tokenize
 from rgfusion.datasets.writer import (
@@ -15,6 +18,7 @@ from rgfusion.datasets.writer import (
 )
 
 __all__ = [
+    "Batch", "DataConfig", "SkipStats", "eval_loader", "load_manifest", "skip_stats", "train_loader",
     "MANIFEST_NAME", "SCHEMA_VERSION", "VOCAB_NAME", "DatasetNotFound", "Manifest", "Sample",
     "SchemaError", "ShardWriter", "SplitInfo", "TextProcessor", "Vocab", "build_text_processor",
     "complete_prefix", "existing_shards", "sanitize_key", "shard_name", "tokenize",

@@ -32,7 +32,12 @@ BOX_SLACK = 0.01
 
 
 class SchemaError(ValueError):
-    """A sample or manifest that does not match the schema."""
+    """A sample or manifest that does not match the schema; ``reason`` is a short category
+    (missing_member, bad_npy, bad_json, bad_shape, bad_value) used to count reader skips."""
+
+    def __init__(self, message: str, reason: str = "invalid"):
+        super().__init__(message)
+        self.reason = reason
 
 
 _KEY_SAFE = re.compile(r"[A-Za-z0-9_\-]")
@@ -85,15 +90,16 @@ class Sample:
         _check_array(where, "boxes", self.boxes, BOX_DTYPE, (self.region.shape[0], 4))
         _check_array(where, "grid", self.grid, GRID_DTYPE, (grid_cells, grid_dim))
         if max_regions is not None and self.region.shape[0] > max_regions:
-            raise SchemaError(f"{where}: {self.region.shape[0]} regions > max_regions={max_regions}")
+            raise SchemaError(f"{where}: {self.region.shape[0]} regions > max_regions={max_regions}",
+                              "bad_shape")
         if not isinstance(self.captions, list) or not all(isinstance(c, str) and c.strip() for c in self.captions):
-            raise SchemaError(f"{where}: captions must be a list of non-empty strings")
+            raise SchemaError(f"{where}: captions must be a list of non-empty strings", "bad_json")
         if not self.captions:
-            raise SchemaError(f"{where}: no captions")
+            raise SchemaError(f"{where}: no captions", "bad_json")
         for name in ("width", "height"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
-                raise SchemaError(f"{where}: {name} must be a positive integer, got {v!r}")
+                raise SchemaError(f"{where}: {name} must be a positive integer, got {v!r}", "bad_json")
         if check_values:
             self._check_values(where)
 
@@ -126,13 +132,13 @@ class Sample:
         """Decode tar members (pickle-free); raises SchemaError for missing/invalid members."""
         missing = [m for m in MEMBERS if m not in members]
         if missing:
-            raise SchemaError(f"missing member(s) {', '.join(missing)}")
+            raise SchemaError(f"missing member(s) {', '.join(missing)}", "missing_member")
         try:
             meta = json.loads(members["json"])
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SchemaError(f"json member is not valid JSON: {e}") from None
+            raise SchemaError(f"json member is not valid JSON: {e}", "bad_json") from None
         if not isinstance(meta, dict) or not {"image_id", "captions", "width", "height"} <= set(meta):
-            raise SchemaError("json member lacks image_id/captions/width/height")
+            raise SchemaError("json member lacks image_id/captions/width/height", "bad_json")
         return cls(
             image_id=str(meta["image_id"]),
             region=load_npy(members["region.npy"], "region.npy"),
@@ -149,20 +155,20 @@ def load_npy(data: bytes, name: str = "npy") -> np.ndarray:
     try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise SchemaError(f"{name} is not a valid .npy: {e}") from None
+        raise SchemaError(f"{name} is not a valid .npy: {e}", "bad_npy") from None
     if not isinstance(arr, np.ndarray):
-        raise SchemaError(f"{name} is not a single .npy array")
+        raise SchemaError(f"{name} is not a single .npy array", "bad_npy")
     return arr
 
 
 def _check_array(where: str, name: str, arr: Any, dtype: np.dtype, shape: tuple[int | None, ...]) -> None:
     if not isinstance(arr, np.ndarray):
-        raise SchemaError(f"{where}: {name} must be a numpy array, got {type(arr).__name__}")
+        raise SchemaError(f"{where}: {name} must be a numpy array, got {type(arr).__name__}", "bad_shape")
     if arr.dtype != dtype:
-        raise SchemaError(f"{where}: {name} must be {dtype.name}, got {arr.dtype.name}")
+        raise SchemaError(f"{where}: {name} must be {dtype.name}, got {arr.dtype.name}", "bad_shape")
     if arr.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, arr.shape)):
         want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
-        raise SchemaError(f"{where}: {name} must have shape {want}, got {tuple(arr.shape)}")
+        raise SchemaError(f"{where}: {name} must have shape {want}, got {tuple(arr.shape)}", "bad_shape")
 
 
 @dataclass

@@ -1,0 +1,455 @@
+"""Streaming reader: manifest -> WebDataset pipelines -> padded ``Batch`` tensors.
+
+Training (``train_loader``): every (rank, worker) draws shards at random, weighted by their
+sample counts from the manifest (so every image is equally likely whatever the shard sizes),
+decodes, shuffles through a buffer and batches. Each worker yields its own share of the
+requested steps, counted here rather than through ``with_epoch`` (which counts per worker and
+would give ranks different totals): every rank yields exactly ``steps - start_step`` batches.
+
+Evaluation (``eval_loader``): the split's shards are dealt to the ``world_size * num_workers``
+(rank, worker) slots, greedily by sample count; each slot reads its shards once in order, so
+every image appears exactly once overall. Slots without shards yield nothing.
+
+Shards open through fsspec (``fs.open(..., block_size=...)``), never ``pipe:``. Members are
+read with ``np.load(allow_pickle=False)``. A bad shard or sample (truncated tar, invalid npy or
+json, missing member, wrong shape) is skipped, counted in ``skip_stats()`` by reason and
+reported by a rate-limited warning; transient storage errors reopen the shard with backoff
+and resume after the samples already yielded.
+
+Memory per worker process is bounded by the shuffle buffer, not the dataset:
+    resident ~= fixed overhead (interpreter + torch, ~0.3 GB)
+                + (shuffle_buffer + (prefetch_factor + 1) * batch_size) * sample_bytes
+                + block_size (one open shard read-ahead)
+    sample_bytes = 2 * (R * Dr + H * W * Dg) + 16 * R + caption text
+                   (x2 for the cast batch when dtype is float32)
+e.g. 36x2048 regions + 7x7x2048 grids: 348 KB/sample; buffer 1000 -> ~0.35 GB per worker.
+Evaluation has no shuffle buffer: (prefetch_factor + 1) * batch_size samples per worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tarfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from rgfusion.datasets.schema import MANIFEST_NAME, Manifest, Sample, SchemaError
+from rgfusion.datasets.storage import (
+    DatasetNotFound, explain_missing, is_transient, join_url, open_fs, read_bytes, with_retries,
+)
+from rgfusion.datasets.text import TextProcessor
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class DataConfig:
+    """Section ``data:`` of a recipe: where the shards are and how to stream them."""
+
+    url: str = "data/synthetic"  # dataset root (folder or s3://bucket/prefix) holding manifest.json
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec kwargs, e.g. client_kwargs.endpoint_url
+    shuffle_buffer: int = 1000  # samples per worker; bounds memory (see module docstring)
+    num_workers: int = 2  # DataLoader worker processes per rank; 0 reads in the training process
+    max_words: int = 32  # captions are truncated to this many tokens incl. <start>/<end>
+    tokenizer: str | None = None  # None: dataset vocab (BiGRU); else a local HF tokenizer directory
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # features are float16 on disk
+    block_size: int = 16 * 1024 * 1024  # object-store read-ahead; s3fs's 5 MB default is slow for shards
+    retries: int = 4  # transient storage errors retried with backoff this many times
+    prefetch_factor: int = 2  # batches each worker keeps ready
+
+
+# -- skipped input ---------------------------------------------------------------------------
+
+class SkipStats:
+    """Counts of skipped bad input by reason; warns at most once per ``interval`` seconds."""
+
+    def __init__(self, interval: float = 30.0):
+        self.interval = interval
+        self.by_reason: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._last_warn = -float("inf")
+        self._unreported = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+    def record(self, reason: str, detail: str) -> None:
+        with self._lock:
+            self.by_reason[reason] += 1
+            self._unreported += 1
+            now = time.monotonic()
+            if now - self._last_warn < self.interval:
+                return
+            n, self._unreported, self._last_warn = self._unreported, 0, now
+        log.warning("skipped bad input (%s): %s%s", reason, detail,
+                    f" [+{n - 1} more since last warning]" if n > 1 else "")
+
+    def merge(self, counts: dict[str, int]) -> None:
+        """Add counts a DataLoader worker reported (it already warned)."""
+        with self._lock:
+            self.by_reason.update(counts)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.by_reason.clear()
+            self._unreported = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"total": self.total, **self.by_reason}
+
+
+_SKIP_STATS = SkipStats()
+
+
+def skip_stats() -> SkipStats:
+    """The process-wide counter the trainer logs (workers' counts are merged into it)."""
+    return _SKIP_STATS
+
+
+# -- manifest ---------------------------------------------------------------------------------
+
+def load_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Manifest:
+    """The dataset at ``url`` (its root, or the manifest.json itself); one clear error if absent."""
+    root = url.rsplit("/", 1)[0] if url.endswith(".json") else url.rstrip("/")
+    manifest_url = url if url.endswith(".json") else join_url(root, MANIFEST_NAME)
+    try:
+        text = read_bytes(manifest_url, storage_options)
+    except DatasetNotFound as e:
+        raise DatasetNotFound(f"no dataset manifest: {e}") from None
+    except OSError as e:
+        if not is_transient(e):
+            raise
+        raise DatasetNotFound(f"cannot read {manifest_url}: {type(e).__name__}: {e}") from None
+    return Manifest.from_json(text, root=root, storage_options=storage_options)
+
+
+# -- batches ----------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """Padded image features and tokenised captions; see the contract for shapes."""
+
+    regions: torch.Tensor  # (B, R, Dr) float; padded rows are zero
+    boxes: torch.Tensor  # (B, R, 4) float32 normalised x1y1x2y2
+    region_mask: torch.Tensor  # (B, R) bool, True = real region
+    grids: torch.Tensor  # (B, G, Dg) float, G = H*W row-major
+    grid_size: tuple[int, int]  # (H, W)
+    tokens: torch.Tensor  # (C, T) long, 0-padded
+    lengths: torch.Tensor  # (C,) long
+    attention_mask: torch.Tensor  # (C, T) bool
+    caption_image: torch.Tensor  # (C,) long, index of each caption's image in the batch
+    image_ids: list[str]  # (B,)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
+        """Tensors on ``device``; the float features also cast to ``dtype`` (boxes stay float32)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                cast = dtype if f.name in ("regions", "grids") else None
+                v = v.to(device, dtype=cast, non_blocking=True) if cast else v.to(device, non_blocking=True)
+            out[f.name] = v
+        return Batch(**out)
+
+
+def collate(samples: list[Sample], manifest: Manifest, text: TextProcessor, dtype: torch.dtype,
+            captions: list[list[str]]) -> Batch:
+    """Pad to ``manifest.max_regions`` (static shapes) and tokenise ``captions[i]`` of image i."""
+    b, r = len(samples), manifest.max_regions
+    regions = np.zeros((b, r, manifest.region_dim), np.float16)
+    boxes = np.zeros((b, r, 4), np.float32)
+    mask = np.zeros((b, r), bool)
+    grids = np.empty((b, manifest.grid_cells, manifest.grid_dim), np.float16)
+    for i, s in enumerate(samples):
+        n = s.region.shape[0]
+        regions[i, :n], boxes[i, :n], mask[i, :n], grids[i] = s.region, s.boxes, True, s.grid
+    flat = [c for cs in captions for c in cs]
+    tokens, lengths, attn = text(flat)
+    owner = torch.repeat_interleave(torch.arange(b), torch.tensor([len(cs) for cs in captions]))
+    return Batch(torch.from_numpy(regions).to(dtype), torch.from_numpy(boxes), torch.from_numpy(mask),
+                 torch.from_numpy(grids).to(dtype), tuple(manifest.grid_size), tokens, lengths, attn,
+                 owner, [s.image_id for s in samples])
+
+
+# -- shards -> samples ------------------------------------------------------------------------
+
+def iter_tar(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {member suffix: bytes}) per sample of an uncompressed tar stream, in order."""
+    tar = tarfile.open(fileobj=stream, mode="r|", bufsize=1024 * 1024)
+    key, members = None, {}
+    for info in tar:
+        if not info.isreg():
+            continue
+        prefix, suffix = wds.tariterators.base_plus_ext(info.name)
+        if prefix is None:
+            continue
+        data = tar.fileobj.read(info.size)  # the raw stream: one read, no per-member file object
+        if len(data) != info.size:
+            raise tarfile.ReadError(f"unexpected end of data in {info.name}")
+        if prefix != key:
+            if key is not None:
+                yield key, members
+            key, members = prefix, {}
+        members[suffix] = data
+    if key is not None:
+        yield key, members
+
+
+class ShardReader:
+    """Opens shards through fsspec and yields decoded, checked samples; counts what it skips."""
+
+    def __init__(self, manifest: Manifest, cfg: DataConfig, stats: SkipStats):
+        self.manifest = manifest
+        self.cfg = cfg
+        self.stats = stats
+        self._fs = None
+
+    def _open(self, url: str) -> Any:
+        if self._fs is None:
+            self._fs, _ = open_fs(url, self.manifest.storage_options or self.cfg.storage_options)
+        path = self._fs._strip_protocol(url)
+        return with_retries(lambda: self._fs.open(path, "rb", block_size=self.cfg.block_size),
+                            retries=self.cfg.retries, what=f"open {url}")
+
+    def samples(self, url: str) -> Iterator[Sample]:
+        """Every valid sample of one shard; a transient error reopens it past those yielded."""
+        done, attempt = 0, 0
+        while True:
+            try:
+                with self._open(url) as f:
+                    for i, (key, members) in enumerate(iter_tar(f)):
+                        if i >= done:
+                            done += 1
+                            sample = self.decode(url, key, members)
+                            if sample is not None:
+                                yield sample
+                return
+            except Exception as e:  # noqa: BLE001 - any unreadable shard is skipped, never fatal
+                if is_transient(e) and attempt < self.cfg.retries:
+                    attempt += 1
+                    time.sleep(0.2 * 2 ** attempt)
+                    continue
+                reason = "missing_shard" if isinstance(e, FileNotFoundError) else "bad_tar"
+                detail = explain_missing(url, self.manifest.storage_options) if reason == "missing_shard" else str(e)
+                self.stats.record(reason, f"{url} after {done} samples: {type(e).__name__}: {detail}")
+                return
+
+    def decode(self, url: str, key: str, members: dict[str, bytes]) -> Sample | None:
+        m = self.manifest
+        try:
+            s = Sample.from_members(members)
+            s.validate(region_dim=m.region_dim, grid_dim=m.grid_dim, grid_cells=m.grid_cells,
+                       max_regions=m.max_regions, check_values=False)
+        except SchemaError as e:
+            self.stats.record(e.reason, f"{url} sample {key}: {e}")
+            return None
+        return s
+
+
+# -- per-worker streams -----------------------------------------------------------------------
+
+def worker_steps(total: int, num_workers: int, worker: int) -> int:
+    """Share of ``total`` batches for one worker; lower ids take the remainder, which matches
+    the DataLoader's round-robin order so batches arrive without gaps."""
+    return total // num_workers + (1 if worker < total % num_workers else 0)
+
+
+def deal_shards(counts: list[int], slots: int) -> list[list[int]]:
+    """Shard indices per slot, balancing samples greedily (largest shard first); each slot's
+    shards are in manifest order. Empty shards are dropped; surplus slots get nothing."""
+    load = [0] * slots
+    out: list[list[int]] = [[] for _ in range(slots)]
+    for idx in sorted((i for i, c in enumerate(counts) if c > 0), key=lambda i: (-counts[i], i)):
+        s = min(range(slots), key=lambda j: (load[j], j))
+        out[s].append(idx)
+        load[s] += counts[idx]
+    return [sorted(x) for x in out]
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+@dataclass
+class _Plan:
+    """What one rank streams; picklable so DataLoader workers can rebuild the pipeline."""
+
+    cfg: DataConfig
+    manifest: Manifest
+    text: TextProcessor
+    split: str
+    batch_size: int
+    rank: int
+    world_size: int
+    train: bool
+    steps: int = 0  # training batches for this rank
+    seed: tuple[int, ...] = ()  # (seed, epoch, start_step, rank); the worker id is appended
+
+    def worker_items(self, worker: int, num_workers: int) -> Iterator[tuple[Batch | None, dict[str, int]]]:
+        """(batch, skips since the previous item); a final (None, skips) reports the rest."""
+        stats = SkipStats()
+        stats.interval = skip_stats().interval
+        reader = ShardReader(self.manifest, self.cfg, stats)
+        reported: Counter[str] = Counter()
+        pipeline = self._train(reader, worker, num_workers) if self.train else self._eval(reader, worker, num_workers)
+        for batch in pipeline:
+            delta = stats.by_reason - reported
+            reported = stats.by_reason.copy()
+            yield batch, dict(delta)
+        yield None, dict(stats.by_reason - reported)
+
+    def _train(self, reader: ShardReader, worker: int, num_workers: int) -> Iterator[Batch]:
+        n = worker_steps(self.steps, num_workers, worker)
+        if n == 0:
+            return iter(())
+        rng = random.Random(_seed(*self.seed, worker))
+        urls = self.manifest.shard_urls(self.split)
+        weights = self.manifest.split(self.split).samples_per_shard
+        if not any(weights):
+            raise ValueError(f"split {self.split!r} of {self.manifest.root} has no samples")
+        dtype = DTYPES[self.cfg.dtype]
+
+        def shard_stream() -> Iterator[Sample]:
+            dry = 0  # consecutive shards without one good sample: all-bad data must not spin forever
+            while True:
+                got = False
+                for s in reader.samples(rng.choices(urls, weights)[0]):
+                    got, dry = True, 0
+                    yield s
+                dry = 0 if got else dry + 1
+                if dry > 10 * len(urls) + 10:
+                    raise RuntimeError(f"no readable sample in {dry} consecutive shards of "
+                                       f"{self.manifest.root} split {self.split!r}; see skip warnings")
+
+        def to_batches(src: Iterator[Sample]) -> Iterator[Batch]:
+            while True:
+                chunk = [next(src) for _ in range(self.batch_size)]
+                yield collate(chunk, self.manifest, self.text, dtype, [[rng.choice(s.captions)] for s in chunk])
+
+        buf = max(self.cfg.shuffle_buffer, 1)
+        return wds.DataPipeline(shard_stream, wds.shuffle(buf, initial=buf, rng=rng), to_batches,
+                                wds.slice(n)).iterator()
+
+    def _eval(self, reader: ShardReader, worker: int, num_workers: int) -> Iterator[Batch]:
+        info = self.manifest.split(self.split)
+        mine = deal_shards(info.samples_per_shard, self.world_size * num_workers)[self.rank * num_workers + worker]
+        urls = self.manifest.shard_urls(self.split)
+        cpi = self.manifest.captions_per_image
+        dtype = DTYPES[self.cfg.dtype]
+
+        def samples() -> Iterator[Sample]:
+            for i in mine:
+                for s in reader.samples(urls[i]):
+                    if len(s.captions) < cpi:
+                        reader.stats.record("bad_json", f"{urls[i]}: {s.image_id} has {len(s.captions)} "
+                                                        f"captions, eval needs {cpi}")
+                        continue
+                    yield s
+
+        def to_batches(src: Iterator[Sample]) -> Iterator[Batch]:
+            chunk: list[Sample] = []
+            for s in src:
+                chunk.append(s)
+                if len(chunk) == self.batch_size:
+                    yield collate(chunk, self.manifest, self.text, dtype, [c.captions[:cpi] for c in chunk])
+                    chunk = []
+            if chunk:
+                yield collate(chunk, self.manifest, self.text, dtype, [c.captions[:cpi] for c in chunk])
+
+        return wds.DataPipeline(samples, to_batches).iterator()
+
+    def slot_samples(self, num_workers: int) -> int:
+        """Images this rank reads in evaluation (over its workers)."""
+        counts = self.manifest.split(self.split).samples_per_shard
+        slots = deal_shards(counts, self.world_size * num_workers)
+        return sum(counts[i] for w in range(num_workers) for i in slots[self.rank * num_workers + w])
+
+
+class _WorkerStream(torch.utils.data.IterableDataset):
+    def __init__(self, plan: _Plan):
+        super().__init__()
+        self.plan = plan
+
+    def __iter__(self) -> Iterator[tuple[Batch | None, dict[str, int]]]:
+        info = torch.utils.data.get_worker_info()
+        worker, num = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.plan.worker_items(worker, num)
+
+
+class Loader:
+    """Iterable of ``Batch``; merges the workers' skip counts into ``skip_stats()``."""
+
+    def __init__(self, plan: _Plan, num_workers: int, expected: int | None):
+        self.plan = plan
+        self.num_workers = num_workers
+        self.expected = expected  # exact batch count in training; None in evaluation
+        self.num_samples = plan.slot_samples(max(num_workers, 1)) if not plan.train else None
+
+    def __len__(self) -> int:
+        if self.expected is None:
+            raise TypeError("evaluation loaders have no fixed length; use num_samples")
+        return self.expected
+
+    def __iter__(self) -> Iterator[Batch]:
+        loader = torch.utils.data.DataLoader(
+            _WorkerStream(self.plan), batch_size=None, num_workers=self.num_workers,
+            prefetch_factor=self.plan.cfg.prefetch_factor if self.num_workers > 0 else None,
+            persistent_workers=False)
+        yielded = 0
+        for batch, skipped in loader:
+            if skipped:
+                skip_stats().merge(skipped)
+            if batch is not None:
+                yielded += 1
+                yield batch
+        if self.expected is not None and yielded != self.expected:
+            raise RuntimeError(f"rank {self.plan.rank} yielded {yielded} batches, expected {self.expected}")
+
+
+def train_loader(cfg: DataConfig, manifest: Manifest, text: TextProcessor, *, batch_size: int, steps: int,
+                 rank: int, world_size: int, seed: int, epoch: int, start_step: int = 0,
+                 split: str = "train") -> Loader:
+    """Exactly ``steps - start_step`` training batches of ``batch_size`` images on every rank
+    (one random caption per image), whatever the shard sizes."""
+    _check_rank(rank, world_size, batch_size)
+    if not 0 <= start_step <= steps:
+        raise ValueError(f"start_step must be in [0, steps={steps}], got {start_step}")
+    plan = _Plan(cfg, manifest, text, split, batch_size, rank, world_size, train=True,
+                 steps=steps - start_step, seed=(seed, epoch, start_step, rank))
+    return Loader(plan, cfg.num_workers, steps - start_step)
+
+
+def eval_loader(cfg: DataConfig, manifest: Manifest, text: TextProcessor, *, split: str, batch_size: int,
+                rank: int, world_size: int) -> Loader:
+    """Each image of ``split`` exactly once across ranks x workers, with all its captions
+    (``captions_per_image`` each, C = B * captions_per_image); ``image_ids`` reassemble order."""
+    _check_rank(rank, world_size, batch_size)
+    manifest.split(split)
+    plan = _Plan(cfg, manifest, text, split, batch_size, rank, world_size, train=False)
+    return Loader(plan, cfg.num_workers, None)
+
+
+def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+
+
+__all__ = ["Batch", "DataConfig", "Loader", "SkipStats", "collate", "deal_shards", "eval_loader",
+           "iter_tar", "load_manifest", "skip_stats", "train_loader", "worker_steps"]
