@@ -1,0 +1,400 @@
+"""Converters: precomp, hdf5, TSV and npz-folder inputs -> shards, read back and compared."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rgfusion.datasets import convert as conv
+from rgfusion.datasets import convert_sources as cs
+from rgfusion.datasets.convert import ConvertConfig, ConvertError, convert
+from rgfusion.datasets.schema import Manifest, Sample
+
+R, DR, DG = 4, 8, 6  # regions per image, region dim, grid dim: tiny on purpose
+
+
+# ---------------------------------------------------------------- reading back
+
+def read_split(root: Path, split: str) -> tuple[Manifest, list[Sample]]:
+    """Samples of a split in shard order, decoded from the tars directly (no reader involved)."""
+    manifest = Manifest.from_json((root / "manifest.json").read_text(), root=str(root))
+    samples = []
+    for name in manifest.splits[split].shards:
+        members: dict[str, dict[str, bytes]] = defaultdict(dict)
+        with tarfile.open(root / name) as tar:
+            for info in tar:
+                key, _, member = info.name.partition(".")
+                members[key][member] = tar.extractfile(info).read()
+        samples.extend(Sample.from_members(m) for m in members.values())
+    return manifest, samples
+
+
+def cfg(out: Path, dataset: str = "custom", **kw) -> ConvertConfig:
+    return ConvertConfig(out=str(out), dataset=dataset, samples_per_shard=kw.pop("samples_per_shard", 5),
+                         vocab_min_count=1, progress=False, **kw)
+
+
+# ---------------------------------------------------------------- precomp inputs
+
+def write_precomp(folder: Path, prefix: str, n: int, *, seed: int, boxes: bool = True, grids: bool = True,
+                  ids: bool = True) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"ims": rng.random((n, R, DR), dtype=np.float32) * 10,
+            "sizes": np.stack([rng.integers(100, 640, n), rng.integers(100, 480, n)], 1)}
+    w, h = data["sizes"][:, 0:1, None], data["sizes"][:, 1:2, None]
+    xy1 = rng.random((n, R, 2)) * 0.5
+    norm = np.concatenate([xy1, xy1 + rng.random((n, R, 2)) * 0.5], -1)
+    data["norm_boxes"] = norm
+    data["boxes"] = (norm * np.concatenate([w, h, w, h], -1)).astype(np.float32)
+    data["grids"] = rng.random((n, 2, 3, DG), dtype=np.float32)  # (N, H, W, D)
+    np.save(folder / f"{prefix}_ims.npy", data["ims"])
+    np.save(folder / f"{prefix}_sizes.npy", data["sizes"])
+    if boxes:
+        np.save(folder / f"{prefix}_boxes.npy", data["boxes"])
+    if grids:
+        np.save(folder / f"{prefix}_grids.npy", data["grids"])
+    if ids:
+        (folder / f"{prefix}_ids.txt").write_text("".join(f"{prefix}{i}\n" for i in range(n)))
+    caps = [f"a {prefix} photo {i} number {j}" for i in range(n) for j in range(5)]
+    (folder / f"{prefix}_caps.txt").write_text("\n".join(caps) + "\n")
+    return data
+
+
+def coco_precomp(folder: Path, **kw) -> dict[str, dict[str, np.ndarray]]:
+    return {p: write_precomp(folder, p, n, seed=i, **kw)
+            for i, (p, n) in enumerate((("train", 12), ("dev", 4), ("testall", 10)))}
+
+
+def test_precomp_round_trip(tmp_path):
+    src = coco_precomp(tmp_path / "in")
+    out = tmp_path / "out"
+    convert(cs.PrecompSource(tmp_path / "in", dataset="coco"), cfg(out, "coco"))
+
+    manifest, train = read_split(out, "train")
+    assert (manifest.region_dim, manifest.grid_dim, manifest.grid_size, manifest.max_regions) == (DR, DG, (2, 3), R)
+    assert manifest.splits["train"].samples_per_shard == [5, 5, 2]
+    assert manifest.splits["train"].shards == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    test = manifest.splits["test"]
+    assert (test.num_samples, test.protocol, test.folds) == (10, "coco1k5fold", [[0, 2], [2, 4], [4, 6], [6, 8], [8, 10]])
+    assert manifest.meta["extra_protocols"] == {"test": ["coco5k"]}
+    assert conv.has_grids(manifest) and conv.has_boxes(manifest)
+    for split, prefix in (("train", "train"), ("test", "testall")):
+        d = src[prefix]
+        samples = read_split(out, split)[1]
+        assert [s.image_id for s in samples] == [f"{prefix}{i}" for i in range(len(d["ims"]))]
+        for i, s in enumerate(samples):
+            assert s.region.dtype == np.float16 and s.grid.dtype == np.float16
+            np.testing.assert_array_equal(s.region, d["ims"][i].astype(np.float16))
+            np.testing.assert_allclose(s.boxes, d["norm_boxes"][i], atol=1e-6)
+            np.testing.assert_array_equal(s.grid, d["grids"][i].reshape(6, DG).astype(np.float16))
+            assert s.captions == [f"a {prefix} photo {i} number {j}" for j in range(5)]
+            assert (s.width, s.height) == tuple(int(v) for v in d["sizes"][i])
+    vocab = json.loads((out / "vocab.json").read_text())
+    assert vocab["<pad>"] == 0 and "train" in vocab and "testall" not in vocab
+
+
+def test_precomp_missing_boxes_or_grids_needs_a_flag(tmp_path):
+    write_precomp(tmp_path / "in", "train", 6, seed=0, boxes=False, grids=False, ids=False)
+    split_map = {"train": "train"}
+    with pytest.raises(ConvertError, match="--no-boxes"):
+        convert(cs.PrecompSource(tmp_path / "in", split_map=split_map, no_grids=True), cfg(tmp_path / "a"))
+    with pytest.raises(ConvertError, match="--no-grids"):
+        convert(cs.PrecompSource(tmp_path / "in", split_map=split_map, no_boxes=True), cfg(tmp_path / "b"))
+
+    out = tmp_path / "c"
+    convert(cs.PrecompSource(tmp_path / "in", split_map=split_map, no_boxes=True, no_grids=True), cfg(out))
+    manifest, samples = read_split(out, "train")
+    assert not conv.has_grids(manifest) and not conv.has_boxes(manifest)
+    assert manifest.grid_size == (1, 1) and manifest.grid_dim == 1
+    assert [s.image_id for s in samples] == [f"train_{i}" for i in range(6)]
+    for s in samples:
+        np.testing.assert_array_equal(s.boxes, np.tile([0, 0, 1, 1], (R, 1)))
+        np.testing.assert_array_equal(s.grid, np.zeros((1, 1)))
+
+
+def test_precomp_images_repeated_per_caption(tmp_path):
+    """VSE++-era dumps store one ims row per caption; the converter keeps one per image."""
+    folder = tmp_path / "in"
+    d = write_precomp(folder, "train", 15, seed=0, grids=False, ids=False)
+    np.save(folder / "train_sizes.npy", np.repeat(d["sizes"][::5], 5, 0))
+    np.save(folder / "train_boxes.npy", np.repeat(d["boxes"][::5], 5, 0))
+    np.save(folder / "train_ims.npy", np.repeat(d["ims"][::5], 5, 0))
+    (folder / "train_caps.txt").write_text("".join(f"cap {i}\n" for i in range(15)))
+    convert(cs.PrecompSource(folder, split_map={"train": "train"}, no_grids=True), cfg(tmp_path / "out"))
+    samples = read_split(tmp_path / "out", "train")[1]
+    assert len(samples) == 3
+    np.testing.assert_array_equal(samples[1].region, d["ims"][5].astype(np.float16))
+    assert samples[1].captions == [f"cap {i}" for i in range(5, 10)]
+
+
+def test_pixel_boxes_with_swapped_size_are_an_error(tmp_path):
+    folder = tmp_path / "in"
+    d = write_precomp(folder, "train", 3, seed=0, grids=False)
+    np.save(folder / "train_sizes.npy", d["sizes"][:, ::-1] // 4)
+    with pytest.raises(ConvertError, match="exceed"):
+        convert(cs.PrecompSource(folder, split_map={"train": "train"}, no_grids=True), cfg(tmp_path / "out"))
+
+
+# ---------------------------------------------------------------- resume and memory
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_skips_published_shards(tmp_path, monkeypatch):
+    coco_precomp(tmp_path / "in")
+    out = tmp_path / "out"
+    source = lambda: cs.PrecompSource(tmp_path / "in", dataset="coco")  # noqa: E731
+    written = []
+
+    class Failing(conv.ShardWriter):
+        def write(self, sample):
+            if len(written) == 12:  # train done (3 shards), interrupted inside dev's first shard
+                raise Interrupt
+            written.append(sample.image_id)
+            super().write(sample)
+
+    monkeypatch.setattr(conv, "ShardWriter", Failing)
+    with pytest.raises(Interrupt):
+        convert(source(), cfg(out, "coco", samples_per_shard=2))
+    published = sorted(p.name for p in out.glob("*.tar"))
+    assert published == [f"train-{i:06d}.tar" for i in range(6)]
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp-*"))
+    mtimes = {p: (out / p).stat().st_mtime_ns for p in published}
+
+    monkeypatch.setattr(conv, "ShardWriter", conv.ShardWriter.__mro__[1])
+    written.clear()
+    calls = []
+    real_samples = cs.PrecompSource.samples
+    monkeypatch.setattr(cs.PrecompSource, "samples",
+                        lambda self, split, start, stop: calls.append((split, start, stop))
+                        or real_samples(self, split, start, stop))
+    manifest = convert(source(), cfg(out, "coco", samples_per_shard=2))
+    assert ("train", 0, 12) not in calls and ("dev", 0, 4) in calls
+    assert {p: (out / p).stat().st_mtime_ns for p in published} == mtimes
+    assert [len(read_split(out, s)[1]) for s in ("train", "dev", "test")] == [12, 4, 10]
+    assert manifest.splits["train"].samples_per_shard == [2] * 6
+
+    # A rerun over a finished dataset rewrites no shard; a different conversion is refused.
+    convert(source(), cfg(out, "coco", samples_per_shard=2))
+    assert {p: (out / p).stat().st_mtime_ns for p in published} == mtimes
+    with pytest.raises(ConvertError, match="different conversion"):
+        convert(source(), cfg(out, "coco", samples_per_shard=3))
+
+
+MEMORY_CHILD = textwrap.dedent("""
+    import resource, sys
+    from rgfusion.datasets import convert_sources as cs
+    from rgfusion.datasets.convert import ConvertConfig, convert
+    import rgfusion.datasets.text  # torch: part of the fixed baseline, not of the conversion
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    convert(cs.PrecompSource(sys.argv[1], split_map={"train": "train"}, no_boxes=True, no_grids=True),
+            ConvertConfig(out=sys.argv[2], samples_per_shard=200, progress=False))
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(before, after)
+""")
+
+
+def test_peak_memory_is_bounded_by_a_window_not_the_dump(tmp_path):
+    """A 400 MB dump (zeros: a sparse file, fast to make) converts with RSS growth far below it."""
+    n = 1400  # 1400 x 36 x 2048 float32 = 413 MB
+    folder = tmp_path / "in"
+    folder.mkdir()
+    np.lib.format.open_memmap(folder / "train_ims.npy", mode="w+", dtype=np.float32, shape=(n, 36, 2048)).flush()
+    (folder / "train_caps.txt").write_text("a b c\n" * (5 * n))
+    proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(folder), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, after = (int(v) for v in proc.stdout.split())
+    growth_mb = (after - before) / 1024
+    file_mb = (folder / "train_ims.npy").stat().st_size / 2**20
+    assert growth_mb < 160, f"RSS grew {growth_mb:.0f} MB converting a {file_mb:.0f} MB dump"
+    assert len(list((tmp_path / "out").glob("train-*.tar"))) == 7
+
+
+# ---------------------------------------------------------------- Karpathy-based layouts
+
+def karpathy_json(path: Path, layout: dict[str, list[str]], *, coco: bool = True) -> None:
+    """Images in interleaved split order, with 5-6 captions (COCO has extras, dropped)."""
+    images = []
+    order = [(split, i) for split, ids in layout.items() for i in ids]
+    order.sort(key=lambda t: t[1])
+    for k, (split, image_id) in enumerate(order):
+        entry = {"filepath": "x", "filename": f"{image_id}.jpg", "imgid": k, "split": split,
+                 "sentids": [], "sentences": [{"raw": f"Photo {image_id} caption {j}.", "tokens": ["x"],
+                                               "imgid": k, "sentid": j} for j in range(5 + k % 2)]}
+        if coco:
+            entry["cocoid"] = int(image_id)
+        images.append(entry)
+    path.write_text(json.dumps({"images": images, "dataset": "coco" if coco else "flickr30k"}))
+
+
+COCO_LAYOUT = {"train": ["101", "103", "105"], "restval": ["102", "104"], "val": ["201", "202"],
+               "test": [str(300 + i) for i in range(10)]}
+
+
+def features(image_id: str):
+    rng = np.random.default_rng(int(image_id))
+    n = int(rng.integers(2, R + 1))  # variable region counts, as adaptive detectors give
+    w, h = int(rng.integers(200, 640)), int(rng.integers(200, 480))
+    boxes = np.sort(rng.random((n, 2, 2)), axis=1).reshape(n, 4) * [w, h, w, h]  # x1y1 <= x2y2
+    return rng.random((n, DR), dtype=np.float32), boxes.astype(np.float32), w, h, \
+        rng.random((9, DG), dtype=np.float32)
+
+
+def check_karpathy_output(out: Path, layout: dict[str, list[str]], dataset: str = "coco") -> Manifest:
+    manifest, train = read_split(out, "train")
+    want = {"train": [i for s in ("train", "restval") for i in layout.get(s, [])], "dev": layout["val"],
+            "test": layout["test"]}
+    for split, ids in want.items():
+        samples = read_split(out, split)[1]
+        assert [s.image_id for s in samples] == sorted(ids, key=int)  # JSON order
+        for s in samples:
+            feats, boxes, w, h, grid = features(s.image_id)
+            np.testing.assert_array_equal(s.region, feats.astype(np.float16))
+            np.testing.assert_allclose(s.boxes, boxes / [w, h, w, h], atol=1e-6)
+            np.testing.assert_array_equal(s.grid, grid.astype(np.float16))
+            assert (s.width, s.height) == (w, h)
+            assert s.captions == [f"Photo {s.image_id} caption {j}." for j in range(5)]
+    assert manifest.max_regions == max(len(features(i)[0]) for ids in layout.values() for i in ids)
+    assert manifest.grid_size == (3, 3)
+    return manifest
+
+
+def test_hdf5_with_karpathy_coco_splits_and_folds(tmp_path):
+    import h5py
+
+    karpathy_json(tmp_path / "dataset_coco.json", COCO_LAYOUT)
+    with h5py.File(tmp_path / "feats.hdf5", "w") as f:
+        for image_id in (i for ids in COCO_LAYOUT.values() for i in ids):
+            feats, boxes, w, h, grid = features(image_id)
+            f[f"{image_id}_features"], f[f"{image_id}_boxes"] = feats, boxes
+            f[f"{image_id}_size"] = np.array([[h, w]])  # (1, 2) height, width as DLCT writes it
+            f[f"{image_id}_grids"] = grid
+    source = cs.KarpathySource(tmp_path / "dataset_coco.json", cs.Hdf5Regions(str(tmp_path / "feats.hdf5")),
+                               cs.Hdf5Grids(tmp_path / "feats.hdf5"), dataset="coco", progress=False)
+    manifest = convert(source, cfg(tmp_path / "out", "coco", samples_per_shard=3))
+    check_karpathy_output(tmp_path / "out", COCO_LAYOUT)
+    assert {k: v.num_samples for k, v in manifest.splits.items()} == {"train": 5, "dev": 2, "test": 10}
+    assert manifest.splits["test"].folds == [[0, 2], [2, 4], [4, 6], [6, 8], [8, 10]]
+    assert manifest.splits["dev"].protocol == "all"
+
+
+def write_tsv(path: Path, ids: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        for image_id in ids:
+            feats, boxes, w, h, _ = features(image_id)
+            writer.writerow([image_id, w, h, len(feats), base64.b64encode(boxes.tobytes()).decode(),
+                             base64.b64encode(feats.tobytes()).decode()])
+
+
+def test_tsv_joined_with_grid_folder_and_grid_array(tmp_path):
+    layout = {"train": ["11", "12", "13", "14"], "val": ["21"], "test": ["31", "32"]}
+    karpathy_json(tmp_path / "dataset_flickr30k.json", layout, coco=False)
+    ids = [i for v in layout.values() for i in v]
+    write_tsv(tmp_path / "a.tsv", ids[::-1][:3])  # rows in another order than the JSON, in two files
+    write_tsv(tmp_path / "b.tsv", ids[::-1][3:])
+    (tmp_path / "grids").mkdir()
+    for image_id in ids:
+        np.save(tmp_path / "grids" / f"{image_id}.npy", features(image_id)[4].reshape(3, 3, DG))
+    tsv = [str(tmp_path / "a.tsv"), str(tmp_path / "b.tsv")]
+    source = cs.KarpathySource(tmp_path / "dataset_flickr30k.json", cs.TsvRegions(tsv, progress=False),
+                               cs.grid_lookup(str(tmp_path / "grids"), None), dataset="flickr30k", progress=False)
+    manifest = convert(source, cfg(tmp_path / "out", "flickr30k"))
+    check_karpathy_output(tmp_path / "out", layout)
+    assert manifest.splits["test"].protocol == "flickr1k" and manifest.splits["test"].folds is None
+
+    np.save(tmp_path / "grids.npy", np.stack([features(i)[4] for i in ids]))
+    (tmp_path / "grid_ids.txt").write_text("\n".join(ids))
+    with pytest.raises(ConvertError, match="--grid-ids"):
+        cs.grid_lookup(str(tmp_path / "grids.npy"), None)
+    source = cs.KarpathySource(tmp_path / "dataset_flickr30k.json", cs.TsvRegions(tsv, progress=False),
+                               cs.grid_lookup(str(tmp_path / "grids.npy"), str(tmp_path / "grid_ids.txt")),
+                               dataset="flickr30k", progress=False)
+    convert(source, cfg(tmp_path / "out2", "flickr30k"))
+    check_karpathy_output(tmp_path / "out2", layout)
+
+
+def test_npz_and_npy_folders(tmp_path):
+    layout = {"train": ["11", "12", "13"], "val": ["21"], "test": ["31", "32"]}
+    karpathy_json(tmp_path / "k.json", layout, coco=False)
+    feat_dir, grid_dir = tmp_path / "feats", tmp_path / "grids"
+    feat_dir.mkdir(), grid_dir.mkdir()
+    for k, image_id in enumerate(i for v in layout.values() for i in v):
+        feats, boxes, w, h, grid = features(image_id)
+        np.save(grid_dir / f"{image_id}.npy", grid)
+        if k % 2:  # bottom-up-attention.pytorch's npz keys
+            np.savez_compressed(feat_dir / f"{image_id}.npz", x=feats, bbox=boxes, image_w=w, image_h=h,
+                                num_bbox=len(feats))
+        else:  # hdf5 keys as files
+            np.save(feat_dir / f"{image_id}.npy", feats)
+            np.save(feat_dir / f"{image_id}_boxes.npy", boxes)
+            np.save(feat_dir / f"{image_id}_size.npy", np.array([h, w]))
+    source = cs.KarpathySource(tmp_path / "k.json", cs.FolderRegions(str(feat_dir)), cs.FolderGrids(grid_dir),
+                               progress=False)
+    convert(source, cfg(tmp_path / "out"))
+    check_karpathy_output(tmp_path / "out", layout, "custom")
+
+    (grid_dir / "31.npy").unlink()
+    with pytest.raises(ConvertError, match="1 images .* no region or grid features .*31"):
+        convert(cs.KarpathySource(tmp_path / "k.json", cs.FolderRegions(str(feat_dir)), cs.FolderGrids(grid_dir),
+                                  progress=False), cfg(tmp_path / "out3"))
+
+
+@pytest.mark.parametrize("chunk", [3, 17, 1 << 20])
+def test_streamed_json_array_matches_json_load(tmp_path, chunk):
+    karpathy_json(tmp_path / "k.json", COCO_LAYOUT)
+    want = json.loads((tmp_path / "k.json").read_text())["images"]
+    assert list(cs.iter_json_array(tmp_path / "k.json", "images", chunk=chunk)) == want
+    (tmp_path / "pretty.json").write_text(json.dumps({"dataset": "coco", "images": want}, indent=2))
+    assert list(cs.iter_json_array(tmp_path / "pretty.json", "images", chunk=chunk)) == want
+    (tmp_path / "cut.json").write_text((tmp_path / "k.json").read_text()[:-200])
+    with pytest.raises(ConvertError, match="truncated"):
+        list(cs.iter_json_array(tmp_path / "cut.json", "images", chunk=chunk))
+
+
+def test_karpathy_split_mapping_and_ids(tmp_path):
+    karpathy_json(tmp_path / "c.json", COCO_LAYOUT)
+    splits = cs.load_karpathy(tmp_path / "c.json")
+    assert [im.image_id for im in splits["train"]] == ["101", "102", "103", "104", "105"]
+    assert len(splits["test"]) == 10 and all(len(im.captions) == 5 for im in splits["train"])
+    by_index = cs.load_karpathy(tmp_path / "c.json", id_field="imgid")
+    assert by_index["dev"][0].image_id == "5"
+
+
+# ---------------------------------------------------------------- command line
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    conv.register_convert(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_precomp_and_clear_errors(tmp_path, capsys):
+    coco_precomp(tmp_path / "in", grids=False)
+    out = tmp_path / "out"
+    common = ["--out", str(out), "--dataset", "coco", "--samples-per-shard", "4", "--no-progress"]
+    assert run_cli(["convert", "precomp", str(tmp_path / "in"), *common]) == 2
+    assert "train_grids.npy not found: pass --no-grids" in capsys.readouterr().err
+    assert run_cli(["convert", "precomp", str(tmp_path / "in"), *common, "--no-grids"]) == 0
+    assert "train 12, dev 4, test 10" in capsys.readouterr().out
+    manifest, _ = read_split(out, "test")
+    assert manifest.splits["test"].protocol == "coco1k5fold"
+    assert run_cli(["convert", "hdf5", str(tmp_path / "missing.h5"), "--captions", str(tmp_path / "x.json"),
+                    "--out", str(tmp_path / "o2"), "--dataset", "coco"]) == 2
+    assert "not found" in capsys.readouterr().err
