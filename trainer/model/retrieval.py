@@ -1,0 +1,55 @@
+"""The retrieval model: image and caption encoders into one L2-normalised joint space."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .image import ImageEncoder
+from .text import TextEncoder
+
+
+class RetrievalModel(nn.Module):
+    """Written for one device; parallelism and precision are the trainer's business."""
+
+    def __init__(
+        self, cfg: ModelConfig, *, region_dim: int, grid_dim: int, grid_size: tuple[int, int], vocab_size: int
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
+        self.image = ImageEncoder(cfg, region_dim, grid_dim, self.grid_size)
+        self.text = TextEncoder(cfg, vocab_size)
+
+    def embed_images(self, regions: Tensor, boxes: Tensor, region_mask: Tensor, grids: Tensor) -> Tensor:
+        """(B, width) L2-normalised image embeddings."""
+        return F.normalize(self.image(regions, boxes, region_mask, grids), dim=-1)
+
+    def embed_captions(self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor) -> Tensor:
+        """(C, width) L2-normalised caption embeddings."""
+        return F.normalize(self.text(tokens, lengths, attention_mask), dim=-1)
+
+    def forward(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(img_emb, cap_emb)`` of a :class:`rgfusion.datasets.Batch` (or anything with its fields)."""
+        if tuple(batch.grid_size) != self.grid_size:
+            raise ValueError(f"batch grid size {tuple(batch.grid_size)} != model grid size {self.grid_size}")
+        img = self.embed_images(batch.regions, batch.boxes, batch.region_mask, batch.grids)
+        cap = self.embed_captions(batch.tokens, batch.lengths, batch.attention_mask)
+        return img, cap
+
+    def param_groups_hint(self) -> dict[str, float]:
+        """Parameter-name prefix -> learning-rate multiplier; names not listed use 1.0."""
+        return {"text.hf": self.cfg.text.lr_mult} if self.cfg.text.encoder == "hf" else {}
+
+
+def build_model(
+    cfg: ModelConfig, *, region_dim: int, grid_dim: int, grid_size: tuple[int, int], vocab_size: int
+) -> RetrievalModel:
+    return RetrievalModel(cfg, region_dim=region_dim, grid_dim=grid_dim, grid_size=grid_size, vocab_size=vocab_size)
+
+
+def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
