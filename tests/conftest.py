@@ -2,17 +2,22 @@
 
 ``s3_endpoint`` (session) -> endpoint URL; ``s3_bucket`` -> a fresh bucket name per test;
 ``storage_options`` -> the fsspec kwargs that point s3fs at the endpoint.
+Test helper modules in this folder (``data_helpers``) are importable by tests: pytest runs with
+``--import-mode=importlib``, which does not put ``tests/`` on ``sys.path``.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 import urllib.request
 import uuid
 
 import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 _DUMMY_AWS = {
     "AWS_ACCESS_KEY_ID": "testing",
