@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm import tqdm
 
+from rgfusion.datasets.cli import add_storage_args, storage_options_from
 from rgfusion.datasets.schema import BOX_SLACK, Manifest, Sample, SchemaError, SplitInfo
 from rgfusion.datasets.storage import join_url, publish_bytes, read_bytes
 from rgfusion.datasets.writer import (
@@ -338,8 +339,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid-size", type=_hw, help="HxW of (G, D) grids when G is not a square")
     p.add_argument("--samples-per-shard", type=int, default=ConvertConfig.samples_per_shard)
     p.add_argument("--vocab-min-count", type=int, default=ConvertConfig.vocab_min_count)
-    p.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// outputs (MinIO, ...)")
     p.add_argument("--no-progress", action="store_true")
+    add_storage_args(p)
 
 
 def _hw(text: str) -> tuple[int, int]:
@@ -386,8 +387,7 @@ def _split_map(items: list[str]) -> dict[str, str] | None:
 
 def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    storage = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else {}
-    cfg = ConvertConfig(out=args.out, dataset=args.dataset, storage_options=storage,
+    cfg = ConvertConfig(out=args.out, dataset=args.dataset, storage_options=storage_options_from(args),
                         samples_per_shard=args.samples_per_shard, vocab_min_count=args.vocab_min_count,
                         progress=not args.no_progress)
     try:

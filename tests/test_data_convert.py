@@ -9,9 +9,7 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import textwrap
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -20,24 +18,22 @@ import pytest
 from rgfusion.datasets import convert as conv
 from rgfusion.datasets import convert_sources as cs
 from rgfusion.datasets.convert import ConvertConfig, ConvertError, convert
+from rgfusion.datasets.reader import DataConfig, ShardReader, SkipStats, eval_loader, load_manifest
 from rgfusion.datasets.schema import Manifest, Sample
+from rgfusion.datasets.text import build_text_processor
 
 R, DR, DG = 4, 8, 6  # regions per image, region dim, grid dim: tiny on purpose
 
 
 # ---------------------------------------------------------------- reading back
 
-def read_split(root: Path, split: str) -> tuple[Manifest, list[Sample]]:
-    """Samples of a split in shard order, decoded from the tars directly (no reader involved)."""
-    manifest = Manifest.from_json((root / "manifest.json").read_text(), root=str(root))
-    samples = []
-    for name in manifest.splits[split].shards:
-        members: dict[str, dict[str, bytes]] = defaultdict(dict)
-        with tarfile.open(root / name) as tar:
-            for info in tar:
-                key, _, member = info.name.partition(".")
-                members[key][member] = tar.extractfile(info).read()
-        samples.extend(Sample.from_members(m) for m in members.values())
+def read_split(root: Path | str, split: str, storage_options: dict | None = None) -> tuple[Manifest, list[Sample]]:
+    """Samples of a split in shard order, through the reader's shard decoding and checks."""
+    manifest = load_manifest(str(root), storage_options)
+    stats = SkipStats()
+    reader = ShardReader(manifest, DataConfig(url=str(root), storage_options=storage_options or {}), stats)
+    samples = [s for url in manifest.shard_urls(split) for s in reader.samples(url)]
+    assert stats.total == 0, stats.as_dict()
     return manifest, samples
 
 
@@ -195,6 +191,33 @@ def test_resume_skips_published_shards(tmp_path, monkeypatch):
         convert(source(), cfg(out, "coco", samples_per_shard=3))
 
 
+def test_convert_to_s3_resumes(tmp_path, monkeypatch, s3_bucket, storage_options):
+    src = write_precomp(tmp_path / "in", "train", 7, seed=3)
+    url = f"s3://{s3_bucket}/coco"
+    options = dict(cfg(url, samples_per_shard=2).__dict__, storage_options=storage_options)
+    source = lambda: cs.PrecompSource(tmp_path / "in", split_map={"train": "train"})  # noqa: E731
+
+    class Failing(conv.ShardWriter):
+        def write(self, sample):
+            if self.num_samples == 3:  # shard 0 published, shard 1 half-written
+                raise Interrupt
+            super().write(sample)
+
+    monkeypatch.setattr(conv, "ShardWriter", Failing)
+    with pytest.raises(Interrupt):
+        convert(source(), ConvertConfig(**options))
+    monkeypatch.undo()
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**storage_options)
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{s3_bucket}/coco")) == ["convert-state.json", "train-000000.tar"]
+    convert(source(), ConvertConfig(**options))
+    manifest, samples = read_split(url, "train", storage_options)
+    assert manifest.splits["train"].samples_per_shard == [2, 2, 2, 1]
+    assert [s.image_id for s in samples] == [f"train{i}" for i in range(7)]
+    np.testing.assert_array_equal(samples[6].region, src["ims"][6].astype(np.float16))
+
+
 MEMORY_CHILD = textwrap.dedent("""
     import resource, sys
     from rgfusion.datasets import convert_sources as cs
@@ -292,6 +315,16 @@ def test_hdf5_with_karpathy_coco_splits_and_folds(tmp_path):
     assert manifest.splits["test"].folds == [[0, 2], [2, 4], [4, 6], [6, 8], [8, 10]]
     assert manifest.splits["dev"].protocol == "all"
 
+    # The trainer's loader pads the variable region counts and masks them.
+    data = DataConfig(url=str(tmp_path / "out"), num_workers=0)
+    batches = list(eval_loader(data, manifest, build_text_processor(data, manifest), split="test",
+                               batch_size=4, rank=0, world_size=1))
+    regions = [len(features(i)[0]) for i in COCO_LAYOUT["test"]]
+    assert [i for b in batches for i in b.image_ids] == COCO_LAYOUT["test"]
+    assert batches[0].regions.shape == (4, manifest.max_regions, DR)
+    assert [int(n) for b in batches for n in b.region_mask.sum(1)] == regions
+    assert batches[0].tokens.shape[0] == 4 * 5
+
 
 def write_tsv(path: Path, ids: list[str]) -> None:
     with open(path, "w", newline="") as f:
@@ -379,9 +412,11 @@ def test_karpathy_split_mapping_and_ids(tmp_path):
 # ---------------------------------------------------------------- command line
 
 def run_cli(argv: list[str]) -> int:
+    from rgfusion.datasets import cli
+
     parser = argparse.ArgumentParser()
-    conv.register_convert(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["data", *argv])
     return args.func(args)
 
 
