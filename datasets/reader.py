@@ -189,7 +189,11 @@ def collate(samples: list[Sample], manifest: Manifest, text: TextProcessor, dtyp
 # -- shards -> samples ------------------------------------------------------------------------
 
 def iter_tar(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {member suffix: bytes}) per sample of an uncompressed tar stream, in order."""
+    """(key, {member suffix: bytes}) per sample of an uncompressed tar stream, in order.
+
+    tarfile treats a stream that stops at a header boundary as a normal end; a shard that
+    lacks the end-of-archive zero block was cut short, so that raises ReadError here. The
+    sample being read at the cut is dropped with it."""
     tar = tarfile.open(fileobj=stream, mode="r|", bufsize=1024 * 1024)
     key, members = None, {}
     for info in tar:
@@ -206,6 +210,8 @@ def iter_tar(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
                 yield key, members
             key, members = prefix, {}
         members[suffix] = data
+    if tar.fileobj.tell() != tar.offset + tarfile.BLOCKSIZE:  # the end block was read, or not
+        raise tarfile.ReadError(f"truncated tar: no end-of-archive block after {tar.offset} bytes")
     if key is not None:
         yield key, members
 

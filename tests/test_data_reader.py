@@ -1,0 +1,226 @@
+"""Streaming reader: round trips, distribution over ranks x workers, bad input."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_helpers import DR, GRID, MAXR, make_sample, sample_members, write_dataset, write_raw_shard
+
+from rgfusion.datasets import DataConfig, build_text_processor, eval_loader, load_manifest, skip_stats, train_loader
+from rgfusion.datasets.reader import SkipStats, deal_shards, worker_steps
+from rgfusion.datasets.schema import npy_bytes
+from rgfusion.datasets.storage import DatasetNotFound
+
+UNEVEN = {"train": [7, 1, 13, 0, 3], "dev": [5, 9, 2]}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_skip_stats():
+    skip_stats().reset()
+    yield
+    skip_stats().reset()
+
+
+def open_dataset(root: Path, **cfg_kw):
+    m = load_manifest(str(root))
+    cfg = DataConfig(url=str(root), num_workers=0, shuffle_buffer=8, dtype="float16", **cfg_kw)
+    return cfg, m, build_text_processor(cfg, m)
+
+
+def eval_all(cfg, m, text, split, world_size=1, batch_size=4):
+    out = []
+    for rank in range(world_size):
+        out.extend(eval_loader(cfg, m, text, split=split, batch_size=batch_size, rank=rank, world_size=world_size))
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_eval_round_trip_gives_back_arrays_and_captions(tmp_path, workers):
+    samples = write_dataset(str(tmp_path), UNEVEN)["dev"]
+    cfg, m, text = open_dataset(tmp_path)
+    cfg.num_workers = workers
+    batches = eval_all(cfg, m, text, "dev")
+    by_id = {s.image_id: s for s in samples}
+    seen = []
+    for b in batches:
+        assert b.regions.shape[1:] == (MAXR, DR) and b.grids.shape[1:] == (GRID[0] * GRID[1], 6)
+        assert b.grid_size == GRID and b.regions.dtype == torch.float16 and b.boxes.dtype == torch.float32
+        assert b.caption_image.tolist() == [i for i in range(len(b)) for _ in range(5)]
+        for i, image_id in enumerate(b.image_ids):
+            s = by_id[image_id]
+            n = s.region.shape[0]
+            assert b.region_mask[i].tolist() == [True] * n + [False] * (MAXR - n)
+            np.testing.assert_array_equal(b.regions[i, :n].numpy(), s.region)
+            assert not b.regions[i, n:].any() and not b.boxes[i, n:].any()
+            np.testing.assert_array_equal(b.boxes[i, :n].numpy(), s.boxes)
+            np.testing.assert_array_equal(b.grids[i].numpy(), s.grid)
+            want = text(s.captions)
+            rows = (b.caption_image == i).nonzero().flatten()
+            assert torch.equal(b.lengths[rows], want[1])
+            assert torch.equal(b.tokens[rows, : want[0].shape[1]], want[0])
+        seen.extend(b.image_ids)
+    assert sorted(seen) == sorted(by_id)
+
+
+def test_train_batches_one_caption_per_image_and_dtype(tmp_path):
+    samples = write_dataset(str(tmp_path), UNEVEN)["train"]
+    cfg, m, text = open_dataset(tmp_path)
+    cfg.dtype = "bfloat16"
+    batches = list(train_loader(cfg, m, text, batch_size=6, steps=5, rank=0, world_size=1, seed=1, epoch=0))
+    assert len(batches) == 5
+    captions = {s.image_id: {tuple(text([c])[0][0].tolist()) for c in s.captions} for s in samples}
+    for b in batches:
+        assert b.regions.dtype == torch.bfloat16 and len(b) == 6 and b.tokens.shape[0] == 6
+        assert b.caption_image.tolist() == list(range(6))
+        for i, image_id in enumerate(b.image_ids):
+            assert tuple(b.tokens[i, : b.lengths[i]].tolist()) in captions[image_id]
+    moved = batches[0].to("cpu", torch.float32)
+    assert moved.regions.dtype == torch.float32 and moved.boxes.dtype == torch.float32
+
+
+def test_train_stream_is_seeded(tmp_path):
+    write_dataset(str(tmp_path), UNEVEN)
+    cfg, m, text = open_dataset(tmp_path)
+
+    def ids(**kw):
+        args = dict(batch_size=4, steps=4, rank=0, world_size=2, seed=0, epoch=0) | kw
+        return [b.image_ids for b in train_loader(cfg, m, text, **args)]
+
+    assert ids() == ids()
+    assert ids() != ids(rank=1) and ids() != ids(epoch=1) and ids() != ids(seed=5)
+    assert len(ids(start_step=3)) == 1
+
+
+@pytest.mark.parametrize("steps", [1, 5, 6])
+def test_two_ranks_two_workers_same_batch_count(tmp_path, steps):
+    write_dataset(str(tmp_path), UNEVEN)
+    cfg, m, text = open_dataset(tmp_path)
+    cfg.num_workers = 2
+    counts = [sum(1 for _ in train_loader(cfg, m, text, batch_size=4, steps=steps, rank=r, world_size=2,
+                                          seed=0, epoch=0)) for r in range(2)]
+    assert counts == [steps, steps]
+
+
+@pytest.mark.parametrize("sizes", [UNEVEN["train"], [4, 9]])  # the second: fewer shards than 2x2 slots
+def test_two_ranks_two_workers_eval_covers_every_image_once(tmp_path, sizes):
+    samples = write_dataset(str(tmp_path), {"train": sizes})["train"]
+    cfg, m, text = open_dataset(tmp_path)
+    cfg.num_workers = 2
+    per_rank = []
+    for rank in range(2):
+        loader = eval_loader(cfg, m, text, split="train", batch_size=3, rank=rank, world_size=2)
+        ids = [i for b in loader for i in b.image_ids]
+        assert len(ids) == loader.num_samples
+        per_rank.append(ids)
+    all_ids = per_rank[0] + per_rank[1]
+    assert sorted(all_ids) == sorted(s.image_id for s in samples)
+    assert len(all_ids) == len(set(all_ids))
+
+
+def test_deal_shards_brute_force():
+    for counts in itertools.product([0, 1, 5], repeat=4):
+        for slots in (1, 3, 4, 6):
+            dealt = deal_shards(list(counts), slots)
+            flat = sorted(i for d in dealt for i in d)
+            assert flat == [i for i, c in enumerate(counts) if c > 0]
+            assert all(d == sorted(d) for d in dealt)
+
+
+def test_worker_steps_sum_and_order():
+    for total in range(12):
+        for workers in range(1, 5):
+            share = [worker_steps(total, workers, w) for w in range(workers)]
+            assert sum(share) == total and share == sorted(share, reverse=True)
+            assert max(share) - min(share) <= 1
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+def corrupt_dataset(root: Path, bad_members) -> list:
+    """dev split: shard 0 holds [good, bad, good]; returns the good samples."""
+    write_dataset(str(root), {"train": [2], "dev": [3]})
+    good = [make_sample(100), make_sample(101)]
+    write_raw_shard(str(root), "dev", 0, sample_members(good[0]) + bad_members + sample_members(good[1]))
+    return good
+
+
+def _replace(members, suffix, data):
+    return [(n, data if n.endswith(suffix) else d) for n, d in members]
+
+
+BAD = {
+    "bad_npy": lambda s: _replace(sample_members(s), ".region.npy", b"not an npy file"),
+    "bad_npy_pickle": lambda s: _replace(sample_members(s), ".grid.npy", _pickled_npy()),
+    "missing_member": lambda s: [m for m in sample_members(s) if not m[0].endswith(".boxes.npy")],
+    "bad_shape": lambda s: _replace(sample_members(s), ".region.npy", npy_bytes(np.zeros((2, DR + 1), np.float16))),
+    "bad_json": lambda s: _replace(sample_members(s), ".json", b"{not json"),
+}
+
+
+def _pickled_npy() -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_sample_is_skipped_and_counted(tmp_path, kind, caplog):
+    good = corrupt_dataset(tmp_path, BAD[kind](make_sample(999)))
+    cfg, m, text = open_dataset(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="rgfusion.datasets.reader"):
+        ids = [i for b in eval_all(cfg, m, text, "dev") for i in b.image_ids]
+    assert ids == [s.image_id for s in good]
+    reason = "bad_npy" if kind.startswith("bad_npy") else kind
+    assert skip_stats().as_dict() == {"total": 1, reason: 1}
+    assert "skipped bad input" in caplog.text and make_sample(999).key in caplog.text
+
+
+@pytest.mark.parametrize("cut", [0, 4096, 4096 + 100, 4608 + 50, 16384])  # empty, at a header,
+def test_truncated_tar_keeps_samples_before_the_cut(tmp_path, cut):  # in one, in data, before end
+    write_dataset(str(tmp_path), {"train": [2], "dev": [4]})
+    shard = tmp_path / "dev-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:cut])
+    cfg, m, text = open_dataset(tmp_path)
+    ids = [i for b in eval_all(cfg, m, text, "dev") for i in b.image_ids]
+    complete_before_cut = max(cut // 4096 - 1, 0)  # 4 members of 1 KB each per sample here
+    assert ids == [f"dev/img.{2 + i}" for i in range(complete_before_cut)]
+    assert skip_stats().as_dict() == {"total": 1, "bad_tar": 1}
+
+
+def test_missing_shard_is_counted_and_training_continues(tmp_path):
+    write_dataset(str(tmp_path), {"train": [3, 3]})
+    (tmp_path / "train-000001.tar").unlink()
+    cfg, m, text = open_dataset(tmp_path)
+    cfg.num_workers = 2
+    assert sum(1 for _ in train_loader(cfg, m, text, batch_size=2, steps=6, rank=0, world_size=1,
+                                       seed=0, epoch=0)) == 6
+    assert skip_stats().by_reason["missing_shard"] >= 1  # merged from the worker processes
+
+
+def test_all_shards_bad_is_an_error_not_a_hang(tmp_path):
+    write_dataset(str(tmp_path), {"train": [3]})
+    (tmp_path / "train-000000.tar").write_bytes(b"garbage" * 100)
+    cfg, m, text = open_dataset(tmp_path)
+    with pytest.raises(RuntimeError, match="no readable sample"):
+        list(train_loader(cfg, m, text, batch_size=2, steps=2, rank=0, world_size=1, seed=0, epoch=0))
+
+
+def test_skip_warnings_are_rate_limited(caplog):
+    stats = SkipStats(interval=3600)
+    with caplog.at_level(logging.WARNING, logger="rgfusion.datasets.reader"):
+        for i in range(5):
+            stats.record("bad_npy", f"sample {i}")
+    assert stats.total == 5 and caplog.text.count("skipped bad input") == 1
+
+
+def test_missing_manifest_is_one_clear_error(tmp_path):
+    with pytest.raises(DatasetNotFound, match="no dataset manifest: .*file not found"):
+        load_manifest(str(tmp_path))
+    with pytest.raises(DatasetNotFound, match="folder .* does not exist"):
+        load_manifest(str(tmp_path / "nope" / "deeper"))
