@@ -19,26 +19,27 @@ RECALL_AT = (1, 5, 10)
 @torch.no_grad()
 def i2t_ranks(img_emb: Tensor, cap_emb: Tensor, cap_to_img: Tensor, chunk: int = 1000) -> Tensor:
     """(N,) rank of each image's best-ranked caption among all captions."""
-    ranks = []
+    # Written in place into one buffer: per-chunk result tensors kept alive between the large
+    # temporaries fragment the heap (glibc) and RSS grows by GBs over a 5K × 25K evaluation.
+    ranks = torch.empty(img_emb.shape[0], dtype=torch.long, device=img_emb.device)
     for start in range(0, img_emb.shape[0], chunk):
         s = img_emb[start : start + chunk] @ cap_emb.T
         own = cap_to_img[None, :] == torch.arange(start, start + s.shape[0], device=s.device)[:, None]
-        best = s.masked_fill(~own, float("-inf")).amax(1)
-        ranks.append(((s >= best[:, None]) & ~own).sum(1))
-    return torch.cat(ranks)
+        best = s.masked_fill(~own, float("-inf")).amax(1, keepdim=True)
+        torch.sum((s >= best) & ~own, dim=1, out=ranks[start : start + s.shape[0]])
+    return ranks
 
 
 @torch.no_grad()
 def t2i_ranks(img_emb: Tensor, cap_emb: Tensor, cap_to_img: Tensor, chunk: int = 1000) -> Tensor:
     """(M,) rank of each caption's image among all images."""
-    ranks = []
+    ranks = torch.empty(cap_emb.shape[0], dtype=torch.long, device=cap_emb.device)
     for start in range(0, cap_emb.shape[0], chunk):
         s = cap_emb[start : start + chunk] @ img_emb.T
-        gt = cap_to_img[start : start + s.shape[0]]
-        own = s.gather(1, gt[:, None])
-        # The image itself always satisfies s >= own; subtract it.
-        ranks.append((s >= own).sum(1) - 1)
-    return torch.cat(ranks)
+        own = s.gather(1, cap_to_img[start : start + s.shape[0], None])
+        torch.sum(s >= own, dim=1, out=ranks[start : start + s.shape[0]])
+    # The image itself always satisfies s >= own.
+    return ranks - 1
 
 
 def rank_summary(ranks: Tensor, prefix: str) -> dict[str, float]:
