@@ -36,7 +36,7 @@ from rgfusion.datasets.cli import add_storage_args, storage_options_from
 from rgfusion.datasets.schema import BOX_SLACK, Manifest, Sample, SchemaError, SplitInfo
 from rgfusion.datasets.storage import join_url, publish_bytes, read_bytes
 from rgfusion.datasets.writer import (
-    ShardWriter, complete_prefix, remove_stale_tmp, shard_name, write_manifest, write_vocab,
+    ShardWriter, complete_prefix, existing_shards, remove_stale_tmp, shard_name, write_manifest, write_vocab,
 )
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class DatasetPlan:
     grid_size: tuple[int, int]
     max_regions: int
     captions_per_image: int
-    splits: dict[str, SplitPlan]
+    splits: dict[str, int]  # output split -> number of images, in writing order
     meta: dict[str, Any] = field(default_factory=dict)  # has_boxes/has_grids/has_sizes, source
 
 
@@ -174,16 +174,30 @@ def infer_grid_size(shape: tuple[int, ...], given: tuple[int, int] | None) -> tu
 def grid_cells(grid: np.ndarray, grid_size: tuple[int, int], image_id: str) -> np.ndarray:
     """(H*W, D) row-major cells as float16."""
     h, w = grid_size
-    if grid.ndim == 3 and grid.shape[:2] != (h, w) or grid.ndim == 2 and grid.shape[0] != h * w \
-            or grid.ndim not in (2, 3):
+    fits = grid.shape[:2] == (h, w) if grid.ndim == 3 else grid.ndim == 2 and grid.shape[0] == h * w
+    if not fits:
         raise ConvertError(f"image {image_id!r}: grid shape {grid.shape} does not fit grid size {h}x{w}")
-    return grid.reshape(h * w, grid.shape[-1]).astype(np.float16)
+    return to_float16(grid.reshape(h * w, grid.shape[-1]))
+
+
+def to_float16(x: np.ndarray) -> np.ndarray:
+    """float32 -> float16 through torch: the same IEEE round-to-nearest-even as numpy's
+    ``astype``, but vectorised (F16C), ~18x faster here; the cast was 45% of conversion time.
+    Other dtypes go through numpy directly (float64 -> float32 -> float16 could round twice)."""
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        return x.astype(np.float16)
+    import torch
+
+    if not x.flags.writeable:  # torch wants writable memory (e.g. np.frombuffer of TSV bytes)
+        x = x.copy()
+    return torch.from_numpy(np.ascontiguousarray(x)).to(torch.float16).numpy()
 
 
 def make_sample(image_id: str, regions: np.ndarray, boxes: np.ndarray, grid: np.ndarray,
                 captions: list[str], width: int, height: int) -> Sample:
     """A schema sample; float16 on disk halves the size and is what readers expect."""
-    return Sample(image_id=str(image_id), region=np.asarray(regions).astype(np.float16),
+    return Sample(image_id=str(image_id), region=to_float16(regions),
                   boxes=boxes, grid=grid, captions=list(captions), width=int(width), height=int(height))
 
 
@@ -231,7 +245,8 @@ def convert(source: Source, cfg: ConvertConfig) -> Manifest:
     state = {"fingerprint": source.fingerprint(), "dataset": cfg.dataset,
              "samples_per_shard": cfg.samples_per_shard, "vocab_min_count": cfg.vocab_min_count}
     _claim_output(cfg, state, list(plan.splits))
-    splits = {name: _write_split(source, name, sp, plan, cfg) for name, sp in plan.splits.items()}
+    splits = {name: _write_split(source, name, split_plan(cfg.dataset, name, n), plan, cfg)
+              for name, n in plan.splits.items()}
     from rgfusion.datasets.text import Vocab  # imports torch: only once shards are done
 
     vocab = Vocab.build(_progress(source.train_captions(), cfg, "vocab", unit="cap"),
@@ -258,8 +273,6 @@ def _claim_output(cfg: ConvertConfig, state: dict[str, Any], splits: list[str]) 
         raise ConvertError(f"{cfg.out} holds a different conversion (see {STATE_NAME}); "
                            "use an empty output location")
     if previous is None:
-        from rgfusion.datasets.writer import existing_shards
-
         if any(existing_shards(cfg.out, s, cfg.storage_options) for s in splits):
             raise ConvertError(f"{cfg.out} already has shards of unknown origin; use an empty output location")
         publish_bytes(url, text.encode("utf-8"), cfg.storage_options)
@@ -324,8 +337,9 @@ def register_convert(data_subparsers: Any) -> None:
         p.add_argument("--grid-ids", help="text file, one image id per row of the --grids array")
         p.add_argument("--id-field", choices=("auto", "cocoid", "imgid", "filename"), default="auto",
                        help="Karpathy JSON field naming the feature id (auto: cocoid, else filename stem)")
-        p.add_argument("--size-order", choices=("hw", "wh"), default="hw",
-                       help="order of {id}_size (hw: height, width as region+grid hdf5 extractors write it)")
+        if name != "tsv":
+            p.add_argument("--size-order", choices=("hw", "wh"), default="hw",
+                           help="order of {id}_size (hw: height, width, as region+grid hdf5 extractors write it)")
         _common(p)
         p.set_defaults(func=_run)
 
@@ -354,12 +368,17 @@ def _hw(text: str) -> tuple[int, int]:
 def source_from_args(args: argparse.Namespace) -> Source:
     from rgfusion.datasets import convert_sources as cs
 
+    progress = not args.no_progress
     if args.layout == "precomp":
-        return cs.PrecompSource(args.folder, dataset=args.dataset, split_map=_split_map(args.split),
-                                no_boxes=args.no_boxes, no_grids=args.no_grids, grid_size=args.grid_size)
-    regions = {"hdf5": cs.Hdf5Regions, "tsv": cs.TsvRegions, "npz": cs.FolderRegions}[args.layout]
-    region_lookup = regions(args.inputs, size_order=args.size_order, progress=not args.no_progress) \
-        if args.layout != "tsv" else regions(args.inputs, progress=not args.no_progress)
+        split_map = _split_map(args.split) or cs.precomp_split_map(args.dataset)
+        return cs.PrecompSource(args.folder, split_map=split_map, no_boxes=args.no_boxes,
+                                no_grids=args.no_grids, grid_size=args.grid_size)
+    if args.layout == "hdf5":
+        regions = cs.Hdf5Regions(args.inputs[0], size_order=args.size_order)
+    elif args.layout == "tsv":
+        regions = cs.TsvRegions(args.inputs, progress=progress)
+    else:
+        regions = cs.FolderRegions(args.inputs[0], size_order=args.size_order)
     if args.no_grids:
         grids = None
     elif args.grids:
@@ -368,9 +387,8 @@ def source_from_args(args: argparse.Namespace) -> Source:
         grids = cs.Hdf5Grids(args.inputs[0])
     else:
         raise ConvertError("no grid features given: pass --grids PATH or --no-grids")
-    return cs.KarpathySource(args.captions, region_lookup, grids, dataset=args.dataset,
-                             no_boxes=args.no_boxes, grid_size=args.grid_size, id_field=args.id_field,
-                             progress=not args.no_progress)
+    return cs.KarpathySource(args.captions, regions, grids, no_boxes=args.no_boxes, grid_size=args.grid_size,
+                             id_field=args.id_field, progress=progress)
 
 
 def _split_map(items: list[str]) -> dict[str, str] | None:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from rgfusion.datasets.convert import (
     CAPTIONS_PER_IMAGE, NO_GRID, ConvertError, DatasetPlan, MmapRows, grid_cells, infer_grid_size,
-    make_sample, normalise_boxes, split_plan, whole_image_boxes,
+    make_sample, normalise_boxes, whole_image_boxes,
 )
 from rgfusion.datasets.schema import Sample
 
@@ -47,11 +47,10 @@ def _bar(items: Iterable[Any], desc: str, progress: bool, total: int | None = No
 
 # ---------------------------------------------------------------- precomp
 
-PRECOMP_SPLITS = {
-    # COCO's precomp ``test`` is the first 1K fold; ``testall`` is the 5K test set.
-    "coco": {"train": "train", "dev": "dev", "test": "testall"},
-    "default": {"train": "train", "dev": "dev", "test": "test"},
-}
+def precomp_split_map(dataset: str) -> dict[str, str]:
+    """Output split -> input file prefix. COCO's precomp ``test`` is only the first 1K fold;
+    ``testall`` is the 5K test set the folds are cut from."""
+    return {"train": "train", "dev": "dev", "test": "testall" if dataset == "coco" else "test"}
 
 
 @dataclass
@@ -67,14 +66,14 @@ class PrecompSource:
     optional ``{split}_ids.txt``, ``{split}_boxes.npy`` (N, R, 4 pixels) + ``{split}_sizes.npy``
     (N, 2 width, height), ``{split}_grids.npy`` (N, G, D) or (N, H, W, D)."""
 
-    def __init__(self, folder: str | Path, *, dataset: str = "custom", split_map: dict[str, str] | None = None,
-                 no_boxes: bool = False, no_grids: bool = False, grid_size: tuple[int, int] | None = None,
+    def __init__(self, folder: str | Path, *, split_map: dict[str, str] | None = None, no_boxes: bool = False, no_grids: bool = False, grid_size: tuple[int, int] | None = None,
                  captions_per_image: int = CAPTIONS_PER_IMAGE):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise ConvertError(f"precomp folder {folder} does not exist")
-        self.dataset = dataset
-        self.split_map = split_map or PRECOMP_SPLITS.get(dataset, PRECOMP_SPLITS["default"])
+        self.split_map = split_map or precomp_split_map("custom")
+        if "train" not in self.split_map:
+            raise ConvertError("precomp needs a train split (the vocabulary is built from its captions)")
         self.no_boxes, self.no_grids, self.given_grid = no_boxes, no_grids, grid_size
         self.cpi = captions_per_image
         self._splits: dict[str, _PrecompSplit] = {}
@@ -91,7 +90,7 @@ class PrecompSource:
             region_dim=dims["region"][1], grid_dim=dims.get("grid_dim", 1),
             grid_size=dims.get("grid_size", (1, 1)), max_regions=dims["region"][0],
             captions_per_image=self.cpi,
-            splits={out: split_plan(self.dataset, out, s.num_samples) for out, s in self._splits.items()},
+            splits={out: s.num_samples for out, s in self._splits.items()},
             meta={"source": f"precomp {self.folder}", "has_boxes": not self.no_boxes,
                   "has_grids": not self.no_grids, "has_sizes": has_sizes})
 
@@ -216,37 +215,35 @@ def iter_json_array(path: str | Path, key: str, chunk: int = 1 << 20) -> Iterato
     decoder = json.JSONDecoder()
     opener = re.compile(r'"%s"\s*:\s*\[' % re.escape(key))
     with open(path, encoding="utf-8") as f:
-        buf, eof = "", False
+        buf, pos = "", 0
 
-        def more() -> bool:
-            nonlocal buf, eof
+        def refill() -> bool:
+            """Drop the consumed text and append a chunk; False at the end of the file."""
+            nonlocal buf, pos
             data = f.read(chunk)
-            eof = not data
-            buf += data
-            return not eof
+            buf, pos = buf[pos:] + data, 0
+            return bool(data)
 
         while not (m := opener.search(buf)):
-            if not more():
+            if not refill():
                 raise ConvertError(f"{path}: no {key!r} array")
         pos = m.end()
         while True:
-            while True:  # skip separators; the array ends at ']'
-                while pos < len(buf) and buf[pos] in " \t\r\n,":
-                    pos += 1
-                if pos < len(buf) or not more():
-                    break
-            if pos >= len(buf):
-                raise ConvertError(f"{path}: truncated JSON in {key!r}")
+            while pos < len(buf) and buf[pos] in " \t\r\n,":
+                pos += 1
+            if pos == len(buf):
+                if not refill():
+                    raise ConvertError(f"{path}: truncated JSON in {key!r}")
+                continue
             if buf[pos] == "]":
                 return
             try:
-                item, end = decoder.raw_decode(buf, pos)
+                item, pos = decoder.raw_decode(buf, pos)
             except json.JSONDecodeError:
-                if not more():
+                if not refill():
                     raise ConvertError(f"{path}: invalid or truncated JSON in {key!r}") from None
                 continue
             yield item
-            buf, pos = buf[end:], 0
 
 
 @dataclass(frozen=True)
@@ -349,8 +346,7 @@ class _Hdf5:
 class Hdf5Regions:
     """``{id}_features`` (n, Dr), ``{id}_boxes`` (n, 4 pixels), ``{id}_size`` (2,)."""
 
-    def __init__(self, inputs: list[str] | str, *, size_order: str = "hw", progress: bool = True):
-        path = inputs[0] if isinstance(inputs, list) else inputs
+    def __init__(self, path: str | Path, *, size_order: str = "hw"):
         self.h5 = _Hdf5(path)
         self.size_order = size_order
 
@@ -457,8 +453,8 @@ class FolderRegions:
     ``image_w``/``image_h``) or ``{id}.npy`` features with ``{id}_boxes.npy`` and ``{id}_size.npy``
     beside it (the hdf5 keys as files)."""
 
-    def __init__(self, inputs: list[str] | str, *, size_order: str = "hw", progress: bool = True):
-        self.folder = Path(inputs[0] if isinstance(inputs, list) else inputs)
+    def __init__(self, folder: str | Path, *, size_order: str = "hw"):
+        self.folder = Path(folder)
         if not self.folder.is_dir():
             raise ConvertError(f"feature folder {self.folder} does not exist")
         self.size_order = size_order
@@ -575,19 +571,21 @@ class KarpathySource:
     """Captions and splits from a Karpathy JSON; features per image id from the lookups."""
 
     def __init__(self, captions: str | Path, regions: RegionLookup, grids: GridLookup | None, *,
-                 dataset: str = "custom", no_boxes: bool = False, grid_size: tuple[int, int] | None = None,
+                 no_boxes: bool = False, grid_size: tuple[int, int] | None = None,
                  id_field: str = "auto", captions_per_image: int = CAPTIONS_PER_IMAGE, progress: bool = True):
         self.captions_path = Path(captions)
         if not self.captions_path.exists():
             raise ConvertError(f"Karpathy JSON {captions} not found")
         self.regions, self.grids = regions, grids
-        self.dataset, self.no_boxes, self.given_grid = dataset, no_boxes, grid_size
+        self.no_boxes, self.given_grid = no_boxes, grid_size
         self.id_field, self.cpi, self.progress = id_field, captions_per_image, progress
         self._images: dict[str, list[KarpathyImage]] = {}
         self._grid_size = (1, 1)
 
     def plan(self) -> DatasetPlan:
         self._images = load_karpathy(self.captions_path, id_field=self.id_field, captions_per_image=self.cpi)
+        if "train" not in self._images:
+            raise ConvertError(f"{self.captions_path} has no train images (the vocabulary is built from them)")
         missing: list[str] = []
         region_dims, grid_shapes, max_regions = set(), set(), 0
         all_images = [im for ims in self._images.values() for im in ims]
@@ -614,7 +612,7 @@ class KarpathySource:
         return DatasetPlan(
             region_dim=region_dims.pop(), grid_dim=grid_shape[-1] if self.grids is not None else 1,
             grid_size=self._grid_size, max_regions=max(max_regions, 1), captions_per_image=self.cpi,
-            splits={k: split_plan(self.dataset, k, len(v)) for k, v in self._images.items()},
+            splits={k: len(v) for k, v in self._images.items()},
             meta={"source": f"karpathy {self.captions_path.name}", "has_boxes": not self.no_boxes,
                   "has_grids": self.grids is not None})
 
@@ -636,7 +634,7 @@ class KarpathySource:
             yield make_sample(im.image_id, r.features, boxes, grid, list(im.captions), r.width, r.height)
 
     def train_captions(self) -> Iterator[str]:
-        for im in self._images.get("train", []):
+        for im in self._images["train"]:
             yield from im.captions
 
     def fingerprint(self) -> dict[str, Any]:
@@ -647,4 +645,5 @@ class KarpathySource:
 
 
 __all__ = ["ArrayGrids", "FolderGrids", "FolderRegions", "Hdf5Grids", "Hdf5Regions", "KarpathySource",
-           "PrecompSource", "TsvRegions", "grid_lookup", "iter_json_array", "load_karpathy"]
+           "PrecompSource", "TsvRegions", "grid_lookup", "iter_json_array", "load_karpathy",
+           "precomp_split_map"]

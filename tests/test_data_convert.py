@@ -77,7 +77,7 @@ def coco_precomp(folder: Path, **kw) -> dict[str, dict[str, np.ndarray]]:
 def test_precomp_round_trip(tmp_path):
     src = coco_precomp(tmp_path / "in")
     out = tmp_path / "out"
-    convert(cs.PrecompSource(tmp_path / "in", dataset="coco"), cfg(out, "coco"))
+    convert(cs.PrecompSource(tmp_path / "in", split_map=cs.precomp_split_map("coco")), cfg(out, "coco"))
 
     manifest, train = read_split(out, "train")
     assert (manifest.region_dim, manifest.grid_dim, manifest.grid_size, manifest.max_regions) == (DR, DG, (2, 3), R)
@@ -153,7 +153,7 @@ class Interrupt(Exception):
 def test_resume_skips_published_shards(tmp_path, monkeypatch):
     coco_precomp(tmp_path / "in")
     out = tmp_path / "out"
-    source = lambda: cs.PrecompSource(tmp_path / "in", dataset="coco")  # noqa: E731
+    source = lambda: cs.PrecompSource(tmp_path / "in", split_map=cs.precomp_split_map("coco"))  # noqa: E731
     written = []
 
     class Failing(conv.ShardWriter):
@@ -218,21 +218,25 @@ def test_convert_to_s3_resumes(tmp_path, monkeypatch, s3_bucket, storage_options
     np.testing.assert_array_equal(samples[6].region, src["ims"][6].astype(np.float16))
 
 
+# ru_maxrss is no use here: Linux carries the parent's high-water mark into a forked child
+# across exec, so a big pytest process would hide the child's own peak. VmHWM is per address space.
 MEMORY_CHILD = textwrap.dedent("""
-    import resource, sys
+    import sys
     from rgfusion.datasets import convert_sources as cs
     from rgfusion.datasets.convert import ConvertConfig, convert
     import rgfusion.datasets.text  # torch: part of the fixed baseline, not of the conversion
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def peak_kb():
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    before = peak_kb()
     convert(cs.PrecompSource(sys.argv[1], split_map={"train": "train"}, no_boxes=True, no_grids=True),
             ConvertConfig(out=sys.argv[2], samples_per_shard=200, progress=False))
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(before, after)
+    print(before, peak_kb())
 """)
 
 
 def test_peak_memory_is_bounded_by_a_window_not_the_dump(tmp_path):
-    """A 400 MB dump (zeros: a sparse file, fast to make) converts with RSS growth far below it."""
+    """A 400 MB dump (zeros: a sparse file, fast to make) converts with a peak RSS growth far
+    below its size (without re-mapping it grows by ~the file size)."""
     n = 1400  # 1400 x 36 x 2048 float32 = 413 MB
     folder = tmp_path / "in"
     folder.mkdir()
@@ -244,7 +248,7 @@ def test_peak_memory_is_bounded_by_a_window_not_the_dump(tmp_path):
     before, after = (int(v) for v in proc.stdout.split())
     growth_mb = (after - before) / 1024
     file_mb = (folder / "train_ims.npy").stat().st_size / 2**20
-    assert growth_mb < 160, f"RSS grew {growth_mb:.0f} MB converting a {file_mb:.0f} MB dump"
+    assert growth_mb < 160, f"peak RSS grew {growth_mb:.0f} MB converting a {file_mb:.0f} MB dump"
     assert len(list((tmp_path / "out").glob("train-*.tar"))) == 7
 
 
@@ -307,8 +311,8 @@ def test_hdf5_with_karpathy_coco_splits_and_folds(tmp_path):
             f[f"{image_id}_features"], f[f"{image_id}_boxes"] = feats, boxes
             f[f"{image_id}_size"] = np.array([[h, w]])  # (1, 2) height, width as DLCT writes it
             f[f"{image_id}_grids"] = grid
-    source = cs.KarpathySource(tmp_path / "dataset_coco.json", cs.Hdf5Regions(str(tmp_path / "feats.hdf5")),
-                               cs.Hdf5Grids(tmp_path / "feats.hdf5"), dataset="coco", progress=False)
+    source = cs.KarpathySource(tmp_path / "dataset_coco.json", cs.Hdf5Regions(tmp_path / "feats.hdf5"),
+                               cs.Hdf5Grids(tmp_path / "feats.hdf5"), progress=False)
     manifest = convert(source, cfg(tmp_path / "out", "coco", samples_per_shard=3))
     check_karpathy_output(tmp_path / "out", COCO_LAYOUT)
     assert {k: v.num_samples for k, v in manifest.splits.items()} == {"train": 5, "dev": 2, "test": 10}
@@ -346,7 +350,7 @@ def test_tsv_joined_with_grid_folder_and_grid_array(tmp_path):
         np.save(tmp_path / "grids" / f"{image_id}.npy", features(image_id)[4].reshape(3, 3, DG))
     tsv = [str(tmp_path / "a.tsv"), str(tmp_path / "b.tsv")]
     source = cs.KarpathySource(tmp_path / "dataset_flickr30k.json", cs.TsvRegions(tsv, progress=False),
-                               cs.grid_lookup(str(tmp_path / "grids"), None), dataset="flickr30k", progress=False)
+                               cs.grid_lookup(str(tmp_path / "grids"), None), progress=False)
     manifest = convert(source, cfg(tmp_path / "out", "flickr30k"))
     check_karpathy_output(tmp_path / "out", layout)
     assert manifest.splits["test"].protocol == "flickr1k" and manifest.splits["test"].folds is None
@@ -357,7 +361,7 @@ def test_tsv_joined_with_grid_folder_and_grid_array(tmp_path):
         cs.grid_lookup(str(tmp_path / "grids.npy"), None)
     source = cs.KarpathySource(tmp_path / "dataset_flickr30k.json", cs.TsvRegions(tsv, progress=False),
                                cs.grid_lookup(str(tmp_path / "grids.npy"), str(tmp_path / "grid_ids.txt")),
-                               dataset="flickr30k", progress=False)
+                               progress=False)
     convert(source, cfg(tmp_path / "out2", "flickr30k"))
     check_karpathy_output(tmp_path / "out2", layout)
 
@@ -377,14 +381,14 @@ def test_npz_and_npy_folders(tmp_path):
             np.save(feat_dir / f"{image_id}.npy", feats)
             np.save(feat_dir / f"{image_id}_boxes.npy", boxes)
             np.save(feat_dir / f"{image_id}_size.npy", np.array([h, w]))
-    source = cs.KarpathySource(tmp_path / "k.json", cs.FolderRegions(str(feat_dir)), cs.FolderGrids(grid_dir),
+    source = cs.KarpathySource(tmp_path / "k.json", cs.FolderRegions(feat_dir), cs.FolderGrids(grid_dir),
                                progress=False)
     convert(source, cfg(tmp_path / "out"))
     check_karpathy_output(tmp_path / "out", layout, "custom")
 
     (grid_dir / "31.npy").unlink()
     with pytest.raises(ConvertError, match="1 images .* no region or grid features .*31"):
-        convert(cs.KarpathySource(tmp_path / "k.json", cs.FolderRegions(str(feat_dir)), cs.FolderGrids(grid_dir),
+        convert(cs.KarpathySource(tmp_path / "k.json", cs.FolderRegions(feat_dir), cs.FolderGrids(grid_dir),
                                   progress=False), cfg(tmp_path / "out3"))
 
 
