@@ -90,20 +90,21 @@ class GeneralizedPooling(nn.Module):
         self.score = nn.Linear(self.HIDDEN, 1, bias=False)
 
     def rank_weights(self, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """(n, n): row k holds the weights over ranks for a set of size k+1 (zero past its size)."""
+        """(n, n): row k holds the weights over ranks for a set of size n-k (zero past its size)."""
         pe = positional_encoding(n, self.PE_DIM, device).to(dtype).expand(n, n, self.PE_DIM)
-        sizes = torch.arange(1, n + 1)
-        packed = pack_padded_sequence(pe, sizes, batch_first=True, enforce_sorted=False)
+        # Sizes in descending order on the host: packing needs no sort, no index copy, no sync.
+        packed = pack_padded_sequence(pe, torch.arange(n, 0, -1), batch_first=True)
         out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=n)
         out = (out[..., : self.HIDDEN] + out[..., self.HIDDEN :]) / 2
         scores = self.score(out).squeeze(-1) / self.TEMPERATURE
-        valid = torch.arange(n, device=device)[None, :] < sizes.to(device)[:, None]
+        sizes = torch.arange(n, 0, -1, device=device)
+        valid = torch.arange(n, device=device)[None, :] < sizes[:, None]
         return torch.softmax(scores.masked_fill(~valid, torch.finfo(scores.dtype).min), dim=1)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         n = x.shape[1]
         size = mask.sum(1)
-        weights = self.rank_weights(n, x.device, x.dtype)[(size - 1).clamp(min=0)]
+        weights = self.rank_weights(n, x.device, x.dtype)[(n - size).clamp(max=n - 1)]
         ranked = x.masked_fill(~mask[..., None], torch.finfo(x.dtype).min).sort(dim=1, descending=True).values
         in_set = torch.arange(n, device=x.device)[None, :] < size[:, None]
         ranked = ranked.masked_fill(~in_set[..., None], 0)
