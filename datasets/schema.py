@@ -150,8 +150,20 @@ class Sample:
         )
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADER = re.compile(r"""\{'descr': '([<>|=][a-z]\d+)', 'fortran_order': (True|False), 'shape': \(([\d, ]*)\), \}""")
+
+
 def load_npy(data: bytes, name: str = "npy") -> np.ndarray:
-    """``np.load`` without pickle; any parse failure becomes a SchemaError."""
+    """Parse a ``.npy`` member without pickle; any failure becomes a SchemaError.
+
+    Plain numeric arrays (all np.save writes for our members) take a fast path: the header is
+    matched by a regular expression and the array is a zero-copy ``np.frombuffer`` view
+    (``np.load`` spends most of its time in ``ast.literal_eval`` of the header). Anything else
+    goes through ``np.load(allow_pickle=False)``, which refuses object arrays."""
+    fast = _fast_npy(data)
+    if fast is not None:
+        return fast
     try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
@@ -159,6 +171,23 @@ def load_npy(data: bytes, name: str = "npy") -> np.ndarray:
     if not isinstance(arr, np.ndarray):
         raise SchemaError(f"{name} is not a single .npy array", "bad_npy")
     return arr
+
+
+def _fast_npy(data: bytes) -> np.ndarray | None:
+    if data[:6] != _NPY_MAGIC or data[6] != 1:  # version 1.0 headers only; others: np.load
+        return None
+    start = 10 + int.from_bytes(data[8:10], "little")
+    match = _NPY_HEADER.match(data[10:start].decode("latin1"))
+    if match is None:
+        return None
+    descr, fortran, dims = match.groups()
+    shape = tuple(int(d) for d in dims.replace(" ", "").split(",") if d)
+    dtype = np.dtype(descr)
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(data) - start != count * dtype.itemsize:
+        return None  # truncated or padded: let np.load word the error
+    arr = np.frombuffer(data, dtype, count, start)
+    return arr.reshape(shape, order="F" if fortran == "True" else "C")
 
 
 def _check_array(where: str, name: str, arr: Any, dtype: np.dtype, shape: tuple[int | None, ...]) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 PAD, UNK, START, END = "<pad>", "<unk>", "<start>", "<end>"
@@ -74,12 +75,11 @@ class TextProcessor(Protocol):
 
 
 def pad_batch(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    tokens = torch.zeros(len(seqs), int(lengths.max()) if seqs else 0, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
-    return tokens, lengths, mask
+    lengths = np.fromiter((len(x) for x in seqs), np.int64, len(seqs))
+    tokens = np.zeros((len(seqs), int(lengths.max(initial=0))), np.int64)
+    mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    tokens[mask] = np.fromiter((t for x in seqs for t in x), np.int64, int(lengths.sum()))
+    return torch.from_numpy(tokens), torch.from_numpy(lengths), torch.from_numpy(mask)
 
 
 class VocabProcessor:
