@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,8 @@ import torch
 from data_helpers import DR, GRID, MAXR, make_sample, sample_members, write_dataset, write_raw_shard
 
 from rgfusion.datasets import DataConfig, build_text_processor, eval_loader, load_manifest, skip_stats, train_loader
-from rgfusion.datasets.reader import SkipStats, deal_shards, worker_steps
-from rgfusion.datasets.schema import npy_bytes
+from rgfusion.datasets.reader import SkipStats, deal_shards, iter_tar, worker_steps
+from rgfusion.datasets.schema import SchemaError, load_npy, npy_bytes
 from rgfusion.datasets.storage import DatasetNotFound
 
 UNEVEN = {"train": [7, 1, 13, 0, 3], "dev": [5, 9, 2]}
@@ -224,3 +225,48 @@ def test_missing_manifest_is_one_clear_error(tmp_path):
         load_manifest(str(tmp_path))
     with pytest.raises(DatasetNotFound, match="folder .* does not exist"):
         load_manifest(str(tmp_path / "nope" / "deeper"))
+
+
+# -- tar and npy parsing against the standard library's -----------------------------------------
+
+def test_iter_tar_matches_tarfile_on_long_names_and_odd_entries(tmp_path):
+    long_key = "x" * 150  # > 100 chars: tarfile writes a pax header
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        d = tarfile.TarInfo("somedir")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        for name, data in [(f"{long_key}.a.npy", b"1" * 700), (f"{long_key}.json", b"{}"),
+                           ("k\u00e9y.json", b"[]"), ("dir/k2.json", b""), ("k3.txt", b"x" * 512)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    got = list(iter_tar(io.BytesIO(buf.getvalue())))
+    assert got == [(long_key, {"a.npy": b"1" * 700, "json": b"{}"}), ("k\u00e9y", {"json": b"[]"}),
+                   ("dir/k2", {"json": b""}), ("k3", {"txt": b"x" * 512})]
+
+
+def test_iter_tar_rejects_garbage():
+    with pytest.raises(tarfile.ReadError, match="invalid"):
+        list(iter_tar(io.BytesIO(b"not a tar" * 200)))
+
+
+def test_fast_npy_agrees_with_np_load():
+    rng = np.random.default_rng(0)
+    arrays = [rng.random((3, 4)).astype(np.float16), rng.random((2, 3)).astype(">f4"),
+              np.zeros((0, 5), np.float16), np.asfortranarray(rng.random((4, 3))), np.arange(7),
+              rng.random((2, 3, 4)).astype(np.float32), np.array(3.5), np.array([1, 2], np.uint8)]
+    for a in arrays:
+        buf = io.BytesIO()
+        np.save(buf, a, allow_pickle=False)
+        data = buf.getvalue()
+        for blob in (data, data[:-1], data + b"\0"):
+            try:
+                want = np.load(io.BytesIO(blob), allow_pickle=False)
+            except ValueError:
+                with pytest.raises(SchemaError, match="not a valid .npy"):
+                    load_npy(blob)
+                continue
+            got = load_npy(blob)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            np.testing.assert_array_equal(got, want)
