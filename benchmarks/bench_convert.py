@@ -12,6 +12,8 @@ child across exec).
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -67,13 +69,18 @@ def main() -> None:
     cli = ["data", "convert", "precomp", str(work / "in"), "--out", str(work / "out"), "--dataset", "custom",
            "--split", "train=train", "--samples-per-shard", str(args.samples_per_shard), "--no-progress"]
     print("command: rgfusion", " ".join(cli))
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", CHILD, *cli], check=True, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    # CPU seconds stay meaningful when other work shares the cores (wall time does not).
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = usage.ru_utime + usage.ru_stime
     peak = int(proc.stdout.split()[-1]) / 1024
     out = sum(p.stat().st_size for p in (work / "out").iterdir())
     print(f"converted {args.images} images in {wall:.1f} s: {args.images / wall:.0f} images/s, "
-          f"{size / 2**20 / wall:.0f} MB/s in, {out / 2**20:.0f} MB out; peak RSS {peak:.0f} MB")
+          f"{size / 2**20 / wall:.0f} MB/s in, {out / 2**20:.0f} MB out; peak RSS {peak:.0f} MB; "
+          f"{cpu:.1f} CPU s ({args.images / cpu:.0f} images per CPU s); load average {load:.1f} at start")
     shutil.rmtree(work)
 
 
