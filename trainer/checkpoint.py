@@ -265,7 +265,8 @@ class Checkpoints:
         _barrier()
         if not self.local and self.env.is_local_main:
             shutil.rmtree(folder, ignore_errors=True)
-        log.info("checkpoint %s saved (step %d)", self.url(tag), state.global_step)
+        if self.env.is_main:
+            log.info("checkpoint %s saved (step %d)", self.url(tag), state.global_step)
         return tag
 
     def _clear_stale(self, tag: str) -> None:
@@ -400,6 +401,9 @@ class Checkpoints:
     def needs_universal(self, chosen: Chosen, zero_stage: int) -> bool:
         """True when the shards were written for another world size or ZeRO stage."""
         same = chosen.meta["world_size"] == self.env.world_size and chosen.meta["zero_stage"] == zero_stage
+        if not same and not chosen.meta["sharded_optimizer"] and zero_stage != chosen.meta["zero_stage"]:
+            raise CheckpointError(f"checkpoint {chosen.url} was written without ZeRO; resume it with "
+                                  f"train.zero_stage=0 (this run has {zero_stage})")
         return not same and chosen.meta["sharded_optimizer"]
 
     def prepare(self, chosen: Chosen, *, universal: bool) -> Path:

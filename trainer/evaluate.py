@@ -148,6 +148,9 @@ def evaluate_split(model: nn.Module, data_cfg: DataConfig, manifest: Manifest, t
     else:
         parts = [local]
     report: list[Any] = [score(assemble(parts), manifest, split) if rank == 0 else None]
+    if rank == 0:
+        log.info("scored %s: %d images, %d captions, rsum %.1f", split, report[0]["images"],
+                 report[0]["captions"], primary(report[0])["rsum"])
     if distributed:
         dist.broadcast_object_list(report, src=0)
     return report[0]

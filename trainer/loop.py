@@ -24,7 +24,7 @@ from tqdm import tqdm
 from rgfusion.configs import ConfigError, to_dict
 from rgfusion.datasets import DataConfig, Manifest, build_text_processor, load_manifest, skip_stats, train_loader
 from rgfusion.trainer import engine as eng
-from rgfusion.trainer.checkpoint import Checkpoints, TrainState, enable_universal, seed_everything
+from rgfusion.trainer.checkpoint import Checkpoints, TrainState, enable_universal, seed_everything, tag_for
 from rgfusion.trainer.config import RunConfig
 from rgfusion.trainer.distenv import DistEnv
 from rgfusion.trainer.evaluate import evaluate_split, flat_metrics, format_table, primary, write_report
@@ -68,6 +68,8 @@ def train(config: RunConfig, *, on_eval: Callable[[dict[str, Any]], None] | None
     """
     install_log_redaction()
     env = DistEnv.from_environ()
+    if not env.is_main:  # one voice: other ranks only warn
+        logging.getLogger("rgfusion").setLevel(logging.WARNING)
     device = eng.resolve_device(config, env)
     eng.init_distributed(env, device)
     run = Run(config, env, device, on_eval)
@@ -107,6 +109,9 @@ class Run:
         self.cfg, self.env, self.device, self.on_eval = cfg, env, device, on_eval
         self.stop_flag = [False]
         self.finished = False
+        # Whole-run throughput of this process (evaluation excluded), for the result.
+        self.train_seconds = self.wait_seconds = 0.0
+        self.pairs = 0
         self.out = Path(cfg.train.out_dir)
         self.tracker = Tracker(cfg.tracking, active=env.is_main)
         self.resolved = redact(to_dict(cfg))
@@ -189,11 +194,14 @@ class Run:
         window = Window()
         bad_in_row = 0
         batches = iter(loader)
+        t_start = time.perf_counter()
         try:
             while True:
                 t0 = time.perf_counter()
                 batch = next(batches, None)
-                window.wait += time.perf_counter() - t0
+                waited = time.perf_counter() - t0
+                window.wait += waited
+                self.wait_seconds += waited
                 if batch is None:
                     break
                 loss, stats = self._forward(batch)
@@ -214,6 +222,7 @@ class Run:
                 self.engine.backward(loss)
                 self.engine.step()
                 window.add(loss.item(), float(stats["collapsed_share"]))
+                self.pairs += self.micro * env.world_size
                 stepped = self.engine.global_steps != state.global_step
                 state.global_step = self.engine.global_steps
                 if stepped and state.global_step % cfg.train.log_every == 0:
@@ -228,6 +237,7 @@ class Run:
                     self._checkpoint()
         finally:
             bar.close()
+            self.train_seconds += time.perf_counter() - t_start
         return "ok"
 
     def _forward(self, batch: Any) -> tuple[torch.Tensor, dict]:
@@ -262,7 +272,6 @@ class Run:
         bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
                         pairs_s=f"{metrics['train/pairs_per_s']:.0f}",
                         wait=f"{100 * metrics['train/data_wait_share']:.0f}%", refresh=False)
-        self.last_rates = metrics
 
     def _end_epoch(self, epoch: int) -> None:
         cfg, state = self.cfg, self.state
@@ -282,7 +291,7 @@ class Run:
                      " (best)" if best else "")
         if best:
             state.best_rsum, state.best_epoch, state.best_test = rsum, epoch + 1, test
-            state.best_tag = f"step-{state.global_step:08d}"
+            state.best_tag = tag_for(state.global_step)
             self._export(self.out / "best")
             if self.env.is_main:
                 write_report(self.out / "reports" / "dev_best.json", dev)
@@ -330,6 +339,8 @@ class Run:
             "test": s.best_test, "test_rsum": primary(s.best_test)["rsum"] if s.best_test else None,
             "checkpoint_dir": self.cfg.checkpoint_dir, "best_checkpoint": s.best_tag,
             "export_dir": str(self.out / "best"), "report": str(self.out / "reports" / "test.json"),
+            "pairs_per_s": self.pairs / self.train_seconds if self.train_seconds else None,
+            "data_wait_share": self.wait_seconds / self.train_seconds if self.train_seconds else None,
             "ui": self.tracker.ui_hint() if self.env.is_main else None,
         }
 

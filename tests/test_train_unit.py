@@ -1,0 +1,297 @@
+"""Trainer pieces without a training run: config, DeepSpeed config, schedule, parameter groups,
+launcher environments, redaction, evaluation assembly and checkpoint mechanics (these last with
+a tiny stand-in module on a one-process gloo group)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from rgfusion.configs import ConfigError
+from rgfusion.trainer import engine as eng
+from rgfusion.trainer.checkpoint import (
+    COMPLETE, Checkpoints, CheckpointError, TrainState, enable_universal, fingerprint_mismatch, rng_state,
+    set_rng_state, verify_local,
+)
+from rgfusion.trainer.config import OptimConfig, load_config
+from rgfusion.trainer.distenv import DistEnv, slurm_master_addr
+from rgfusion.trainer.evaluate import assemble, format_table, natural_key
+from rgfusion.trainer.redact import MASK, RedactingFilter, redact, redact_text
+
+# ---------------------------------------------------------------- config
+
+
+def test_default_recipe_loads_and_overrides():
+    cfg = load_config(None, ["train.epochs=3", "optim.lr=2.0e-4", "model.width=32"])
+    assert cfg.train.epochs == 3 and cfg.optim.lr == 2e-4 and cfg.model.width == 32
+    assert cfg.model.features == "both" and cfg.model.text.encoder == "bigru"
+    assert cfg.checkpoint_dir == str(Path(cfg.train.out_dir) / "checkpoints")
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.bogus=1", "unknown key 'train.bogus'"),
+    ("optim.schedule=linear", "optim.schedule"),
+    ("train.zero_stage=4", "train.zero_stage"),
+    ("data.url=", "data.url is empty"),
+])
+def test_bad_config_is_one_clear_error(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("recipe", ["default", "flickr30k_bigru", "flickr30k_bert", "coco_bigru", "coco_bert",
+                                    "ablations/region_only", "ablations/grid_only"])
+def test_shipped_recipes_load(recipe):
+    cfg = load_config(recipe)
+    ds = eng.deepspeed_config(cfg, 1, "cpu")
+    assert ds["train_batch_size"] == cfg.train.batch_size
+
+
+@pytest.mark.parametrize("preset, stage", [("deepspeed/zero1.yaml", 1), ("deepspeed/zero2.yaml", 2),
+                                           ("deepspeed/zero3.yaml", 3)])
+def test_deepspeed_presets_override_generated_config(preset, stage):
+    cfg = load_config(None, [f"train.deepspeed={preset}", "train.zero_stage=0"])
+    ds = eng.deepspeed_config(cfg, 2, "cpu")
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["gradient_clipping"] == cfg.optim.grad_clip  # untouched keys survive the merge
+
+
+# ---------------------------------------------------------------- DeepSpeed config and optimizer
+
+
+def test_deepspeed_config_from_typed_config():
+    cfg = load_config(None, ["train.batch_size=48", "train.grad_accum=3", "train.zero_stage=3",
+                             "train.precision=bf16", "optim.grad_clip=1.5", "optim.weight_decay=0.05"])
+    ds = eng.deepspeed_config(cfg, 2, "cpu", load_universal=True)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (48, 8, 3)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["gradient_clipping"] == 1.5 and ds["optimizer"]["params"]["weight_decay"] == 0.05
+    assert ds["checkpoint"]["load_universal"] is True
+    assert eng.deepspeed_config(load_config(None), 1, "cpu")["bf16"]["enabled"] is False  # auto -> fp32 on CPU
+
+
+def test_raw_deepspeed_json_has_the_last_word(tmp_path):
+    raw = tmp_path / "ds.json"
+    raw.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 1000}, "fp16": {"enabled": True}}))
+    ds = eng.deepspeed_config(load_config(None, [f"train.deepspeed={raw}"]), 1, "cpu")
+    assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000,
+                                       "stage3_gather_16bit_weights_on_model_save": True}
+    assert ds["fp16"]["enabled"] is True and ds["fp16"]["loss_scale"] == 0
+
+
+def test_global_batch_must_split_over_ranks():
+    with pytest.raises(ConfigError, match="not divisible"):
+        eng.micro_batch_size(load_config(None, ["train.batch_size=10"]), 4)
+
+
+class Tiny(nn.Module):
+    """Stand-in for the retrieval model: a 'text.hf' part at a lower rate, norms and biases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8))
+        self.text = nn.ModuleDict({"hf": nn.Linear(4, 8), "proj": nn.Linear(8, 8, bias=False)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.image(x).sum() + self.text["proj"](self.text["hf"](x)).sum()
+
+    def param_groups_hint(self) -> dict[str, float]:
+        return {"text.hf": 0.1}
+
+
+def test_param_groups_multipliers_and_no_decay_on_norms_and_biases():
+    groups = eng.param_groups(Tiny(), OptimConfig(lr=1e-3, weight_decay=0.1), Tiny().param_groups_hint())
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"lr_x0.1", "lr_x0.1_no_decay", "lr_x1", "lr_x1_no_decay"}
+    assert by_name["lr_x0.1"]["lr"] == pytest.approx(1e-4) and by_name["lr_x0.1"]["weight_decay"] == 0.1
+    assert by_name["lr_x1_no_decay"]["weight_decay"] == 0.0
+    assert all(p.ndim == 1 for g in groups if g["name"].endswith("no_decay") for p in g["params"])
+    assert sum(len(g["params"]) for g in groups) == len(list(Tiny().parameters()))
+    assert eng.lr_multiplier("text.hfx.weight", {"text.hf": 0.1}) == 1.0  # prefix means a module path
+    assert eng.lr_multiplier("a.b.c", {"a": 0.5, "a.b": 0.2}) == 0.2  # longest prefix wins
+
+
+def test_lr_schedule_warmup_then_step_or_cosine():
+    o = OptimConfig(lr=1.0, warmup_steps=10, schedule="step", decay_epochs=[2, 3], decay_factor=0.1)
+    f = [eng.lr_factor(s, o, steps_per_epoch=10, total_steps=50) for s in range(50)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[19] == 1.0
+    assert f[20] == pytest.approx(0.1) and f[30] == pytest.approx(0.01)
+    c = replace(o, schedule="cosine", min_lr_ratio=0.1)
+    g = [eng.lr_factor(s, c, steps_per_epoch=10, total_steps=50) for s in range(51)]
+    assert g[10] == 1.0 and g[50] == pytest.approx(0.1)
+    assert g[30] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert all(a >= b for a, b in zip(g[10:], g[11:]))
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def test_distenv_torchrun_deepspeed_slurm_single():
+    e = DistEnv.from_environ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                              "GROUP_RANK": "1"}, [])
+    assert (e.rank, e.local_rank, e.world_size, e.node_rank, e.launcher) == (3, 1, 4, 1, "torchrun")
+    # The deepspeed launcher sets RANK/WORLD_SIZE and appends --local_rank=N.
+    e = DistEnv.from_environ({"RANK": "1", "WORLD_SIZE": "2"}, ["train", "--local_rank=1"])
+    assert e.local_rank == 1
+    e = DistEnv.from_environ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
+                              "SLURM_JOB_NUM_NODES": "4", "SLURM_JOB_NODELIST": "gpu[07-10]",
+                              "SLURM_JOB_ID": "1234"}, [])
+    assert (e.rank, e.local_rank, e.world_size, e.local_world_size, e.node_rank) == (5, 1, 8, 2, 2)
+    env: dict[str, str] = {"SLURM_JOB_NODELIST": "gpu[07-10]", "SLURM_JOB_ID": "1234"}
+    e.export(env)
+    assert env["MASTER_ADDR"] == "gpu07" and env["RANK"] == "5" and env["MASTER_PORT"] == "21234"
+    e = DistEnv.from_environ({}, ["x", "--local_rank", "0"])
+    assert (e.world_size, e.launcher, e.is_main) == (1, "single", True)
+    assert slurm_master_addr({"SLURM_JOB_NODELIST": "a1,b2"}) == "a1"
+
+
+# ---------------------------------------------------------------- redaction
+
+
+def test_redaction_of_keys_urls_and_env_values(monkeypatch):
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-very-secret-123")
+    cfg = {"data": {"url": "s3://bucket/x", "storage_options": {"key": "AKIA1", "secret": "s3cr3t",
+                                                                 "client_kwargs": {"endpoint_url": "http://h:9000"}}},
+           "tracking": {"uri": "https://bob:hunter2@mlflow.example/?token=abc&x=1"},
+           "note": "called with tok-very-secret-123", "access_key_id": "visible", "tokenizer": "/models/bert"}
+    out = redact(cfg)
+    assert out["data"]["storage_options"]["secret"] == MASK and out["data"]["storage_options"]["key"] == MASK
+    assert out["data"]["storage_options"]["client_kwargs"]["endpoint_url"] == "http://h:9000"
+    assert out["tracking"]["uri"] == f"https://bob:{MASK}@mlflow.example/?token={MASK}&x=1"
+    assert "tok-very-secret-123" not in json.dumps(out)
+    assert out["access_key_id"] == "visible" and out["tokenizer"] == "/models/bert"
+    assert redact_text("postgresql://u:pw@db/mlflow") == f"postgresql://u:{MASK}@db/mlflow"
+    record = logging.LogRecord("x", logging.INFO, "f", 1, "uri %s", ("s3://u:pw@host/b",), None)
+    RedactingFilter().filter(record)
+    assert record.getMessage() == f"uri s3://u:{MASK}@host/b"
+
+
+# ---------------------------------------------------------------- evaluation assembly
+
+
+def test_assemble_puts_ranks_parts_in_canonical_order():
+    d = 3
+    ids_a, ids_b = ["img-10", "img-2"], ["img-1"]
+    img = {i: torch.full((d,), float(k)) for k, i in enumerate(["img-1", "img-2", "img-10"])}
+    part_a = (ids_a, torch.stack([img[i] for i in ids_a]), torch.arange(4 * d).float().view(4, d),
+              torch.tensor([0, 1, 0, 1]))
+    part_b = (ids_b, torch.stack([img[i] for i in ids_b]), 100 + torch.arange(2 * d).float().view(2, d),
+              torch.tensor([0, 0]))
+    emb = assemble([part_a, part_b])
+    assert emb.image_ids == ["img-1", "img-2", "img-10"]
+    assert torch.equal(emb.images[:, 0], torch.tensor([0.0, 1.0, 2.0]))
+    assert emb.cap_to_img.tolist() == [0, 0, 1, 1, 2, 2]
+    # Captions of img-10 (rank a rows 0 and 2) follow those of img-2 (rows 1 and 3).
+    assert emb.captions[4, 0].item() == 0.0 and emb.captions[2, 0].item() == 3.0
+    assert sorted(["a10", "a9", "b1"], key=natural_key) == ["a9", "a10", "b1"]
+
+
+def test_format_table_lists_every_protocol():
+    m = {k: 1.0 for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")}
+    table = format_table([{"split": "test", "protocols": {"coco1k5fold": m, "coco5k": m}}])
+    assert "coco1k5fold" in table and "coco5k" in table and "rsum" in table
+
+
+# ---------------------------------------------------------------- checkpoint mechanics
+
+
+def test_rng_state_round_trips_through_json():
+    state = json.loads(json.dumps(rng_state()))
+    a = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    set_rng_state(state)
+    b = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_fingerprint_mismatch_names_the_keys():
+    assert fingerprint_mismatch({"model": {"width": 64}}, {"model": {"width": 32}}) == [
+        "model.width: checkpoint 64, this run 32"]
+
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+    """A one-process gloo group and a ZeRO-2 engine around ``Tiny``."""
+    from rgfusion.trainer.distenv import DistEnv
+
+    torch.manual_seed(0)
+    env = DistEnv.from_environ({}, [])
+    eng.init_distributed(env, "cpu")
+    cfg = load_config(None, ["train.batch_size=2", "optim.warmup_steps=0", "optim.schedule=constant"])
+    model = Tiny()
+    enable_universal(model)
+    engine = eng.build_engine(model, cfg, eng.deepspeed_config(cfg, 1, "cpu"), steps_per_epoch=5, total_steps=10)
+    for _ in range(2):
+        engine.backward(engine(torch.randn(2, 4)))
+        engine.step()
+    return env, engine
+
+
+def _manager(root: Path, env: DistEnv, keep_last: int = 2) -> Checkpoints:
+    return Checkpoints(str(root), {}, env, cache_dir=root.parent / "cache", keep_last=keep_last,
+                       fingerprint={"model": {"width": 8}})
+
+
+def test_checkpoint_complete_corrupt_fallback_and_prune(tiny_engine, tmp_path):
+    env, engine = tiny_engine
+    ck = _manager(tmp_path / "ck", env)
+    tags = [ck.save(engine, TrainState(global_step=s, epoch=0, batch_in_epoch=s), config={}) for s in (1, 2, 3)]
+    assert [t for _, t, _ in ck.tags()] == tags[1:]  # keep_last=2 pruned the first
+    assert (tmp_path / "ck" / "latest").read_text() == tags[2]
+    assert verify_local(tmp_path / "ck" / tags[2]) is None
+
+    # Corrupt the newest: auto falls back to the previous complete one, with a warning.
+    victim = next(p for p in (tmp_path / "ck" / tags[2]).glob("*.pt"))
+    victim.write_bytes(victim.read_bytes()[:-10] + b"0123456789")
+    chosen = ck.select("auto")
+    assert chosen.tag == tags[1] and chosen.meta["state"]["global_step"] == 2
+    with pytest.raises(CheckpointError, match="corrupt"):
+        ck.select(str(tmp_path / "ck" / tags[2]))
+
+    # An interrupted save (no COMPLETE.json) is refused with a clear reason.
+    (tmp_path / "ck" / tags[1] / COMPLETE).unlink()
+    assert "interrupted" in verify_local(tmp_path / "ck" / tags[1])
+    assert ck.select("auto") is None  # nothing intact left: fresh start
+
+    # A checkpoint of another model config is refused before training.
+    ck2 = _manager(tmp_path / "ck2", env)
+    ck2.save(engine, TrainState(global_step=7), config={})
+    other = Checkpoints(str(tmp_path / "ck2"), {}, env, cache_dir=tmp_path / "cache", keep_last=2,
+                        fingerprint={"model": {"width": 16}})
+    with pytest.raises(CheckpointError, match="different model config: model.width"):
+        other.select("auto")
+
+
+def test_checkpoint_with_foreign_pickle_is_refused(tiny_engine, tmp_path):
+    env, engine = tiny_engine
+    ck = _manager(tmp_path / "ck", env)
+    tag = ck.save(engine, TrainState(global_step=4), config={})
+    folder = tmp_path / "ck" / tag
+    torch.save({"evil": shutil.rmtree}, folder / "mp_rank_00_model_states.pt")
+    complete = json.loads((folder / COMPLETE).read_text())
+    from rgfusion.trainer.checkpoint import inventory
+    complete["files"] = inventory(folder)  # even with matching checksums
+    (folder / COMPLETE).write_text(json.dumps(complete))
+    assert "does not load as plain tensors" in verify_local(folder)
+
+
+def test_checkpoint_resume_restores_engine_and_state(tiny_engine, tmp_path):
+    env, engine = tiny_engine
+    ck = _manager(tmp_path / "ck", env)
+    state = TrainState(epoch=1, batch_in_epoch=3, global_step=engine.global_steps, best_rsum=12.5, run_id="abc")
+    ck.save(engine, state, config={"train": {"epochs": 2}})
+    before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    chosen = ck.select("auto")
+    engine.backward(engine(torch.randn(2, 4)))  # move the weights away
+    engine.step()
+    restored = ck.load(engine, chosen, ck.prepare(chosen, universal=False))
+    assert restored == state
+    assert all(torch.equal(before[k], v) for k, v in engine.module.state_dict().items())
