@@ -188,8 +188,12 @@ class PrecompSource:
 
 
 def _count_lines(path: Path) -> int:
+    """Lines as iteration sees them (a last line without a newline counts), streamed."""
+    count, last = 0, b"\n"
     with open(path, "rb") as f:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            count, last = count + chunk.count(b"\n"), chunk[-1:]
+    return count + (last != b"\n")
 
 
 def _expect_shape(path: Path, shape: tuple[int, ...]) -> None:

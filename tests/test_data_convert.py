@@ -6,7 +6,6 @@ import argparse
 import base64
 import csv
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -128,7 +127,7 @@ def test_precomp_images_repeated_per_caption(tmp_path):
     np.save(folder / "train_sizes.npy", np.repeat(d["sizes"][::5], 5, 0))
     np.save(folder / "train_boxes.npy", np.repeat(d["boxes"][::5], 5, 0))
     np.save(folder / "train_ims.npy", np.repeat(d["ims"][::5], 5, 0))
-    (folder / "train_caps.txt").write_text("".join(f"cap {i}\n" for i in range(15)))
+    (folder / "train_caps.txt").write_text("\n".join(f"cap {i}" for i in range(15)))  # no final newline
     convert(cs.PrecompSource(folder, split_map={"train": "train"}, no_grids=True), cfg(tmp_path / "out"))
     samples = read_split(tmp_path / "out", "train")[1]
     assert len(samples) == 3
