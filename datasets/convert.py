@@ -333,7 +333,7 @@ def register_convert(data_subparsers: Any) -> None:
 
     for name, help_, what in (
         ("hdf5", "one hdf5 file with {id}_features/_boxes/_size/_grids", "the .h5/.hdf5 file"),
-        ("tsv", "bottom-up-attention TSV file(s)", "TSV file(s), read in order"),
+        ("tsv", "bottom-up-attention TSV file(s)", "TSV file(s); rows in any order, indexed first"),
         ("npz", "folder of per-image {id}.npz (or {id}.npy + {id}_boxes.npy + {id}_size.npy)",
          "the folder"),
     ):
