@@ -44,7 +44,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--steps", type=int, default=50, help="batches in train mode")
     p.add_argument("--shuffle-buffer", type=int, default=1000)
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float32")
-    p.add_argument("--block-size", type=int, default=16 * 1024 * 1024)
+    p.add_argument("--block-size", type=int, default=64 * 1024 * 1024, help="object-store read-ahead bytes")
     add_storage_args(p)
     p.set_defaults(func=cmd_bench)
 

@@ -19,7 +19,7 @@ and resume after the samples already yielded.
 Memory per worker process is bounded by the shuffle buffer, not the dataset:
     resident ~= fixed overhead (interpreter + torch, ~0.3 GB)
                 + (shuffle_buffer + (prefetch_factor + 1) * batch_size) * sample_bytes
-                + block_size (one open shard read-ahead)
+                + block_size (one open shard's read-ahead, object stores only)
     sample_bytes = 2 * (R * Dr + H * W * Dg) + 16 * R + caption text
                    (x2 for the cast batch when dtype is float32)
 e.g. 36x2048 regions + 7x7x2048 grids: 348 KB/sample; buffer 1000 -> ~0.35 GB per worker.
@@ -64,7 +64,9 @@ class DataConfig:
     max_words: int = 32  # captions are truncated to this many tokens incl. <start>/<end>
     tokenizer: str | None = None  # None: dataset vocab (BiGRU); else a local HF tokenizer directory
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # features are float16 on disk
-    block_size: int = 16 * 1024 * 1024  # object-store read-ahead; s3fs's 5 MB default is slow for shards
+    # Object-store read-ahead per open shard: s3fs's 5 MB default costs a request per 5 MB;
+    # 64 MB read 1.4x faster than 16 MB from the local S3 endpoint (benchmarks/RESULTS.md).
+    block_size: int = 64 * 1024 * 1024
     retries: int = 4  # transient storage errors retried with backoff this many times
     prefetch_factor: int = 2  # batches each worker keeps ready
 
@@ -171,10 +173,13 @@ def collate(samples: list[Sample], manifest: Manifest, text: TextProcessor, dtyp
             captions: list[list[str]]) -> Batch:
     """Pad to ``manifest.max_regions`` (static shapes) and tokenise ``captions[i]`` of image i."""
     b, r = len(samples), manifest.max_regions
-    regions = np.zeros((b, r, manifest.region_dim), np.float16)
+    # Casting float16 -> float32 while copying each sample in is ~2x faster than building a
+    # float16 batch and converting it (which allocates and faults in a second batch).
+    staged = np.float32 if dtype == torch.float32 else np.float16
+    regions = np.zeros((b, r, manifest.region_dim), staged)
     boxes = np.zeros((b, r, 4), np.float32)
     mask = np.zeros((b, r), bool)
-    grids = np.empty((b, manifest.grid_cells, manifest.grid_dim), np.float16)
+    grids = np.empty((b, manifest.grid_cells, manifest.grid_dim), staged)
     for i, s in enumerate(samples):
         n = s.region.shape[0]
         regions[i, :n], boxes[i, :n], mask[i, :n], grids[i] = s.region, s.boxes, True, s.grid
