@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import logging
+import resource
 import sys
 import time
 from typing import Any
@@ -164,6 +165,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                               world_size=1, seed=0, epoch=0)
         total = args.steps * args.batch_size
     n = nbytes = 0
+    cpu_start = _cpu_seconds()
     start = time.perf_counter()
     with tqdm(total=total, unit="img", desc=f"bench {args.split} ({args.mode})") as bar:
         for batch in loader:
@@ -171,15 +173,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
             nbytes += _disk_bytes(batch, m)
             bar.update(len(batch))
     secs = time.perf_counter() - start
+    cpu = _cpu_seconds() - cpu_start
     workers = max(args.workers, 1)
     print(f"read {n} images ({nbytes / 1e6:.1f} MB of features on disk) in {secs:.2f} s with "
           f"{args.workers} worker(s), batch {args.batch_size}, dtype {args.dtype}")
     # Workers get equal shares of shards/steps, so the per-worker rate is the mean.
     print(f"total: {n / secs:.0f} images/s, {nbytes / 1e6 / secs:.1f} MB/s; "
           f"per worker: {n / secs / workers:.0f} images/s, {nbytes / 1e6 / secs / workers:.1f} MB/s")
+    # CPU seconds (this process + finished workers) make figures comparable on a shared machine.
+    print(f"cpu: {cpu:.2f} s, {n / cpu:.0f} images per CPU-second")
     if skip_stats().total:
         print(f"skipped: {skip_stats().as_dict()}")
     return 0
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _disk_bytes(batch: Any, m: Any) -> int:

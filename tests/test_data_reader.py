@@ -270,3 +270,57 @@ def test_fast_npy_agrees_with_np_load():
             got = load_npy(blob)
             assert got.dtype == want.dtype and got.shape == want.shape
             np.testing.assert_array_equal(got, want)
+
+
+# -- transient storage errors ------------------------------------------------------------------
+
+class FlakyFile(io.BytesIO):
+    """A shard stream that drops the connection once, after ``fail_at`` bytes."""
+
+    failures = 0
+
+    def __init__(self, data: bytes, fail_at: int):
+        super().__init__(data)
+        self.fail_at = fail_at
+
+    def read(self, n=-1):
+        if FlakyFile.failures == 0 and self.tell() + max(n, 0) > self.fail_at:
+            FlakyFile.failures += 1
+            raise ConnectionResetError("connection reset by peer")
+        return super().read(n)
+
+
+def test_transient_error_mid_shard_resumes_after_yielded_samples(tmp_path, monkeypatch):
+    from rgfusion.datasets import reader as reader_mod
+
+    samples = write_dataset(str(tmp_path), {"train": [1], "dev": [5]})["dev"]
+    data = (tmp_path / "dev-000000.tar").read_bytes()
+    FlakyFile.failures = 0
+    monkeypatch.setattr(reader_mod.ShardReader, "_open", lambda self, url: FlakyFile(data, fail_at=len(data) // 2))
+    monkeypatch.setattr(reader_mod.time, "sleep", lambda s: None)
+    cfg, m, text = open_dataset(tmp_path)
+    stats = SkipStats()
+    got = [s.image_id for s in reader_mod.ShardReader(m, cfg, stats).samples(m.shard_urls("dev")[0])]
+    assert FlakyFile.failures == 1 and stats.total == 0
+    assert got == [s.image_id for s in samples]
+
+
+def test_with_retries_retries_only_transient_errors(monkeypatch):
+    from rgfusion.datasets import storage
+
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise TimeoutError("read timed out")
+        return "ok"
+
+    assert storage.with_retries(flaky, retries=4) == "ok" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        storage.with_retries(lambda: calls.append(1) or open("/nonexistent/x"), retries=4)
+    assert len(calls) == 1
+    with pytest.raises(TimeoutError):
+        storage.with_retries(lambda: (_ for _ in ()).throw(TimeoutError("again")), retries=2)
