@@ -99,6 +99,8 @@ def assemble(parts: list[tuple[list[str], torch.Tensor, torch.Tensor, torch.Tens
     ids: list[str] = []
     imgs, caps, owners = [], [], []
     for pid, pimg, pcap, powner in parts:
+        if not pid:  # a rank without shards of this split
+            continue
         owners.append(powner + len(ids))
         ids.extend(pid)
         imgs.append(pimg)
