@@ -41,6 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import webdataset as wds
+from fsspec.core import strip_protocol
 
 from rgfusion.datasets.schema import MANIFEST_NAME, Manifest, Sample, SchemaError
 from rgfusion.datasets.storage import (
@@ -286,7 +287,7 @@ class ShardReader:
     def _open(self, url: str) -> Any:
         if self._fs is None:
             self._fs, _ = open_fs(url, self.manifest.storage_options or self.cfg.storage_options)
-        path = self._fs._strip_protocol(url)
+        path = strip_protocol(url)
         return with_retries(lambda: self._fs.open(path, "rb", block_size=self.cfg.block_size),
                             retries=self.cfg.retries, what=f"open {url}")
 
@@ -366,8 +367,7 @@ class _Plan:
 
     def worker_items(self, worker: int, num_workers: int) -> Iterator[tuple[Batch | None, dict[str, int]]]:
         """(batch, skips since the previous item); a final (None, skips) reports the rest."""
-        stats = SkipStats()
-        stats.interval = skip_stats().interval
+        stats = SkipStats(interval=skip_stats().interval)
         reader = ShardReader(self.manifest, self.cfg, stats)
         reported: Counter[str] = Counter()
         pipeline = self._train(reader, worker, num_workers) if self.train else self._eval(reader, worker, num_workers)
@@ -420,8 +420,8 @@ class _Plan:
             for i in mine:
                 for s in reader.samples(urls[i]):
                     if len(s.captions) < cpi:
-                        reader.stats.record("bad_json", f"{urls[i]}: {s.image_id} has {len(s.captions)} "
-                                                        f"captions, eval needs {cpi}")
+                        reader.stats.record("few_captions", f"{urls[i]}: {s.image_id} has {len(s.captions)} "
+                                                            f"captions, evaluation needs {cpi}")
                         continue
                     yield s
 
@@ -472,8 +472,7 @@ class Loader:
     def __iter__(self) -> Iterator[Batch]:
         loader = torch.utils.data.DataLoader(
             _WorkerStream(self.plan), batch_size=None, num_workers=self.num_workers,
-            prefetch_factor=self.plan.cfg.prefetch_factor if self.num_workers > 0 else None,
-            persistent_workers=False)
+            prefetch_factor=self.plan.cfg.prefetch_factor if self.num_workers > 0 else None)
         yielded = 0
         for batch, skipped in loader:
             if skipped:

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from rgfusion.datasets.storage import join_url
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 VOCAB_NAME = "vocab.json"
@@ -256,8 +258,6 @@ class Manifest:
         return self.splits[name]
 
     def shard_urls(self, split: str) -> list[str]:
-        from rgfusion.datasets.storage import join_url
-
         return [join_url(self.root, s) for s in self.split(split).shards]
 
     def validate(self) -> None:

@@ -98,7 +98,7 @@ def atomic_open(url: str, storage_options: dict[str, Any] | None = None, *,
     """Binary file handle whose content appears under ``url`` only if the block succeeds."""
     fs, path = open_fs(url, storage_options)
     if is_local(fs):
-        fs.makedirs(fs._parent(path), exist_ok=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = _tmp_name(path)
     try:
         with fs.open(tmp, "wb") as f:
@@ -143,8 +143,8 @@ def explain_missing(url: str, storage_options: dict[str, Any] | None = None) -> 
     """Why ``url`` cannot be read: which of bucket / folder / file is missing."""
     fs, path = open_fs(url, storage_options)
     if is_local(fs):
-        parent = fs._parent(path)
-        if not fs.exists(parent):
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
             return f"{url}: folder {parent} does not exist"
         return f"{url}: file not found"
     bucket = path.split("/", 1)[0]
