@@ -203,3 +203,18 @@ def test_ids_to_tensor_is_stable():
     a = ids_to_tensor(["123", "abc", "123"])
     assert a.dtype == torch.long and a[0] == a[2] and a[0] != a[1]
     assert torch.equal(a, ids_to_tensor(["123", "abc", "123"]))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [LossConfig(), LossConfig(warmup_steps=0, max_mode="lse"), LossConfig(kind="infonce"),
+     LossConfig(warmup_steps=1, warmup_mode="gradual", ramp_steps=4)],
+    ids=["sum", "lse", "infonce", "gradual"],
+)
+def test_loss_never_reads_data_on_the_host(cfg):
+    """Runs on the meta device, where any .item()/host copy/data-dependent shape would raise."""
+    img = torch.randn(4, 8, device="meta", requires_grad=True)
+    ids = torch.arange(4, device="meta")
+    loss, stats = contrastive_loss(img, img * 2, ids, ids, cfg=cfg, step=2)
+    loss.backward()
+    assert loss.device.type == "meta" and all(v.device.type == "meta" for v in stats.values())

@@ -204,3 +204,17 @@ def test_count_parameters_counts_all_or_trainable():
     assert total == sum(p.numel() for p in model.parameters())
     model.text.proj.weight.requires_grad_(False)
     assert count_parameters(model, trainable_only=True) == total - model.text.proj.weight.numel()
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_image_path_never_reads_data_on_the_host(variant):
+    """On the meta device any .item(), host copy, boolean indexing or data-dependent shape
+    raises, so passing here means the image forward and backward never sync a GPU stream.
+    (The BiGRU's packing needs its lengths on the host: the one sync per batch, by design.)"""
+    with torch.device("meta"):
+        model = build_model(tiny(**VARIANTS[variant]), region_dim=REGION_DIM, grid_dim=GRID_DIM, grid_size=GRID, vocab_size=VOCAB)
+        regions, boxes = torch.randn(2, 4, REGION_DIM), torch.rand(2, 4, 4)
+        mask, grids = torch.ones(2, 4, dtype=torch.bool), torch.randn(2, 9, GRID_DIM)
+    img = model.embed_images(regions, boxes, mask, grids)
+    img.sum().backward()
+    assert img.device.type == "meta" and img.shape == (2, 16)
