@@ -57,7 +57,9 @@ class GraphAttentionLayer(nn.Module):
     def forward(self, x: Tensor, geometry: Tensor, adj: Tensor, valid: Tensor) -> Tensor:
         b, n, d = x.shape
         bias = self.geometry(geometry.to(x.dtype)).permute(0, 3, 1, 2)
-        bias = bias.masked_fill(~adj[:, None], torch.finfo(x.dtype).min)
+        # The bias's own dtype (bf16 under autocast): finfo(x.dtype).min would overflow to -inf
+        # there. Every row keeps its self loop, so no row is fully masked.
+        bias = bias.masked_fill(~adj[:, None], torch.finfo(bias.dtype).min)
         q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)

@@ -1,0 +1,314 @@
+"""Model-step throughput, MFU, evaluation speed and a profile on one device.
+
+Times a full training step (forward, loss, backward, AdamW) of the real model on random inputs of
+the real shapes, so the figure isolates the model from the data path (the trainer's own log gives
+the end-to-end pairs/s and data-wait share). Run on a GPU machine:
+
+    python benchmarks/gpu_bench.py --out results.json            # full-size matrix
+    python benchmarks/gpu_bench.py --device cpu --tiny            # smoke test on a CPU
+
+Prints one table row per variant; ``--out`` also writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from rgfusion.trainer.loss import LossConfig, contrastive_loss
+from rgfusion.trainer.metrics import evaluate_protocol
+from rgfusion.trainer.model import ModelConfig, TextConfig, build_model, count_parameters, flops_per_pair
+
+# H100 SXM dense bf16 tensor-core peak from the datasheet; MFU is quoted against it.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
+
+
+@dataclass
+class Shape:
+    batch: int = 128
+    regions: int = 36
+    region_dim: int = 2048
+    grid: tuple[int, int] = (7, 7)
+    grid_dim: int = 2048
+    width: int = 1024
+    words: int = 16  # mean COCO/Flickr caption length in words; BERT sees ~20 word pieces
+    vocab: int = 10_000
+
+
+@dataclass
+class Variant:
+    name: str
+    features: str = "both"
+    graph: bool = True
+    cgf: bool = True
+    pooling: str = "map"
+    text: str = "bigru"
+    bf16: bool = False
+    compile: bool = False
+
+
+def variants() -> list[Variant]:
+    out = []
+    for text in ("bigru", "bert"):
+        for bf16 in (False, True):
+            for comp in (False, True):
+                prec = "bf16" if bf16 else "fp32"
+                out.append(Variant(f"full-{text}-{prec}{'-compile' if comp else ''}", text=text, bf16=bf16, compile=comp))
+    for bf16 in (False, True):
+        for comp in (False, True):
+            prec = "bf16" if bf16 else "fp32"
+            out.append(
+                Variant(
+                    f"region-gpo-bigru-{prec}{'-compile' if comp else ''}",
+                    features="region", graph=False, cgf=False, pooling="gpo", bf16=bf16, compile=comp,
+                )
+            )
+    return out
+
+
+def bert_dir(shape: Shape, tiny: bool) -> str:
+    """A randomly initialised BERT-base-sized model saved locally (nothing is downloaded)."""
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=30522) if not tiny else BertConfig(
+        vocab_size=shape.vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    path = tempfile.mkdtemp(prefix="bert-")
+    BertModel(cfg).save_pretrained(path)
+    return path
+
+
+def model_config(v: Variant, shape: Shape, hf_path: str | None) -> ModelConfig:
+    text = TextConfig(encoder="hf", hf_path=hf_path) if v.text == "bert" else TextConfig()
+    return ModelConfig(
+        width=shape.width, features=v.features, graph=v.graph, cgf=v.cgf, pooling=v.pooling, text=text,
+        heads=8 if shape.width >= 64 else 2,
+    )
+
+
+def make_batch(shape: Shape, vocab: int, device: torch.device, seq: int) -> dict[str, torch.Tensor]:
+    b = shape.batch
+    xy = torch.rand(b, shape.regions, 2, device=device) * 0.7
+    wh = torch.rand(b, shape.regions, 2, device=device) * 0.3 + 0.05
+    lengths = torch.randint(max(seq // 2, 1), seq + 1, (b,), device=device)
+    return {
+        # ReLU of Gaussians: non-negative, CNN-like activations with half the entries zero.
+        "regions": torch.randn(b, shape.regions, shape.region_dim, device=device).relu_(),
+        "boxes": torch.cat([xy, (xy + wh).clamp(max=1)], -1),
+        # Detectors keep 10..36 boxes per image; padding the rest is part of the real cost.
+        "region_mask": torch.arange(shape.regions, device=device)[None]
+        < torch.randint(min(10, shape.regions), shape.regions + 1, (b, 1), device=device),
+        "grids": torch.randn(b, shape.grid[0] * shape.grid[1], shape.grid_dim, device=device).relu_(),
+        "tokens": torch.randint(4, vocab, (b, seq), device=device),
+        "lengths": lengths,
+        "attention_mask": torch.arange(seq, device=device)[None] < lengths[:, None],
+    }
+
+
+def step_fn(model, opt, loss_cfg, ids, v: Variant):
+    autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16) if v.bf16 else nullcontext()
+
+    def embed(batch):
+        with autocast:
+            img = model.embed_images(batch["regions"], batch["boxes"], batch["region_mask"], batch["grids"])
+            cap = model.embed_captions(batch["tokens"], batch["lengths"], batch["attention_mask"])
+        return img.float(), cap.float()
+
+    if v.compile:
+        embed = torch.compile(embed)
+
+    def step(batch):
+        img, cap = embed(batch)
+        loss, _ = contrastive_loss(img, cap, ids, ids, cfg=loss_cfg, step=10**9)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(step, batches, device, warmup: int, iters: int) -> list[float]:
+    for i in range(warmup):
+        step(batches[i % len(batches)])
+    sync(device)
+    times = []
+    for i in range(iters):
+        t0 = time.perf_counter()
+        step(batches[i % len(batches)])
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_variant(v: Variant, shape: Shape, device, hf_path, args) -> dict:
+    torch.manual_seed(0)
+    cfg = model_config(v, shape, hf_path)
+    vocab = 30522 if (v.text == "bert" and not args.tiny) else shape.vocab
+    model = build_model(
+        cfg, region_dim=shape.region_dim, grid_dim=shape.grid_dim, grid_size=shape.grid, vocab_size=vocab
+    ).to(device)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
+    seq = shape.words + 4 if v.text == "bert" else shape.words
+    # Several input sets so repeated steps don't just re-read one batch from cache.
+    batches = [make_batch(shape, vocab, device, seq) for _ in range(3)]
+    ids = torch.arange(shape.batch, device=device)
+    step = step_fn(model, opt, LossConfig(), ids, v)
+    times = time_steps(step, batches, device, args.warmup, args.iters)
+    med = statistics.median(times)
+    flops = flops_per_pair(cfg, shape.region_dim, shape.grid_dim, shape.grid, shape.regions, seq)
+    pairs = shape.batch / med
+    peak = next((p for k, p in PEAK_BF16_FLOPS.items() if k in device_name(device)), None)
+    row = {
+        **dataclasses.asdict(v),
+        "params": count_parameters(model),
+        "step_ms": round(med * 1e3, 2),
+        "step_ms_spread": round((max(times) - min(times)) * 1e3, 2),
+        "pairs_per_s": round(pairs, 1),
+        "train_flops_per_pair": 3 * flops,
+        "mfu_bf16_peak": round(3 * flops * pairs / peak, 4) if peak else None,
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+    }
+    if v.text == "bigru" and not v.compile:
+        row.update(split_text_image(model, batches[0], v, device, args))
+    del model, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    return row
+
+
+def split_text_image(model, batch, v: Variant, device, args) -> dict:
+    """Forward+backward time of each tower alone: says whether the recurrent part bounds the step."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if v.bf16 else nullcontext()
+
+    def tower(fn):
+        def run(b):
+            with autocast:
+                fn(b).float().sum().backward()
+        return run
+
+    img = tower(lambda b: model.embed_images(b["regions"], b["boxes"], b["region_mask"], b["grids"]))
+    txt = tower(lambda b: model.embed_captions(b["tokens"], b["lengths"], b["attention_mask"]))
+    out = {}
+    for name, fn in (("image_tower_ms", img), ("text_tower_ms", txt)):
+        out[name] = round(statistics.median(time_steps(fn, [batch], device, 2, max(args.iters // 2, 3))) * 1e3, 2)
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+@torch.no_grad()
+def bench_eval(shape: Shape, device, args) -> dict:
+    """Embed 5,000 images × 25,000 captions with the full model, then every COCO 5K recall."""
+    n_img = 100 if args.tiny else 5000
+    cfg = model_config(Variant("eval", bf16=True), shape, None)
+    model = build_model(
+        cfg, region_dim=shape.region_dim, grid_dim=shape.grid_dim, grid_size=shape.grid, vocab_size=shape.vocab
+    ).to(device).eval()
+    chunk = 500
+    feats = make_batch(dataclasses.replace(shape, batch=chunk), shape.vocab, device, shape.words)
+    cap_batch = make_batch(dataclasses.replace(shape, batch=chunk * 5), shape.vocab, device, shape.words)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    sync(device)
+    t0 = time.perf_counter()
+    with autocast:
+        imgs = torch.cat([
+            model.embed_images(feats["regions"], feats["boxes"], feats["region_mask"], feats["grids"]).float()
+            for _ in range(n_img // chunk or 1)
+        ])[:n_img]
+        caps = torch.cat([
+            model.embed_captions(cap_batch["tokens"], cap_batch["lengths"], cap_batch["attention_mask"]).float()
+            for _ in range(n_img // chunk or 1)
+        ])[: 5 * n_img]
+    sync(device)
+    t_embed = time.perf_counter() - t0
+    cap_to_img = torch.arange(n_img, device=device).repeat_interleave(5)
+    metrics = evaluate_protocol(imgs, caps, cap_to_img, "coco5k", None)
+    sync(device)
+    total = time.perf_counter() - t0
+    return {"images": n_img, "captions": 5 * n_img, "embed_s": round(t_embed, 2), "total_s": round(total, 2),
+            "rsum": round(float(metrics.get("rsum", float("nan"))), 2)}
+
+
+def profile_variant(v: Variant, shape: Shape, device, hf_path, args) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = model_config(v, shape, hf_path)
+    model = build_model(cfg, region_dim=shape.region_dim, grid_dim=shape.grid_dim, grid_size=shape.grid, vocab_size=shape.vocab).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batches = [make_batch(shape, shape.vocab, device, shape.words)]
+    step = step_fn(model, opt, LossConfig(), torch.arange(shape.batch, device=device), v)
+    time_steps(step, batches, device, 3, 1)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        time_steps(step, batches, device, 0, 5)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=25)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="small shapes for a CPU smoke test")
+    p.add_argument("--only", default="", help="comma-separated substrings of variant names to run")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--profile", default="", help="variant name to profile (table printed)")
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    shape = Shape(batch=8, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200) if args.tiny else Shape()
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 rows use TF32 tensor cores, as trainers do
+    torch.backends.cudnn.allow_tf32 = True
+    chosen = [v for v in variants() if not args.only or any(s in v.name for s in args.only.split(","))]
+    hf_path = bert_dir(shape, args.tiny) if any(v.text == "bert" for v in chosen) or args.profile else None
+    rows = []
+    for v in chosen:
+        try:
+            rows.append(bench_variant(v, shape, device, hf_path, args))
+        except Exception as e:  # one failing variant (e.g. a compile error) must not lose the rest
+            rows.append({"name": v.name, "error": f"{type(e).__name__}: {e}"[:300]})
+        print(json.dumps(rows[-1]), flush=True)
+    result = {"device": device_name(device), "torch": torch.__version__, "shape": dataclasses.asdict(shape), "rows": rows}
+    if not args.no_eval:
+        result["eval"] = bench_eval(shape, device, args)
+        print(json.dumps(result["eval"]), flush=True)
+    if args.profile:
+        v = next(v for v in variants() if v.name == args.profile)
+        result["profile"] = profile_variant(v, shape, device, hf_path, args)
+        print(result["profile"])
+    print(f"\n{'variant':34s} {'pairs/s':>9s} {'step ms':>8s} {'MFU':>6s} {'text ms':>8s} {'image ms':>8s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['name']:34s} ERROR {r['error'][:80]}")
+            continue
+        mfu = f"{100 * r['mfu_bf16_peak']:.1f}%" if r["mfu_bf16_peak"] else "-"
+        print(f"{r['name']:34s} {r['pairs_per_s']:9.0f} {r['step_ms']:8.1f} {mfu:>6s} "
+              f"{r.get('text_tower_ms', '-')!s:>8s} {r.get('image_tower_ms', '-')!s:>8s}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
