@@ -218,3 +218,16 @@ def test_image_path_never_reads_data_on_the_host(variant):
     img = model.embed_images(regions, boxes, mask, grids)
     img.sum().backward()
     assert img.device.type == "meta" and img.shape == (2, 16)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_image_without_regions_stays_finite(variant, autocast):
+    model = make(tiny(**VARIANTS[variant])).train()
+    regions, boxes, mask, grids = image_inputs()
+    mask[1] = False
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        img = model.embed_images(regions, boxes, mask, grids)
+    img.float().sum().backward()
+    assert torch.isfinite(img).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -14,13 +14,16 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
-def additive_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
-    """0 where ``keep``, the dtype's most negative finite value elsewhere.
+# Additive attention-mask value for excluded keys. Not -inf and not finfo(float32).min: autocast
+# casts the mask to bf16/fp16 with the other SDPA inputs, where those become -inf, and a row with
+# nothing to attend to (an image without regions) would turn NaN in some kernels. -1e4 is finite
+# in every float type and still zeroes the excluded weights (exp(-1e4) underflows to 0).
+MASK_VALUE = -1e4
 
-    Finite rather than -inf so that a row with nothing to attend to yields a uniform softmax
-    instead of NaN, in every attention kernel and precision.
-    """
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+def additive_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """0 where ``keep``, :data:`MASK_VALUE` elsewhere."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, MASK_VALUE)
 
 
 class MeanPool(nn.Module):
