@@ -174,22 +174,39 @@ def collate(samples: list[Sample], manifest: Manifest, text: TextProcessor, dtyp
             captions: list[list[str]]) -> Batch:
     """Pad to ``manifest.max_regions`` (static shapes) and tokenise ``captions[i]`` of image i."""
     b, r = len(samples), manifest.max_regions
-    # Casting float16 -> float32 while copying each sample in is ~2x faster than building a
-    # float16 batch and converting it (which allocates and faults in a second batch).
-    staged = np.float32 if dtype == torch.float32 else np.float16
-    regions = np.zeros((b, r, manifest.region_dim), staged)
+    regions = _zeros((b, r, manifest.region_dim), dtype)
+    grids = torch.empty((b, manifest.grid_cells, manifest.grid_dim), dtype=dtype)
     boxes = np.zeros((b, r, 4), np.float32)
     mask = np.zeros((b, r), bool)
-    grids = np.empty((b, manifest.grid_cells, manifest.grid_dim), staged)
     for i, s in enumerate(samples):
         n = s.region.shape[0]
-        regions[i, :n], boxes[i, :n], mask[i, :n], grids[i] = s.region, s.boxes, True, s.grid
+        _cast_into(regions[i, :n], s.region)
+        _cast_into(grids[i], s.grid)
+        boxes[i, :n], mask[i, :n] = s.boxes, True
     flat = [c for cs in captions for c in cs]
     tokens, lengths, attn = text(flat)
     owner = torch.from_numpy(np.repeat(np.arange(b), [len(cs) for cs in captions]))
-    return Batch(torch.from_numpy(regions).to(dtype), torch.from_numpy(boxes), torch.from_numpy(mask),
-                 torch.from_numpy(grids).to(dtype), tuple(manifest.grid_size), tokens, lengths, attn,
-                 owner, [s.image_id for s in samples])
+    return Batch(regions, torch.from_numpy(boxes), torch.from_numpy(mask), grids, tuple(manifest.grid_size),
+                 tokens, lengths, attn, owner, [s.image_id for s in samples])
+
+
+# Elements per copy: casting float16 in small pieces stays on this thread; one large copy wakes
+# torch's OpenMP team, which costs 3x the CPU time on busy cores (benchmarks/RESULTS.md).
+_CAST_CHUNK = 32768
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeroed tensor from calloc'd pages (the kernel zero-fills them on first touch), skipping
+    the memset pass of ``torch.zeros``; numpy allocates, an unsigned view gives any 2/4-byte dtype."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(shape, np.dtype(f"u{size}"))).view(dtype)
+
+
+def _cast_into(dst: torch.Tensor, src: np.ndarray) -> None:
+    """``dst[...] = src`` with dtype conversion; ``dst`` is a contiguous slice of a batch."""
+    out, flat = dst.view(-1), torch.from_numpy(src).reshape(-1)
+    for j in range(0, flat.numel(), _CAST_CHUNK):
+        out[j: j + _CAST_CHUNK].copy_(flat[j: j + _CAST_CHUNK])
 
 
 # -- shards -> samples ------------------------------------------------------------------------
@@ -198,7 +215,7 @@ _BLOCK = tarfile.BLOCKSIZE
 _ZERO_BLOCK = bytes(_BLOCK)
 
 
-def iter_tar(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar(stream: Any) -> Iterator[tuple[str, dict[str, bytearray]]]:
     """(key, {member suffix: bytes}) per sample of an uncompressed tar stream, in order.
 
     A minimal sequential ustar/pax reader: one ``read`` per header and per member, no seeks,
@@ -219,8 +236,10 @@ def iter_tar(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
         name, size = pax.pop("path", name), int(pax.pop("size", size))
         pax.clear()
         padding = -size % _BLOCK
-        data = stream.read(size)  # exactly the member, so no slicing copy of large arrays
-        if len(data) != size or len(stream.read(padding)) != padding:
+        # Exactly the member, into a writable buffer: arrays decoded from it are zero-copy views
+        # that torch can wrap without a copy.
+        data = bytearray(size)
+        if stream.readinto(data) != size or len(stream.read(padding)) != padding:
             raise tarfile.ReadError(f"truncated tar: member {name!r} at byte {offset} is cut short")
         offset += _BLOCK + size + padding
         if kind == b"x":  # pax extended header: applies to the next member
