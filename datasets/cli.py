@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import logging
 import resource
 import sys
 import time
@@ -13,7 +12,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-log = logging.getLogger(__name__)
 
 
 def register(subparsers: Any) -> None:

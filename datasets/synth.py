@@ -22,7 +22,6 @@ each image from (seed, split, index), so split sizes never change other images.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +34,6 @@ from rgfusion.datasets.schema import Manifest, Sample, SplitInfo
 from rgfusion.datasets.text import Vocab
 from rgfusion.datasets.writer import ShardWriter, write_manifest, write_vocab
 
-log = logging.getLogger(__name__)
 
 SCENES = {"beach": "on a beach", "forest": "in a forest", "kitchen": "in a kitchen",
           "street": "on a street", "office": "in an office", "snowfield": "in the snow",
