@@ -29,6 +29,7 @@ Evaluation has no shuffle buffer: (prefetch_factor + 1) * batch_size samples per
 from __future__ import annotations
 
 import logging
+import math
 import random
 import tarfile
 import threading
@@ -175,7 +176,7 @@ def collate(samples: list[Sample], manifest: Manifest, text: TextProcessor, dtyp
     """Pad to ``manifest.max_regions`` (static shapes) and tokenise ``captions[i]`` of image i."""
     b, r = len(samples), manifest.max_regions
     regions = _zeros((b, r, manifest.region_dim), dtype)
-    grids = torch.empty((b, manifest.grid_cells, manifest.grid_dim), dtype=dtype)
+    grids = _zeros((b, manifest.grid_cells, manifest.grid_dim), dtype)
     boxes = np.zeros((b, r, 4), np.float32)
     mask = np.zeros((b, r), bool)
     for i, s in enumerate(samples):
@@ -196,8 +197,14 @@ _CAST_CHUNK = 32768
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Zeroed tensor from calloc'd pages (the kernel zero-fills them on first touch), skipping
-    the memset pass of ``torch.zeros``; numpy allocates, an unsigned view gives any 2/4-byte dtype."""
+    """A zeroed batch tensor without a memset pass: fresh pages are zero-filled by the kernel.
+
+    In a DataLoader worker it lives in shared memory from the start (as torch's default_collate
+    does), so handing it to the training process needs no copy; elsewhere numpy's calloc'd
+    pages, viewed as any 2/4-byte dtype."""
+    if torch.utils.data.get_worker_info() is not None:
+        proto = torch.empty(0, dtype=dtype)
+        return proto.new(proto._typed_storage()._new_shared(math.prod(shape))).view(shape)
     size = torch.empty((), dtype=dtype).element_size()
     return torch.from_numpy(np.zeros(shape, np.dtype(f"u{size}"))).view(dtype)
 
