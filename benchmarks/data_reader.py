@@ -25,7 +25,7 @@ BIN = Path(sys.executable).parent
 def sh(argv: list[str], env: dict | None = None) -> str:
     print("$", shlex.join(argv), flush=True)
     out = subprocess.run(argv, check=True, capture_output=True, text=True, env=env).stdout
-    lines = [ln for ln in out.splitlines() if ln.startswith(("read ", "total:", "cpu:", "skipped"))]
+    lines = [ln for ln in out.splitlines() if ln.startswith(("read ", "total:", "cpu:", "peak RSS", "skipped"))]
     print("\n".join(lines) or out, flush=True)
     return out
 

@@ -180,6 +180,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"per worker: {n / secs / workers:.0f} images/s, {nbytes / 1e6 / secs / workers:.1f} MB/s")
     # CPU seconds (this process + finished workers) make figures comparable on a shared machine.
     print(f"cpu: {cpu:.2f} s, {n / cpu:.0f} images per CPU-second")
+    workers_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 if args.workers else 0
+    print(f"peak RSS: this process {_peak_rss_mb():.0f} MB" +
+          (f", largest worker {workers_rss:.0f} MB" if args.workers else ""))
     if skip_stats().total:
         print(f"skipped: {skip_stats().as_dict()}")
     return 0
@@ -188,6 +191,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _cpu_seconds() -> float:
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _peak_rss_mb() -> float:
+    """VmHWM: unlike ru_maxrss it is not inherited from a parent across exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _disk_bytes(batch: Any, m: Any) -> int:
