@@ -85,8 +85,9 @@ class Sample:
     def validate(self, *, region_dim: int | None = None, grid_dim: int | None = None,
                  grid_cells: int | None = None, max_regions: int | None = None,
                  check_values: bool = True) -> None:
-        """Raise SchemaError naming the image and the problem; ``check_values`` adds the
-        O(size) finiteness/range checks the writer runs once so readers can skip them."""
+        """Raise SchemaError naming the image and the problem. Boxes are always range-checked
+        (a few numbers); ``check_values`` adds the O(features) NaN/inf scan that the writer runs
+        once so readers can skip it."""
         where = f"sample {self.image_id!r}"
         _check_array(where, "region", self.region, REGION_DTYPE, (None, region_dim))
         _check_array(where, "boxes", self.boxes, BOX_DTYPE, (self.region.shape[0], 4))
@@ -102,19 +103,20 @@ class Sample:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
                 raise SchemaError(f"{where}: {name} must be a positive integer, got {v!r}", "bad_json")
-        if check_values:
-            self._check_values(where)
-
-    def _check_values(self, where: str) -> None:
-        for name in ("region", "grid", "boxes"):
+        self._check_boxes(where)
+        for name in ("region", "grid") if check_values else ():
             if not np.isfinite(getattr(self, name)).all():
-                raise SchemaError(f"{where}: {name} has NaN/inf values")
+                raise SchemaError(f"{where}: {name} has NaN/inf values", "bad_value")
+
+    def _check_boxes(self, where: str) -> None:
         b = self.boxes
-        if b.size and (b.min() < -BOX_SLACK or b.max() > 1 + BOX_SLACK):
+        if not b.size:
+            return
+        if not np.isfinite(b).all() or b.min() < -BOX_SLACK or b.max() > 1 + BOX_SLACK:
             raise SchemaError(f"{where}: boxes must be normalised to [0,1], got range "
-                              f"[{b.min():.3g}, {b.max():.3g}] (pixel coordinates?)")
-        if b.size and ((b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any()):
-            raise SchemaError(f"{where}: boxes must be x1,y1,x2,y2 with x2>=x1 and y2>=y1")
+                              f"[{b.min():.3g}, {b.max():.3g}] (pixel coordinates?)", "bad_value")
+        if (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any():
+            raise SchemaError(f"{where}: boxes must be x1,y1,x2,y2 with x2>=x1 and y2>=y1", "bad_value")
 
     def meta(self) -> dict[str, Any]:
         return {"image_id": self.image_id, "captions": list(self.captions),

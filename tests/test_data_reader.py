@@ -161,6 +161,7 @@ BAD = {
     "missing_member": lambda s: [m for m in sample_members(s) if not m[0].endswith(".boxes.npy")],
     "bad_shape": lambda s: _replace(sample_members(s), ".region.npy", npy_bytes(np.zeros((2, DR + 1), np.float16))),
     "bad_json": lambda s: _replace(sample_members(s), ".json", b"{not json"),
+    "bad_value": lambda s: _replace(sample_members(s), ".boxes.npy", npy_bytes(s.boxes * 640)),
 }
 
 
@@ -172,7 +173,7 @@ def _pickled_npy() -> bytes:
 
 @pytest.mark.parametrize("kind", sorted(BAD))
 def test_bad_sample_is_skipped_and_counted(tmp_path, kind, caplog):
-    good = corrupt_dataset(tmp_path, BAD[kind](make_sample(999)))
+    good = corrupt_dataset(tmp_path, BAD[kind](make_sample(999, n_regions=3)))
     cfg, m, text = open_dataset(tmp_path)
     with caplog.at_level(logging.WARNING, logger="rgfusion.datasets.reader"):
         ids = [i for b in eval_all(cfg, m, text, "dev") for i in b.image_ids]
