@@ -9,6 +9,7 @@ These checks name the problem before anything is submitted.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -80,7 +81,7 @@ def report(findings: list[Finding]) -> None:
     """Print warnings; raise one error naming every refusal reason."""
     for f in findings:
         if f.level == "warning":
-            print(f"rgfusion: warning: {f.message}", flush=True)
+            print(f"rgfusion: warning: {f.message}", file=sys.stderr, flush=True)
     errors = [f.message for f in findings if f.level == "error"]
     if errors:
         raise ConfigError("refusing to submit: " + "; ".join(errors))

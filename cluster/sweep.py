@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -358,6 +359,7 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, resume: bool = 
     from ray.tune.schedulers import ASHAScheduler
 
     from rgfusion.trainer.config import RunConfig
+    from rgfusion.trainer.redact import redact_text
     from rgfusion.trainer.tracking import resolve_uri
 
     base = base_tree(sweep)
@@ -370,9 +372,11 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, resume: bool = 
                            require_tracking_server=True,
                            locations={"data.url": base_cfg.data.url, "storage_path": storage_root}))
     max_concurrent = sweep.max_concurrent or derive_max_concurrent(ray.cluster_resources(), sweep.resources)
+    print(f"sweep {sweep.name}: {nodes} Ray node(s), up to {max_concurrent} concurrent trials, "
+          f"MLflow {redact_text(uri)}", flush=True)
     if not is_tracking_server(uri) and max_concurrent > 1:
-        print(f"rgfusion: warning: {max_concurrent} concurrent trials writing to {uri}; SQLite may lock "
-              "('database is locked'): prefer an MLflow tracking server", flush=True)
+        print(f"rgfusion: warning: {max_concurrent} concurrent trials writing to {redact_text(uri)}; SQLite may lock "
+              "('database is locked'): prefer an MLflow tracking server", file=sys.stderr, flush=True)
 
     sweep_root = f"{storage_root.rstrip('/')}/{sweep.name}"
     # Local outputs (trial folders, best recipe, summary): under the storage path when it is a
