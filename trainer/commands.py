@@ -61,6 +61,9 @@ def _run_training(cfg: Any) -> int:
     except TrainingStopped as e:
         print(f"rgfusion: stopped: {e}", file=sys.stderr)
         return EXIT_STOPPED
+    if result.get("pairs_per_s"):
+        print(f"throughput: {result['pairs_per_s']:.1f} pairs/s, data wait {100 * result['data_wait_share']:.1f}% "
+              f"of training time", flush=True)
     if result.get("ui"):
         print(f"\nMLflow run {result['run_id']}; to browse it:\n  {result['ui']}", flush=True)
     if result["status"] == "preempted":
