@@ -210,7 +210,7 @@ def test_count_parameters_counts_all_or_trainable():
 def test_image_path_never_reads_data_on_the_host(variant):
     """On the meta device any .item(), host copy, boolean indexing or data-dependent shape
     raises, so passing here means the image forward and backward never sync a GPU stream.
-    (The BiGRU's packing needs its lengths on the host: the one sync per batch, by design.)"""
+    The caption side is checked the same way in test_model_text_gru.py."""
     with torch.device("meta"):
         model = build_model(tiny(**VARIANTS[variant]), region_dim=REGION_DIM, grid_dim=GRID_DIM, grid_size=GRID, vocab_size=VOCAB)
         regions, boxes = torch.randn(2, 4, REGION_DIM), torch.rand(2, 4, 4)

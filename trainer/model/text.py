@@ -4,34 +4,54 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .config import ModelConfig, TextConfig
 from .pooling import build_pooling
 
 
 class BiGRUWords(nn.Module):
-    """Word embeddings from the dataset vocabulary through a bidirectional GRU (VSE++/VSE∞)."""
+    """Word embeddings from the dataset vocabulary through a bidirectional GRU (VSE++/VSE∞).
+
+    Each direction is its own cuDNN GRU over the padded batch; the backward one reads every
+    caption reversed *within its length*, so both directions start on real words and padding
+    (always after the words) never reaches a valid position. That is exactly what packing gives,
+    without packing's host-side lengths: no sync, static shapes, CUDA-graph and compile friendly.
+    """
 
     def __init__(self, cfg: TextConfig, vocab_size: int, hidden: int) -> None:
         super().__init__()
         self.hidden = hidden
         self.embed = nn.Embedding(vocab_size, cfg.word_dim, padding_idx=0)
-        self.gru = nn.GRU(cfg.word_dim, hidden, cfg.layers, batch_first=True, bidirectional=True)
+        # Layer by layer, as a stacked bidirectional GRU: layer l+1 sees both directions of l.
+        dims = [cfg.word_dim] + [2 * hidden] * (cfg.layers - 1)
+        self.forward_gru = nn.ModuleList(nn.GRU(d, hidden, batch_first=True) for d in dims)
+        self.backward_gru = nn.ModuleList(nn.GRU(d, hidden, batch_first=True) for d in dims)
 
     @property
     def out_dim(self) -> int:
         return self.hidden
 
     def forward(self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor) -> Tensor:
-        # Packing needs the lengths on the host (one sync per batch); it keeps the backward
-        # direction from starting on padding, which would make features depend on batch padding.
-        packed = pack_padded_sequence(
-            self.embed(tokens), lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
-        )
-        out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=tokens.shape[1])
+        order = reverse_within_length(lengths.clamp(min=1), tokens.shape[1])
+        x = self.embed(tokens)
+        for fwd, bwd in zip(self.forward_gru, self.backward_gru):
+            out_f = fwd(x)[0]
+            out_b = take_steps(bwd(take_steps(x, order))[0], order)
+            x = torch.cat([out_f, out_b], dim=-1)
         # Average of the two directions (VSE∞) keeps the width at `hidden`.
-        return (out[..., : self.hidden] + out[..., self.hidden :]) / 2
+        return (x[..., : self.hidden] + x[..., self.hidden :]) / 2
+
+
+def reverse_within_length(lengths: Tensor, steps: int) -> Tensor:
+    """(N, T) time index that reverses positions < length and leaves padding in place.
+
+    It is its own inverse, so the same index maps the reversed outputs back."""
+    t = torch.arange(steps, device=lengths.device)[None, :]
+    return torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)
+
+
+def take_steps(x: Tensor, index: Tensor) -> Tensor:
+    return x.gather(1, index[..., None].expand_as(x))
 
 
 class HFWords(nn.Module):
