@@ -295,3 +295,32 @@ def test_checkpoint_resume_restores_engine_and_state(tiny_engine, tmp_path):
     restored = ck.load(engine, chosen, ck.prepare(chosen, universal=False))
     assert restored == state
     assert all(torch.equal(before[k], v) for k, v in engine.module.state_dict().items())
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    """A NaN loss skips its step (counted); max_bad_steps in a row checkpoint and stop the run."""
+    from rgfusion.datasets.synth import SynthConfig, write_synthetic
+    from rgfusion.trainer import loop
+
+    data = tmp_path / "data"
+    write_synthetic(SynthConfig(train_images=48, dev_images=12, test_images=12, samples_per_shard=12, region_dim=8,
+                                grid_dim=8, grid_size=(2, 2), max_regions=4), str(data), progress=False)
+    calls = {"n": 0}
+    real = loop.TrainModule.forward
+
+    def flaky(self, *args, **kwargs):
+        loss, stats = real(self, *args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan"), stats) if calls["n"] == 2 or calls["n"] >= 5 else (loss, stats)
+
+    monkeypatch.setattr(loop.TrainModule, "forward", flaky)
+    cfg = load_config(None, [f"data.url={data}", f"train.out_dir={tmp_path}/run", "train.batch_size=8",
+                             "train.steps_per_epoch=20", "train.max_bad_steps=3", "tracking.enabled=false",
+                             "train.progress=false", "data.num_workers=0", "model.width=16", "model.heads=2",
+                             "model.map_heads=2", "model.text.word_dim=16", "checkpoint.every_steps=0"])
+    with pytest.raises(loop.TrainingStopped, match="3 non-finite losses in a row at step 3"):
+        loop.train(cfg)
+    root = tmp_path / "run" / "checkpoints"
+    meta = json.loads((root / (root / "latest").read_text() / "meta.json").read_text())
+    assert meta["state"]["skipped_steps"] == 4 and meta["state"]["global_step"] == 3
+    assert meta["state"]["batch_in_epoch"] == 7
