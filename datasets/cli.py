@@ -25,6 +25,8 @@ def register(subparsers: Any) -> None:
                    help="override a SynthConfig field, e.g. --set train_images=500 --set grid_size=[7,7]")
     add_storage_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes writing shards in parallel (same bytes whatever the count)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("inspect", help="print a dataset's manifest summary and validate a sample of shards")
@@ -85,7 +87,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     cfg = load(SynthConfig, args.recipe, args.set)
     try:
-        m = write_synthetic(cfg, args.out, storage_options_from(args), progress=not args.quiet)
+        m = write_synthetic(cfg, args.out, storage_options_from(args), progress=not args.quiet,
+                            workers=args.workers)
     except ValueError as e:
         return _fail(e)
     print(summary(m))

@@ -22,7 +22,11 @@ each image from (seed, split, index), so split sizes never change other images.
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import multiprocessing
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -277,23 +281,24 @@ def validate_config(cfg: SynthConfig) -> None:
 
 
 def write_synthetic(cfg: SynthConfig, root_url: str, storage_options: dict[str, Any] | None = None,
-                    progress: bool = True) -> Manifest:
-    """Write all splits, the vocabulary (train captions) and, last, the manifest."""
+                    progress: bool = True, workers: int = 1) -> Manifest:
+    """Write all splits, the vocabulary (train captions) and, last, the manifest.
+
+    ``workers`` > 1 writes shards in parallel processes: every image is seeded by
+    (seed, split, index), so the bytes are the same whatever the worker count."""
     validate_config(cfg)
-    world = World(cfg)
     splits, train_captions = {}, []
     for split in SPLITS:
-        with ShardWriter(root_url, split, storage_options=storage_options,
-                         samples_per_shard=cfg.samples_per_shard, region_dim=cfg.region_dim,
-                         grid_dim=cfg.grid_dim, grid_cells=cfg.grid_size[0] * cfg.grid_size[1],
-                         max_regions=cfg.max_regions) as w:
-            for sample, _ in tqdm(iter_split(cfg, split, world), total=split_size(cfg, split),
-                                  desc=f"synth {split}", unit="img", disable=not progress):
-                w.write(sample)
-                if split == "train":
-                    train_captions.extend(sample.captions)
-        shards = w.close()
-        splits[split] = SplitInfo([n for n, _ in shards], [c for _, c in shards], w.num_samples, "all")
+        jobs = [(cfg, root_url, storage_options, split, k) for k in range(-(-split_size(cfg, split) // cfg.samples_per_shard))]
+        bar = tqdm(total=split_size(cfg, split), desc=f"synth {split}", unit="img", disable=not progress)
+        shards = []
+        with _pool(workers) as pool:
+            for name, count, caps in pool.map(_write_shard, jobs):
+                shards.append((name, count))
+                train_captions.extend(caps if split == "train" else ())
+                bar.update(count)
+        bar.close()
+        splits[split] = SplitInfo([n for n, _ in shards], [c for _, c in shards], sum(c for _, c in shards), "all")
     vocab = Vocab.build(train_captions, min_count=cfg.min_count)
     write_vocab(root_url, vocab, storage_options)
     manifest = Manifest(
@@ -303,3 +308,26 @@ def write_synthetic(cfg: SynthConfig, root_url: str, storage_options: dict[str, 
         root=root_url, storage_options=dict(storage_options or {}))
     write_manifest(root_url, manifest, storage_options)
     return manifest
+
+
+def _pool(workers: int) -> Any:
+    if workers <= 1:
+        return contextlib.nullcontext(builtins)  # builtins.map: same code path, no processes
+    # spawn, not fork: the caller may hold torch/OpenMP threads that a fork would copy half-alive.
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _write_shard(job: tuple) -> tuple[str, int, list[str]]:
+    """Shard ``k`` of a split: images ``k*n .. (k+1)*n - 1``; returns its name, size and captions."""
+    cfg, root_url, storage_options, split, k = job
+    world, n = World(cfg), cfg.samples_per_shard
+    captions_out: list[str] = []
+    with ShardWriter(root_url, split, storage_options=storage_options, samples_per_shard=n,
+                     start_index=k, region_dim=cfg.region_dim, grid_dim=cfg.grid_dim,
+                     grid_cells=cfg.grid_size[0] * cfg.grid_size[1], max_regions=cfg.max_regions) as w:
+        for i in range(k * n, min((k + 1) * n, split_size(cfg, split))):
+            sample, _ = generate(cfg, world, split, i)
+            w.write(sample)
+            captions_out.extend(sample.captions)
+    (name, count), = w.close()
+    return name, count, captions_out
