@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite, run on a machine of the device tool from the repo root:
+#   bash benchmarks/gpu_suite.sh setup data converge      # 4-GPU machine: 3 recipes + harness in parallel
+#   bash benchmarks/gpu_suite.sh setup data scale         # ZeRO 1/2/3 x 1/2/4 GPUs, negatives, resume
+# Results (logs, JSON, the MLflow store as a tarball) land in $OUT.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-/tmp/rgfusion-out}
+mkdir -p "$OUT"
+RECIPE=configs/bench/paper_dims.yaml
+DATA=data/synthetic_paper_dims
+log() { echo "[$(date +%T)] $*"; }
+
+setup() {
+  python3 -m pip install -q --no-index --find-links .whl webdataset deepspeed mlflow-skinny hjson py-cpuinfo 2>&1 | tail -2
+  python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+  python3 -c "import torch, deepspeed, webdataset, mlflow; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'gpus', torch.cuda.device_count())"
+}
+
+data() {
+  [ -f $DATA/manifest.json ] && return
+  log "synth 20000/1000/1000 at paper dims"
+  /usr/bin/time -f "synth wall %e s, peak RSS %M KB" rgfusion data synth --out $DATA \
+    --recipe configs/data/synthetic_paper_dims.yaml --set train_images=20000 --set dev_images=1000 \
+    --set test_images=1000 --workers "$(( $(nproc) - 2 ))" --quiet
+}
+
+train1() {  # GPU PORT NAME [--set k=v ...]: one single-GPU run
+  local gpu=$1 port=$2 name=$3; shift 3
+  CUDA_VISIBLE_DEVICES=$gpu MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+    rgfusion train --config $RECIPE --set train.out_dir=runs/$name --set train.progress=false \
+    --set tracking.uri=file://$PWD/mlruns --set tracking.experiment=convergence --set tracking.run_name=$name "$@" \
+    > "$OUT/$name.log" 2>&1
+}
+
+converge() {
+  log "smoke run"
+  if ! timeout 240 bash -c "$(declare -f train1); OUT=$OUT RECIPE=$RECIPE train1 0 29400 smoke --set train.epochs=1 --set train.steps_per_epoch=40 --set tracking.enabled=false"; then
+    tail -40 "$OUT/smoke.log"; log "smoke failed: harness only"
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_bench.py --out "$OUT/gpu_bench.json" > "$OUT/gpu_bench.log" 2>&1
+    tail -20 "$OUT/gpu_bench.log"; return
+  fi
+  grep -E "throughput|rsum" "$OUT/smoke.log" | tail -3
+  log "convergence: full / region-only / grid-only on GPUs 0-2, harness on GPU 3"
+  train1 0 29401 full & p0=$!
+  train1 1 29402 region_only --set model.features=region --set model.graph=false --set model.cgf=false & p1=$!
+  train1 2 29403 grid_only --set model.features=grid --set model.graph=false --set model.cgf=false & p2=$!
+  CUDA_VISIBLE_DEVICES=3 python3 benchmarks/gpu_bench.py --out "$OUT/gpu_bench.json" > "$OUT/gpu_bench.log" 2>&1
+  wait $p0 $p1 $p2
+  for n in full region_only grid_only; do echo "== $n"; grep -E "epoch [0-9]+:|throughput" "$OUT/$n.log" | tail -12; done
+  tail -16 "$OUT/gpu_bench.log"
+  tar czf "$OUT/mlruns.tgz" mlruns runs/*/reports 2>/dev/null
+}
+
+scale_run() {  # NGPU STAGE NAME [--set ...]
+  local n=$1 stage=$2 name=$3; shift 3
+  timeout 150 torchrun --nproc_per_node "$n" --master_addr 127.0.0.1 --master_port $((29500 + RANDOM % 400)) \
+    -m rgfusion.trainer.cli train --config $RECIPE --set train.zero_stage="$stage" \
+    --set train.batch_size=$((128 * n)) --set train.out_dir=runs/$name --set train.progress=false \
+    --set tracking.enabled=false "$@" > "$OUT/$name.log" 2>&1
+  echo "$name: $(grep -E 'throughput' "$OUT/$name.log" | tail -1) $(grep -oE 'dev rsum [0-9.]+' "$OUT/$name.log" | tail -1)"
+}
+
+scale() {
+  log "ZeRO scaling at 128 pairs per GPU"
+  for stage in 2 1 3; do
+    for n in 1 2 4; do
+      scale_run $n $stage "z${stage}_n${n}" --set train.epochs=1 --set train.steps_per_epoch=120
+    done
+  done | tee "$OUT/scaling.txt"
+  log "global negatives on/off, 4 GPUs, 3 epochs"
+  for g in true false; do
+    scale_run 4 2 "neg_${g}" --set train.epochs=3 --set train.global_negatives=$g
+  done | tee "$OUT/negatives.txt"
+  log "universal checkpoint: 4 GPUs for 2 epochs, resumed on 2 GPUs for the 3rd"
+  SECONDS=0; scale_run 4 2 resume_4gpu --set train.epochs=2 --set train.out_dir=runs/resume
+  echo "4-GPU part ${SECONDS}s"
+  SECONDS=0; scale_run 2 2 resume_2gpu --set train.epochs=3 --set train.out_dir=runs/resume --resume auto
+  echo "2-GPU resume part ${SECONDS}s"
+  grep -iE "resum|universal|checkpoint" "$OUT/resume_2gpu.log" | head -5
+}
+
+for part in "$@"; do "$part"; done
