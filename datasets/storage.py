@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,8 +34,10 @@ _TRANSIENT_NAMES = {
     "ResponseStreamingError", "IncompleteReadError", "ServerDisconnectedError", "ClientPayloadError",
     "ClientOSError", "ProtocolError",
 }
-_TRANSIENT_TEXT = ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
-                   "Throttl", "503", "500 ", "Connection reset", "timed out")
+# Messages s3fs/gcsfs wrap into a plain OSError; HTTP 5xx as a whole word, so a shard named
+# "train-000503.tar" in a message never matches.
+_TRANSIENT_TEXT = re.compile(r"SlowDown|ServiceUnavailable|InternalError|RequestTimeout|Throttl|"
+                             r"Connection reset|timed out|\b50[0234]\b")
 
 
 class DatasetNotFound(FileNotFoundError):
@@ -66,8 +69,7 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if type(exc).__name__ in _TRANSIENT_NAMES:
         return True
-    text = str(exc)
-    return isinstance(exc, OSError) and any(t in text for t in _TRANSIENT_TEXT)
+    return isinstance(exc, OSError) and _TRANSIENT_TEXT.search(str(exc)) is not None
 
 
 def with_retries(fn: Callable[[], T], *, retries: int = 4, base_delay: float = 0.2,

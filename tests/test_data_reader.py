@@ -325,3 +325,14 @@ def test_with_retries_retries_only_transient_errors(monkeypatch):
     assert len(calls) == 1
     with pytest.raises(TimeoutError):
         storage.with_retries(lambda: (_ for _ in ()).throw(TimeoutError("again")), retries=2)
+
+
+def test_transient_classification():
+    from rgfusion.datasets.storage import is_transient
+
+    assert is_transient(ConnectionResetError()) and is_transient(TimeoutError())
+    assert is_transient(OSError("An error occurred (SlowDown) when calling GetObject"))
+    assert is_transient(OSError("server replied 503"))
+    assert not is_transient(OSError("bad bytes in s3://b/train-000503.tar"))
+    assert not is_transient(FileNotFoundError("timed out"))  # missing stays missing
+    assert not is_transient(PermissionError("Access Denied"))
