@@ -1,7 +1,8 @@
 """Caption text: the dataset's own vocabulary (BiGRU) or a local Hugging Face tokenizer (BERT-like).
 
 Both give a ``TextProcessor``: ``processor(list_of_captions) -> (tokens (N,T) long,
-lengths (N,) long, attention_mask (N,T) bool)``, padded with index 0 on the right.
+lengths (N,) long, attention_mask (N,T) bool)``, padded on the right (vocab: with <pad> = 0;
+HF: with the tokenizer's pad token).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from rgfusion.datasets.storage import join_url, read_bytes
 
 PAD, UNK, START, END = "<pad>", "<unk>", "<start>", "<end>"
 SPECIALS = (PAD, UNK, START, END)  # indices 0..3, fixed by the contract
@@ -103,6 +106,7 @@ class HFProcessor:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"tokenizer directory {path} does not exist")
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.tokenizer.padding_side = "right"  # lengths and packed-sequence encoders assume it
         self.max_words = max_words
         self.vocab_size = len(self.tokenizer)
 
@@ -121,8 +125,6 @@ def build_text_processor(cfg: Any, manifest: Any) -> TextProcessor:
 
 
 def load_vocab(manifest: Any) -> Vocab:
-    from rgfusion.datasets.storage import join_url, read_bytes
-
     if not manifest.vocab:
         raise ValueError(f"dataset {manifest.root} has no vocab; set data.tokenizer to a tokenizer directory")
     return Vocab.from_json(read_bytes(join_url(manifest.root, manifest.vocab), manifest.storage_options))
