@@ -42,7 +42,7 @@ import torch
 
 from rgfusion.configs import ConfigError, flatten
 from rgfusion.datasets.storage import is_local, join_url, open_fs, publish_bytes, with_retries
-from rgfusion.trainer.distenv import DistEnv
+from rgfusion.trainer.distenv import DistEnv, all_gather_object, barrier, broadcast_list
 
 log = logging.getLogger(__name__)
 
@@ -227,12 +227,10 @@ class Checkpoints:
     # -- save
     def save(self, engine: Any, state: TrainState, *, config: dict[str, Any], best: bool = False) -> str:
         """Checkpoint on every rank; returns the tag. ``latest`` moves only once it is complete."""
-        import torch.distributed as dist
-
         tag = tag_for(state.global_step)
         folder = self.staging(tag)
         self._clear_stale(tag)
-        _barrier()
+        barrier()
         engine.save_checkpoint(str(folder.parent), tag=tag, save_latest=False)
         client = folder / "client" / f"rank-{self.env.rank:05d}.json"
         client.parent.mkdir(parents=True, exist_ok=True)
@@ -245,24 +243,22 @@ class Checkpoints:
                 # then needs the universal conversion.
                 "sharded_optimizer": has_optimizer_shards(folder), "fingerprint": self.fingerprint,
                 "config": config, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        _barrier()
+        barrier()
         files: dict[str, Any] = {}
         if self.env.is_local_main:
             files = inventory(folder)
             if not self.local:
                 self._upload(folder, tag, files)
-        gathered = [None] * self.env.world_size if dist.is_initialized() else [files]
-        if dist.is_initialized():
-            dist.all_gather_object(gathered, files)
+        gathered = all_gather_object(files)
         if self.env.is_main:
-            merged = {k: v for part in gathered for k, v in (part or {}).items()}
+            merged = {k: v for part in gathered for k, v in part.items()}
             publish_bytes(self.url(tag, COMPLETE), json.dumps({"tag": tag, "files": merged}, indent=1).encode(),
                           self.storage_options)
             publish_bytes(self.url("latest"), tag.encode(), self.storage_options)
             if best:
                 publish_bytes(self.url("best"), tag.encode(), self.storage_options)
             self.prune()
-        _barrier()
+        barrier()
         if not self.local and self.env.is_local_main:
             shutil.rmtree(folder, ignore_errors=True)
         if self.env.is_main:
@@ -329,7 +325,7 @@ class Checkpoints:
                 decision[0] = ("ok", self._select_main(spec))
             except CheckpointError as e:
                 decision[0] = ("error", str(e))
-        decision = _broadcast(decision)
+        decision = broadcast_list(decision)
         kind, value = decision[0]
         if kind == "error":
             raise CheckpointError(value)
@@ -420,7 +416,7 @@ class Checkpoints:
             except CheckpointError as e:
                 out[0] = e
         # Every rank learns its node's answer (an error anywhere stops everyone).
-        answers = _all_gather(out[0])
+        answers = all_gather_object(out[0])
         errors = [a for a in answers if isinstance(a, Exception)]
         if errors:
             raise errors[0]
@@ -429,7 +425,7 @@ class Checkpoints:
 
     def load(self, engine: Any, chosen: Chosen, folder: Path) -> TrainState:
         """Restore engine (model, optimizer, scheduler), RNG and the train state."""
-        _barrier()
+        barrier()
         loaded, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name,
                                            load_optimizer_states=True, load_lr_scheduler_states=True)
         if loaded is None:
@@ -471,28 +467,3 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str))
     tmp.replace(path)
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _broadcast(obj: list[Any]) -> list[Any]:
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(obj, src=0)
-    return obj
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    import torch.distributed as dist
-
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out

@@ -144,3 +144,32 @@ def pick_device(env: DistEnv) -> str:
 
         return str(ray.train.torch.get_device())
     return f"cuda:{env.local_rank % torch.cuda.device_count()}"
+
+
+# Small collectives on the default group; no-ops for a single process.
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_list(obj: list) -> list:
+    """Rank 0's picklable list items on every rank (in place)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(obj, src=0)
+    return obj
+
+
+def all_gather_object(obj: object) -> list:
+    """Every rank's ``obj``, in rank order."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

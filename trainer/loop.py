@@ -26,7 +26,7 @@ from rgfusion.datasets import DataConfig, Manifest, build_text_processor, load_m
 from rgfusion.trainer import engine as eng
 from rgfusion.trainer.checkpoint import Checkpoints, TrainState, enable_universal, seed_everything, tag_for
 from rgfusion.trainer.config import RunConfig
-from rgfusion.trainer.distenv import DistEnv
+from rgfusion.trainer.distenv import DistEnv, broadcast_list
 from rgfusion.trainer.evaluate import evaluate_split, flat_metrics, format_table, primary, write_report
 from rgfusion.trainer.export import consolidated_state_dict, write_export
 from rgfusion.trainer.loss import ContrastiveLoss, ids_to_tensor
@@ -163,7 +163,8 @@ class Run:
         tags = {"git_commit": git_commit(), "world_size": self.env.world_size, "zero_stage": stage,
                 "device": self.device, "precision": self.precision, "launcher": self.env.launcher,
                 "dataset": self.manifest.name}
-        self.state.run_id = self.tracker.start(run_id=self.state.run_id, config=self.resolved, tags=tags)
+        run_id = self.tracker.start(run_id=self.state.run_id, config=self.resolved, tags=tags)
+        self.state.run_id = broadcast_list([run_id])[0]  # every rank's result names the run
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))
