@@ -149,6 +149,11 @@ def test_distenv_torchrun_deepspeed_slurm_single():
     env: dict[str, str] = {"SLURM_JOB_NODELIST": "gpu[07-10]", "SLURM_JOB_ID": "1234"}
     e.export(env)
     assert env["MASTER_ADDR"] == "gpu07" and env["RANK"] == "5" and env["MASTER_PORT"] == "21234"
+    from rgfusion.trainer.cli import build_parser
+
+    # The deepspeed launcher puts --local_rank=N before the subcommand, torch's old launcher after.
+    for argv in (["--local_rank=1", "train", "--set", "a=1"], ["train", "--local_rank", "1"]):
+        assert build_parser().parse_args(argv).command == "train"
     e = DistEnv.from_environ({}, ["x", "--local_rank", "0"])
     assert (e.world_size, e.launcher, e.is_main) == (1, "single", True)
     assert slurm_master_addr({"SLURM_JOB_NODELIST": "a1,b2"}) == "a1"

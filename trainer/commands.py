@@ -54,6 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _run_training(cfg: Any) -> int:
+    from rgfusion.trainer.distenv import DistEnv
     from rgfusion.trainer.loop import TrainingStopped, train
 
     try:
@@ -61,6 +62,8 @@ def _run_training(cfg: Any) -> int:
     except TrainingStopped as e:
         print(f"rgfusion: stopped: {e}", file=sys.stderr)
         return EXIT_STOPPED
+    if not DistEnv.from_environ().is_main:
+        return 0
     if result.get("pairs_per_s"):
         print(f"throughput: {result['pairs_per_s']:.1f} pairs/s, data wait {100 * result['data_wait_share']:.1f}% "
               f"of training time", flush=True)
