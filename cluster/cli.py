@@ -249,8 +249,9 @@ def cmd_ray_train(args: argparse.Namespace) -> int:
                                  cpus_per_worker=args.cpus_per_worker, storage_path=args.storage_path,
                                  name=args.name)
     metrics = ray_jobs.run_ray_train(cfg, spec, ray_jobs.object_store_options())
-    print(f"ray-train: done; last report: epoch {metrics.get('epoch')}, dev rsum {metrics.get('dev_rsum')}, "
-          f"checkpoints {metrics.get('checkpoint_dir')}", flush=True)
+    print(f"ray-train: done; epochs {metrics.get('epoch')}, best dev rsum {metrics.get('best_dev_rsum')}; "
+          f"DeepSpeed checkpoints in {metrics.get('checkpoint_dir')}; result in {metrics.get('ray_checkpoint')}",
+          flush=True)
     return 0
 
 

@@ -11,6 +11,7 @@ the trainer's DeepSpeed checkpoints go under it too, unless the recipe names a
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -27,6 +28,8 @@ from rgfusion.cluster.checks import ClusterError
 from rgfusion.configs import from_dict, to_dict
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# The training result inside the Ray checkpoint of the final report.
+RESULT_FILE = "rgfusion_result.json"
 
 
 class RayUnreachable(ClusterError):
@@ -112,7 +115,7 @@ def storage(storage_path: str, storage_options: dict[str, Any]) -> tuple[str, An
 
 
 def run_ray_train(config: Any, spec: RayTrainSpec, storage_options: dict[str, Any]) -> dict[str, Any]:
-    """Train with ``spec.num_workers`` Ray Train workers; the last reported metrics."""
+    """Train with ``spec.num_workers`` Ray Train workers; the final report (plus Ray's checkpoint path)."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -132,28 +135,40 @@ def run_ray_train(config: Any, spec: RayTrainSpec, storage_options: dict[str, An
         run_config=ray.train.RunConfig(name=spec.name, storage_path=path, storage_filesystem=fs),
     )
     result = trainer.fit()
-    return dict(result.metrics or {})
+    return {**(result.metrics or {}), "ray_checkpoint": result.checkpoint.path if result.checkpoint else None}
 
 
 def _worker(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: the trainer's ``train`` with per-epoch metrics reported to Ray."""
+    """One Ray Train worker: the trainer's ``train`` with per-epoch metrics reported to Ray.
+
+    The DeepSpeed checkpoints are the trainer's (every rank saves into config.checkpoint.dir,
+    a shared URL); the final report hands Ray a small checkpoint that records the training
+    result and where those checkpoints are, so ``Result.checkpoint`` leads to them.
+    """
     import ray.train
 
     from rgfusion.trainer import train
     from rgfusion.trainer.config import RunConfig
 
     config = from_dict(RunConfig, loop_config["config"], "ray-train")
+    where = {"checkpoint_dir": config.checkpoint_dir}
 
     def report(metrics: dict[str, Any]) -> None:
-        # Every rank reports (Ray Train synchronises reports); checkpoints are the trainer's,
-        # written to config.checkpoint.dir, so only their location travels with the metrics.
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        ray.train.report({**numeric, "checkpoint_dir": config.checkpoint_dir})
+        # Every rank reports: Ray Train synchronises reports across workers.
+        ray.train.report({**_numeric(metrics), **where})
 
     result = train(config, on_eval=report)
-    if ray.train.get_context().get_world_rank() == 0:
-        print(f"ray-train: finished, best dev rsum {result['best_dev_rsum']}, MLflow run {result['run_id']}",
-              flush=True)
+    final = {**_numeric(result), "epoch": result["epochs"], **where}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            (Path(tmp) / RESULT_FILE).write_text(json.dumps(result, indent=2, default=str))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(final, checkpoint=checkpoint)
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def object_store_options() -> dict[str, Any]:

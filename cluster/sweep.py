@@ -254,12 +254,32 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         if ctx.resources.workers > 1:
             _train_distributed(config, ctx, trial_id)
         else:
-            from rgfusion.trainer import train
-
-            train(config, on_eval=lambda m: tune.report(_tune_metrics(m)))
-    except Exception as e:
+            _train_here(config)
+    except Exception as e:  # ASHA's stop is a SystemExit out of tune.report: not a failure
         mark_failed(ctx, trial_id, params, e)
         raise
+
+
+def _train_here(config: Any) -> None:
+    """Train in the trial's process. The last epoch is reported only once ``train`` returned:
+    ASHA answers a report at max_t with "stop", which would cut the run's wrap-up (final
+    checkpoint, test report, MLflow status) short."""
+    from ray import tune
+
+    from rgfusion.trainer import train
+
+    final: dict[str, float] = {}
+
+    def on_eval(metrics: dict[str, Any]) -> None:
+        numeric = _tune_metrics(metrics)
+        if numeric[TIME_ATTR] < config.train.epochs:
+            tune.report(numeric)
+        else:
+            final.update(numeric)
+
+    train(config, on_eval=on_eval)
+    if final:
+        tune.report(final)
 
 
 def _tune_metrics(metrics: dict[str, Any]) -> dict[str, float]:

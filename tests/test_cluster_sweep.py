@@ -92,6 +92,7 @@ def test_sweep_on_two_nodes_asha_nested_mlflow_runs_best_recipe(asha_sweep):
     assert stopped, epochs
     assert all(epochs[c.data.params["optim.lr"]] < EPOCHS and c.info.status == "KILLED" for c in stopped)
     assert max(epochs.values()) == EPOCHS
+    assert all(c.info.status == "FINISHED" for c in children if c not in stopped)
     assert "stopped by ASHA at epoch" in out
     # The best trial's resolved config: a stand-alone recipe that loads and names a good lr.
     from rgfusion.trainer.config import load_config
@@ -232,7 +233,8 @@ def test_compare_sweep_children_against_mlflow(asha_sweep, mlflow_server, tmp_pa
 
 def test_compare_by_experiment_filter_and_by_ids(asha_sweep, mlflow_server, tmp_path):
     children = sw.trial_runs(asha_sweep["client"], asha_sweep["parent"].info.run_id)
-    done = rgfusion("compare", "--experiment", "sweep-test", "--filter", "params.`optim.lr` = '0.003'",
+    done = rgfusion("compare", "--experiment", "sweep-test", "--filter",
+                    "params.`optim.lr` = '0.003' and tags.`rgfusion.sweep` = 'asha'",
                     "--tracking-uri", mlflow_server.url, "--out", str(tmp_path / "a"), timeout=120)
     assert done.returncode == 0, done.stderr
     rows = list(csv.DictReader((tmp_path / "a" / "compare.csv").open()))
