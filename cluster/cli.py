@@ -162,6 +162,10 @@ def cmd_submit_deepspeed(args: argparse.Namespace) -> int:
     hosts = dl.parse_hostfile(args.hostfile)
     cfg = _load(args)
     _check(cfg, profile, args, len(hosts))
+    if len(hosts) > 1 and (Path.cwd() / "datasets" / "__init__.py").is_file():
+        # The multi-node launcher prepends its working directory to PYTHONPATH on every host.
+        print("rgfusion: warning: launching from a source tree: its datasets/ folder will shadow Hugging "
+              "Face's `datasets` on the ranks' PYTHONPATH; run from another directory", file=sys.stderr)
     argv = dl.launcher_argv(args.hostfile, hosts, args.config or "default.yaml", args.set,
                             master_port=args.master_port, launcher=args.launcher)
     if args.dry_run:

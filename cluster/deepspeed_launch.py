@@ -70,6 +70,9 @@ def launcher_argv(
         f"--launcher={launcher}",
         # Ranks read LOCAL_RANK from the environment; no argv surgery in the trainer.
         "--no_local_rank",
+        # One host is launched locally: DeepSpeed's ssh probe would only refuse a machine
+        # without an ssh server to itself.
+        *(["--no_ssh_check"] if len(hosts) == 1 else []),
         "--no_python",
         *train_argv(config, overrides),
     ]

@@ -111,6 +111,8 @@ def test_hostfile_parsing_and_deepspeed_command(tmp_path):
     assert argv[:7] == ["deepspeed", f"--hostfile={hostfile}", "--num_nodes=2", "--master_addr=node-a",
                         "--master_port=29600", "--launcher=pdsh", "--no_local_rank"]
     assert argv[7:] == ["--no_python", "rgfusion", "train", "--config", "configs/x.yaml", "--set", "optim.lr=1.0e-4"]
+    # A single host is launched locally, without DeepSpeed's ssh probe.
+    assert "--no_ssh_check" in dl.launcher_argv(hostfile, hosts[:1], "x.yaml", [], master_port=1)
     env_file = dl.write_env_file(tmp_path / ".deepspeed_env", {"NCCL_NVLS_ENABLE": "0"})
     assert env_file.read_text() == "NCCL_NVLS_ENABLE=0\n"
 
@@ -164,3 +166,21 @@ def test_slurm_launch_lines_train_two_nodes_on_localhost(tmp_path):
     assert "Test retrieval at the best dev epoch" in "".join(out)
     checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step-*/meta.json"))
     assert checkpoints and json.loads(checkpoints[-1].read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_trains_two_ranks_on_localhost(tmp_path):
+    """``rgfusion submit deepspeed`` for real: DeepSpeed's launcher over a one-host hostfile."""
+    data = write_tiny_data(tmp_path / "data")
+    (tmp_path / "hosts").write_text("localhost slots=2\n")
+    sets = tiny_sets({"data.url": data, "train.out_dir": f"{tmp_path}/run", "train.epochs": 1,
+                      "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db"})
+    done = subprocess.run([str(BIN / "rgfusion"), "submit", "deepspeed", "--hostfile", str(tmp_path / "hosts"),
+                           "--profile", "local", "--master-port", str(free_port()),
+                           *[a for s in sets for a in ("--set", s)]],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=400,
+                          env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert (tmp_path / ".deepspeed_env").read_text().startswith("NCCL_NVLS_ENABLE=0\n")
+    meta = sorted((tmp_path / "run" / "checkpoints").glob("step-*/meta.json"))
+    assert meta and json.loads(meta[-1].read_text())["world_size"] == 2
