@@ -107,13 +107,13 @@ def contrastive_loss(
         if w > 0:
             hardest = _hardest(scores, neg, has_neg, cfg.lse_temperature if cfg.max_mode == "lse" else None)
             loss = loss + w * ((cfg.margin + hardest - pos).clamp(min=0) * has_neg).sum()
-        temperature = scores.new_tensor(float("nan"))
+        temperature = scores.new_full((), float("nan"))
     else:
         w = 0.0
         temperature = (
             log_temperature.exp().clamp(min=MIN_TEMPERATURE)
             if log_temperature is not None
-            else scores.new_tensor(cfg.temperature)
+            else scores.new_full((), cfg.temperature)
         )
         logits = torch.cat([pos[:, None], scores.masked_fill(~neg, float("-inf"))], dim=1) / temperature
         loss = (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
@@ -139,7 +139,7 @@ def _stats(
         "pos_mean": pos.mean(),
         "neg_mean": (scores * negf).sum() / negf.sum().clamp(min=1),
         "hard_neg_mean": (hardest * has_neg).sum() / has_neg.sum().clamp(min=1),
-        "hard_weight": scores.new_tensor(w),
+        "hard_weight": scores.new_full((), w),  # a fill kernel, not a host copy (CUDA graphs)
         "temperature": temperature,
     }
 
