@@ -70,6 +70,11 @@ class TrialResources:
         if self.cpu < 0 or self.gpu < 0 or self.workers < 1 or self.cpu + self.gpu == 0:
             raise ValueError("resources need cpu or gpu > 0 and workers >= 1")
 
+    def trial_reserve(self) -> dict[str, float]:
+        """What Tune reserves for the trial itself: everything when it trains in-process; one
+        CPU for the Train controller otherwise (its workers reserve their own)."""
+        return {"cpu": self.cpu, "gpu": self.gpu} if self.workers == 1 else {"cpu": 1.0}
+
     def bundle(self) -> dict[str, float]:
         """What the cluster must hold for one trial (a Train run adds its controller's CPU)."""
         extra = 1.0 if self.workers > 1 else 0.0
@@ -212,6 +217,7 @@ class TrialContext:
     parent_run_id: str
     trials_dir: str
     resources: TrialResources
+    # The sweep's folder/URL under the storage path (Ray Train runs of multi-worker trials).
     storage_path: str
 
 
@@ -292,18 +298,18 @@ def _train_distributed(config: Any, ctx: TrialContext, trial_id: str) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from rgfusion.cluster.ray_jobs import _worker, storage
+    from rgfusion.cluster.ray_jobs import _worker, object_store_options, storage
 
     res = ctx.resources
     use_gpu = res.gpu > 0
-    path, fs = storage(ctx.storage_path, {})
+    path, fs = storage(ctx.storage_path, object_store_options())
     TorchTrainer(
         _worker,
         train_loop_config={"config": to_dict(config)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": res.cpu, "GPU": res.gpu}),
-        run_config=ray.train.RunConfig(name=f"{ctx.sweep}-{trial_id}", storage_path=path, storage_filesystem=fs,
+        run_config=ray.train.RunConfig(name=f"train-{trial_id}", storage_path=path, storage_filesystem=fs,
                                        callbacks=[TuneReportCallback()]),
     ).fit()
 
@@ -408,9 +414,8 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, resume: bool = 
     state = _parent_run(client, out, sweep, experiment, resume)
     ctx = TrialContext(sweep=sweep.name, base=base, tracking_uri=uri, experiment=experiment,
                        parent_run_id=state["parent_run_id"], trials_dir=str(out / "trials"),
-                       resources=sweep.resources, storage_path=storage_root)
-    bundle = {k.lower(): v for k, v in sweep.resources.bundle().items()}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), bundle)
+                       resources=sweep.resources, storage_path=sweep_root)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), sweep.resources.trial_reserve())
     tune_path = f"{sweep_root}/tune"
     if resume:
         if not tune.Tuner.can_restore(tune_path):

@@ -134,6 +134,23 @@ def test_failed_trial_is_recorded_failed_and_the_sweep_goes_on(ray_two_nodes, ml
     assert "| failed |" in done.stdout
 
 
+@pytest.mark.slow
+def test_multi_worker_trial_is_a_ray_train_run_across_both_nodes(ray_two_nodes, mlflow_server, shared):
+    fields = base_fields(shared, mlflow_server.url, "workers", num_trials=1, space={"optim.lr": {"choice": [3.0e-3]}},
+                         resources={"cpu": 0.5, "workers": 2})
+    fields["fixed"]["train.epochs"] = 2
+    done = rgfusion("sweep", "--config", str(write_sweep(shared / "workers.yaml", **fields)),
+                    "--address", ray_two_nodes.address)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    assert "up to 1 concurrent trials" in done.stdout and "| completed |" in done.stdout
+    client = mlflow_server_client(mlflow_server)
+    parent = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id],
+                                "tags.`rgfusion.sweep` = 'workers' and tags.`rgfusion.kind` = 'sweep'")[0]
+    (child,) = sw.trial_runs(client, parent.info.run_id)
+    assert child.info.status == "FINISHED" and child.data.tags["world_size"] == "2"
+    assert child.data.tags["launcher"] == "ray"
+
+
 def mlflow_server_client(server):
     from mlflow.tracking import MlflowClient
 
