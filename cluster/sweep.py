@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -483,9 +484,12 @@ def _parent_run(client: Any, out: Path, sweep: SweepConfig, experiment: str, res
 
 def _finish(sweep: SweepConfig, client: Any, ctx: TrialContext, grid: Any, out: Path, *, max_t: int) -> dict[str, Any]:
     """Close the trials' and the sweep's MLflow runs, write the best recipe and the summary."""
-    rows = []
-    for result in grid:
-        rows.append(_row(client, ctx, result, max_t))
+    rows = [_row(client, ctx, result, max_t) for result in grid]
+    # Nothing of a finished sweep still runs: a child left RUNNING was cut off (an interrupted
+    # sweep's trial that restarted into a new run, a killed worker).
+    for run in trial_runs(client, ctx.parent_run_id):
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="KILLED")
     finished = [r for r in rows if r["best_dev_rsum"] is not None]
     summary: dict[str, Any] = {"parent_run_id": ctx.parent_run_id, "rows": rows, "best": None}
     if finished:
@@ -508,10 +512,12 @@ def _finish(sweep: SweepConfig, client: Any, ctx: TrialContext, grid: Any, out: 
 
 
 def _row(client: Any, ctx: TrialContext, result: Any, max_t: int) -> dict[str, Any]:
-    """One trial's outcome; a run ASHA cut short (killed mid-flight) is closed as KILLED."""
+    """One trial's outcome; the run of a trial ASHA cut short is tagged so."""
     metrics = result.metrics or {}
-    params = {k: v for k, v in (result.config or {}).items()}
-    trial_id = metrics.get("trial_id") or Path(str(result.path)).name
+    params = dict(result.config or {})
+    # A trial that failed before its first report has no metrics: its folder name has the id.
+    folder = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(str(result.path)).name)
+    trial_id = metrics.get("trial_id") or (folder.group(1) if folder else Path(str(result.path)).name)
     history = result.metrics_dataframe
     best = float(history[METRIC].max()) if history is not None and METRIC in history else None
     epochs = int(metrics.get(TIME_ATTR, 0) or 0)
@@ -525,8 +531,6 @@ def _row(client: Any, ctx: TrialContext, result: Any, max_t: int) -> dict[str, A
     run_id = runs[0].info.run_id if runs else None
     if run_id and status.startswith("stopped"):
         client.set_tag(run_id, "rgfusion.stopped_early", "true")
-        if runs[0].info.status == "RUNNING":
-            client.set_terminated(run_id, status="KILLED")
     return {"trial_id": trial_id, "status": status, "params": params, "best_dev_rsum": best,
             "epochs": epochs, "run_id": run_id}
 

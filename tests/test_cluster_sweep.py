@@ -151,6 +151,36 @@ def test_multi_worker_trial_is_a_ray_train_run_across_both_nodes(ray_two_nodes, 
     assert child.data.tags["launcher"] == "ray"
 
 
+@pytest.mark.slow
+def test_interrupted_sweep_resumes(ray_two_nodes, mlflow_server, shared):
+    """Kill the sweep's driver after its first trial reported; --resume finishes both trials."""
+    import signal
+    import time
+
+    fields = base_fields(shared, mlflow_server.url, "resume", num_trials=2, max_concurrent=1,
+                         space={"optim.lr": {"grid": [3.0e-3, 2.0e-3]}}, scheduler={"grace_period": EPOCHS})
+    path = write_sweep(shared / "resume.yaml", **fields)
+    log = open(shared / "resume-1.log", "w+")
+    first = subprocess.Popen([str(BIN / "rgfusion"), "sweep", "--config", str(path), "--address", ray_two_nodes.address],
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    results = shared / "sweeps" / "resume" / "tune"
+    deadline = time.monotonic() + 300
+    while not any(p.stat().st_size for p in results.glob("*/result.json")):
+        assert first.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-4000:]
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    done = rgfusion("sweep", "--config", str(path), "--address", ray_two_nodes.address, "--resume")
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    state = yaml.safe_load((shared / "sweeps" / "resume" / sw.STATE_FILE).read_text())
+    assert f"MLflow parent run {state['parent_run_id']}" in done.stdout
+    assert done.stdout.count("| completed |") == 2
+    client = mlflow_server_client(mlflow_server)
+    children = sw.trial_runs(client, state["parent_run_id"])
+    assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
+    assert sorted(c.data.params["optim.lr"] for c in children if c.info.status == "FINISHED") == ["0.002", "0.003"]
+
+
 def mlflow_server_client(server):
     from mlflow.tracking import MlflowClient
 
