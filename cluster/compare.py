@@ -132,11 +132,13 @@ def plot(curves: dict[str, list[tuple[float, float]]], path: Path, title: str) -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, points in curves.items():
         if points:
             ax.plot(*zip(*points), marker="o", label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("dev RSUM")
     ax.set_title(title)

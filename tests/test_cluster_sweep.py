@@ -228,6 +228,22 @@ def test_grid_must_divide_num_trials_and_packaged_sweeps_load(tmp_path):
         assert sw.load_sweep(f"sweeps/{name}.yaml").space
 
 
+def test_optuna_search_is_checked(tmp_path):
+    path = write_sweep(tmp_path / "s.yaml", name="x", recipe="default.yaml", search={"algorithm": "optuna"},
+                       num_trials=2, space={"loss.margin": {"grid": [0.1, 0.2]}})
+    with pytest.raises(ConfigError, match="optuna cannot expand 'grid' entries"):
+        sw._searcher(sw.load_sweep(str(path)))
+    path = write_sweep(tmp_path / "s.yaml", name="x", recipe="default.yaml", search={"algorithm": "optuna", "seed": 1},
+                       space={"loss.margin": {"uniform": [0.1, 0.3]}})
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="needs the optuna package"):
+            sw._searcher(sw.load_sweep(str(path)))
+    else:
+        assert type(sw._searcher(sw.load_sweep(str(path)))).__name__ == "OptunaSearch"
+
+
 def test_max_concurrent_follows_cluster_resources():
     assert sw.derive_max_concurrent({"CPU": 16, "GPU": 4}, sw.TrialResources(cpu=2, gpu=1)) == 4
     assert sw.derive_max_concurrent({"CPU": 16}, sw.TrialResources(cpu=3)) == 5
