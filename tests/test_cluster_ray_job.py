@@ -69,6 +69,24 @@ def test_ray_job_trains_with_two_workers_and_checkpoints_to_s3(ray_head, s3_endp
     assert unknown.returncode == 1 and unknown.stderr.startswith("rgfusion: error: job no-such-job:")
 
 
+def test_jobs_stop_ends_a_running_job(ray_head, tmp_path):
+    import time
+
+    done = rgfusion("submit", "ray", "--address", ray_head.dashboard, "--num-workers", "1",
+                    "--storage-path", str(tmp_path / "ray"), "--set", f"data.url={tmp_path}/none")
+    assert done.returncode == 0, done.stderr
+    job_id = re.search(r"submitted Ray job (\S+);", done.stdout).group(1)
+    stop = rgfusion("jobs", "stop", job_id, "--address", ray_head.dashboard)
+    assert stop.returncode == 0 and f"{job_id}: stop requested" in stop.stdout, stop.stdout + stop.stderr
+    deadline = time.monotonic() + 120
+    while True:
+        status = rgfusion("jobs", "status", job_id, "--address", ray_head.dashboard).stdout
+        if status.startswith(f"{job_id}: STOPPED") or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert status.startswith(f"{job_id}: STOPPED"), status
+
+
 def test_unreachable_jobs_api_is_one_clear_error(tmp_path):
     done = rgfusion("submit", "ray", "--address", "http://127.0.0.1:1", "--storage-path", "s3://b/x",
                     "--num-workers", "1", "--set", f"data.url={tmp_path}")
