@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="small shapes for a CPU smoke test")
-    p.add_argument("--only", default="", help="comma-separated substrings of variant names to run")
+    p.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-eval", action="store_true")
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = Shape(batch=8, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200) if args.tiny else Shape()
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 rows use TF32 tensor cores, as trainers do
     torch.backends.cudnn.allow_tf32 = True
-    chosen = [v for v in variants() if not args.only or any(s in v.name for s in args.only.split(","))]
+    chosen = [v for v in variants() if not args.only or v.name in args.only.split(",")]
     hf_path = bert_dir(shape, args.tiny) if any(v.text == "bert" for v in chosen) or args.profile else None
     rows = []
     for v in chosen:
