@@ -22,6 +22,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/rgfusion demo --out runs/demo
 
+# The venv's bin first on PATH: DeepSpeed JIT-builds a CPU op with whichever ninja it finds, and
+# the system's and the venv's ninja disagree about the build log, so each rebuilt it (50-130 s).
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" tests
 

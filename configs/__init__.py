@@ -138,6 +138,8 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
         return dict(value)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        return _float_text(value, source, key)
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{source}: '{key}' must be true/false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -145,6 +147,14 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{source}: '{key}' must be {tp.__name__}, got {value!r}")
     return value
+
+
+def _float_text(text: str, source: str, key: str) -> float:
+    # YAML 1.1 reads 2e-4 (no dot in the mantissa) as a string; people write it anyway.
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{source}: '{key}' must be a number, got {text!r}") from None
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:

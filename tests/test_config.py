@@ -39,6 +39,12 @@ def test_defaults_recipe_and_overrides(tmp_path):
     assert flatten(to_dict(cfg))["inner.lr"] == 2.0
 
 
+def test_exponent_without_dot_is_a_float(tmp_path):
+    p = write(tmp_path, "r.yaml", "inner:\n  lr: 1e-3\n")
+    assert load(Outer, p, ["inner.lr=2e-4"]).inner.lr == 2e-4
+    assert load(Outer, p).inner.lr == 1e-3
+
+
 def test_base_chain_child_wins(tmp_path):
     write(tmp_path, "base.yaml", "steps: 5\ninner:\n  lr: 2\n  mode: b\n")
     child = write(tmp_path, "child.yaml", "base: base.yaml\ninner:\n  lr: 3\n")
@@ -55,6 +61,7 @@ def test_base_chain_child_wins(tmp_path):
         ("", ["inner.layers=3"], "'inner.layers' must be a list"),
         ("", ["nope=1"], "unknown key 'nope'"),
         ("steps: true\n", [], "'steps' must be an integer"),
+        ("inner:\n  lr: fast\n", [], "'inner.lr' must be a number"),
     ],
 )
 def test_errors_name_key_and_file(tmp_path, text, overrides, needle):
