@@ -25,6 +25,8 @@ from servers import free_port, start_mlflow_server
 
 BIN = Path(sys.executable).parent
 SECRET = "pw-0f9e8d7c6b5a-do-not-leak"
+LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
+                 "MASTER_ADDR", "MASTER_PORT"}
 
 # Tiny full model; all-negative loss throughout so the logged loss is one quantity to compare.
 TINY = [
@@ -56,7 +58,9 @@ def launch(args: list[str], *, nproc: int = 1, cwd: Path, nnodes: int = 1, node_
         argv = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
                 "--master_addr=127.0.0.1", f"--master_port={port or free_port()}",
                 "-m", "rgfusion.trainer.cli", *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    # A launcher's variables in this process (another test's run) must not leak into children.
+    inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    full_env = {**inherited, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     log = open(cwd / f"log-{time.monotonic_ns()}.txt", "w+")
     proc = subprocess.Popen(argv, cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)

@@ -77,13 +77,16 @@ def init_distributed(env: DistEnv, device: str) -> None:
     if dist.is_initialized():  # Ray Train sets up the group before calling us
         return
     env.export()
-    if env.launcher == "single":
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    backend = "nccl" if device.startswith("cuda") else "gloo"
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-    deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo",
-                               verbose=False)
+    if env.launcher == "single":
+        # A private group of one; no RANK/MASTER_* variables leak into this process's
+        # environment (they would mislead child processes it starts). DeepSpeed's engine
+        # insists on LOCAL_RANK, which alone makes no child think it is part of a job.
+        os.environ.setdefault("LOCAL_RANK", "0")
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
 def free_port() -> int:
