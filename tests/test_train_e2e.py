@@ -306,3 +306,17 @@ def test_bad_input_fails_before_training(zero2_run, data_url, tmp_path):
         assert len(errors) == 1 and needle in errors[0], out[-2000:]
         assert "model.width: checkpoint 32, this run 64" in errors[0] or "--resume" not in args
         assert "epoch 1" not in out and not (tmp_path / "x" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_demo_main_job(tmp_path):
+    """`rgfusion demo`: synthetic data -> full model -> evaluation -> table + MLflow run (~1.5 min)."""
+    rc, out = finish(launch(["demo", "--out", str(tmp_path / "demo")], cwd=tmp_path), timeout=900)
+    assert rc == 0, out[-4000:]
+    table = out.split("Test retrieval at the best dev epoch")[-1]
+    rsum = float(re.search(r"test\s+all(?:\s+[\d.]+){6}\s+([\d.]+)", table).group(1))
+    assert rsum > 400, table  # the full model learns the synthetic scenes (522 when recorded)
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/demo/mlflow.db" in out
+    run_id = run_id_of(out)
+    assert metric(f"sqlite:///{tmp_path}/demo/mlflow.db", run_id, "test/rsum")
+    assert (tmp_path / "demo" / "best" / "model.safetensors").is_file()

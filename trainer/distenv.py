@@ -36,10 +36,6 @@ class DistEnv:
     def is_local_main(self) -> bool:
         return self.local_rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1 or self.launcher != "single"
-
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None,
                      argv: Sequence[str] | None = None) -> "DistEnv":

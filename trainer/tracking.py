@@ -132,13 +132,6 @@ class Tracker:
         elif p.is_file():
             self._safe(mlflow.log_artifact, str(p), artifact_path)
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        if not self.active or self.run_id is None:
-            return
-        import mlflow
-
-        self._safe(mlflow.set_tags, {k: str(v) for k, v in tags.items()})
-
     def end(self, status: str = "FINISHED") -> None:
         if not self.active or self.run_id is None:
             return
