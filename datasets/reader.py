@@ -155,6 +155,9 @@ class Batch:
     attention_mask: torch.Tensor  # (C, T) bool
     caption_image: torch.Tensor  # (C,) long, index of each caption's image in the batch
     image_ids: list[str]  # (B,)
+    # (B,) eval only: each image's index in its split. The split's order is the canonical one
+    # (COCO's 5 test folds are consecutive 1K slices of it), whatever order ranks read shards in.
+    positions: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -172,7 +175,7 @@ class Batch:
 
 
 def collate(samples: list[Sample], manifest: Manifest, text: TextProcessor, dtype: torch.dtype,
-            captions: list[list[str]]) -> Batch:
+            captions: list[list[str]], positions: list[int] | None = None) -> Batch:
     """Pad to ``manifest.max_regions`` (static shapes) and tokenise ``captions[i]`` of image i."""
     b, r = len(samples), manifest.max_regions
     regions = _zeros((b, r, manifest.region_dim), dtype)
@@ -188,7 +191,8 @@ def collate(samples: list[Sample], manifest: Manifest, text: TextProcessor, dtyp
     tokens, lengths, attn = text(flat)
     owner = torch.from_numpy(np.repeat(np.arange(b), [len(cs) for cs in captions]))
     return Batch(regions, torch.from_numpy(boxes), torch.from_numpy(mask), grids, tuple(manifest.grid_size),
-                 tokens, lengths, attn, owner, [s.image_id for s in samples])
+                 tokens, lengths, attn, owner, [s.image_id for s in samples],
+                 None if positions is None else torch.tensor(positions, dtype=torch.long))
 
 
 # Elements per copy: casting float16 in small pieces stays on this thread; one large copy wakes
@@ -442,26 +446,34 @@ class _Plan:
         cpi = self.manifest.captions_per_image
         dtype = DTYPES[self.cfg.dtype]
 
-        def samples() -> Iterator[Sample]:
+        offsets = np.cumsum([0, *info.samples_per_shard])
+
+        def samples() -> Iterator[tuple[Sample, int]]:
             for i in mine:
-                for s in reader.samples(urls[i]):
+                for j, s in enumerate(reader.samples(urls[i])):
                     if len(s.captions) < cpi:
                         reader.stats.record("few_captions", f"{urls[i]}: {s.image_id} has {len(s.captions)} "
                                                             f"captions, evaluation needs {cpi}")
                         continue
-                    yield s
+                    # A skipped bad sample shifts j; only the relative order matters downstream.
+                    yield s, int(offsets[i]) + j
 
-        def to_batches(src: Iterator[Sample]) -> Iterator[Batch]:
-            chunk: list[Sample] = []
-            for s in src:
-                chunk.append(s)
+        def to_batches(src: Iterator[tuple[Sample, int]]) -> Iterator[Batch]:
+            chunk: list[tuple[Sample, int]] = []
+            for item in src:
+                chunk.append(item)
                 if len(chunk) == self.batch_size:
-                    yield collate(chunk, self.manifest, self.text, dtype, [c.captions[:cpi] for c in chunk])
+                    yield self._eval_batch(chunk, dtype, cpi)
                     chunk = []
             if chunk:
-                yield collate(chunk, self.manifest, self.text, dtype, [c.captions[:cpi] for c in chunk])
+                yield self._eval_batch(chunk, dtype, cpi)
 
         return wds.DataPipeline(samples, to_batches).iterator()
+
+    def _eval_batch(self, chunk: list[tuple[Sample, int]], dtype: torch.dtype, cpi: int) -> Batch:
+        samples = [s for s, _ in chunk]
+        return collate(samples, self.manifest, self.text, dtype, [s.captions[:cpi] for s in samples],
+                       [p for _, p in chunk])
 
     def slot_samples(self, num_workers: int) -> int:
         """Images this rank reads in evaluation (over its workers)."""

@@ -124,6 +124,19 @@ def test_two_ranks_two_workers_eval_covers_every_image_once(tmp_path, sizes):
     assert len(all_ids) == len(set(all_ids))
 
 
+def test_eval_batches_carry_each_image_position_in_the_split(tmp_path):
+    """Positions restore the manifest's order (COCO folds are slices of it) across ranks × workers."""
+    samples = write_dataset(str(tmp_path), {"train": UNEVEN["train"]})["train"]
+    cfg, m, text = open_dataset(tmp_path)
+    cfg.num_workers = 2
+    got = {}
+    for rank in range(2):
+        for b in eval_loader(cfg, m, text, split="train", batch_size=3, rank=rank, world_size=2):
+            got.update(zip(b.positions.tolist(), b.image_ids))
+    assert [got[p] for p in sorted(got)] == [s.image_id for s in samples]
+    assert sorted(got) == list(range(len(samples)))
+
+
 def test_deal_shards_brute_force():
     for counts in itertools.product([0, 1, 5], repeat=4):
         for slots in (1, 3, 4, 6):

@@ -183,13 +183,25 @@ def test_redaction_of_keys_urls_and_env_values(monkeypatch):
 # ---------------------------------------------------------------- evaluation assembly
 
 
+def test_assemble_orders_by_split_position_not_by_id():
+    """Batches with positions follow the manifest's order even where ids sort differently."""
+    d = 2
+    part = (["b", "a", "c"], [1, 2, 0], torch.tensor([[1.0, 0], [2, 0], [0, 0]]), torch.zeros(3, d),
+            torch.tensor([0, 1, 2]))
+    emb = assemble([part])
+    assert emb.image_ids == ["c", "b", "a"]
+    assert torch.equal(emb.images[:, 0], torch.tensor([0.0, 1.0, 2.0]))
+    assert emb.cap_to_img.tolist() == [0, 1, 2]
+
+
 def test_assemble_puts_ranks_parts_in_canonical_order():
     d = 3
     ids_a, ids_b = ["img-10", "img-2"], ["img-1"]
     img = {i: torch.full((d,), float(k)) for k, i in enumerate(["img-1", "img-2", "img-10"])}
-    part_a = (ids_a, torch.stack([img[i] for i in ids_a]), torch.arange(4 * d).float().view(4, d),
+    keys = lambda ids: [natural_key(i) for i in ids]  # noqa: E731 - batches without positions
+    part_a = (ids_a, keys(ids_a), torch.stack([img[i] for i in ids_a]), torch.arange(4 * d).float().view(4, d),
               torch.tensor([0, 1, 0, 1]))
-    part_b = (ids_b, torch.stack([img[i] for i in ids_b]), 100 + torch.arange(2 * d).float().view(2, d),
+    part_b = (ids_b, keys(ids_b), torch.stack([img[i] for i in ids_b]), 100 + torch.arange(2 * d).float().view(2, d),
               torch.tensor([0, 0]))
     emb = assemble([part_a, part_b])
     assert emb.image_ids == ["img-1", "img-2", "img-10"]

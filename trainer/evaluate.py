@@ -2,7 +2,8 @@
 
 Ranks step in lock-step (a rank that ran out of batches repeats a dummy forward) because a
 ZeRO-3 forward gathers parameters collectively. Embeddings travel to rank 0, are put in
-canonical order (natural order of image ids), and scored under the split's protocol plus any
+canonical order (the split's order in the manifest; natural order of image ids for batches
+that carry no positions), and scored under the split's protocol plus any
 extra protocols the manifest names (COCO test: 5-fold 1K and 5K). Every rank receives the
 result, so all agree on which epoch is best.
 """
@@ -87,26 +88,30 @@ def embed_local(model: nn.Module, loader: Any, manifest: Manifest, *, device: st
             continue
         owners.append(batch.caption_image + len(ids))
         ids.extend(batch.image_ids)
+        keys.extend(batch.positions.tolist() if batch.positions is not None
+                    else [natural_key(i) for i in batch.image_ids])
         imgs.append(img.float().cpu())
         caps.append(cap.float().cpu())
     width = imgs[0].shape[1] if imgs else 0
     cat = (lambda xs, shape: torch.cat(xs) if xs else torch.zeros(shape))
-    return ids, cat(imgs, (0, width)), cat(caps, (0, width)), cat(owners, (0,)).long()
+    return ids, keys, cat(imgs, (0, width)), cat(caps, (0, width)), cat(owners, (0,)).long()
 
 
-def assemble(parts: list[tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]]) -> Embedded:
-    """All ranks' parts in canonical image order."""
+def assemble(parts: list[tuple[list[str], list[Any], torch.Tensor, torch.Tensor, torch.Tensor]]) -> Embedded:
+    """All ranks' parts in canonical image order (ascending sort key)."""
     ids: list[str] = []
+    keys: list[Any] = []
     imgs, caps, owners = [], [], []
-    for pid, pimg, pcap, powner in parts:
+    for pid, pkeys, pimg, pcap, powner in parts:
         if not pid:  # a rank without shards of this split
             continue
         owners.append(powner + len(ids))
         ids.extend(pid)
+        keys.extend(pkeys)
         imgs.append(pimg)
         caps.append(pcap)
     images, captions, owner = torch.cat(imgs), torch.cat(caps), torch.cat(owners)
-    order = sorted(range(len(ids)), key=lambda i: natural_key(ids[i]))
+    order = sorted(range(len(ids)), key=keys.__getitem__)
     position = torch.empty(len(ids), dtype=torch.long)
     position[torch.tensor(order, dtype=torch.long)] = torch.arange(len(ids))
     cap_to_img = position[owner]
