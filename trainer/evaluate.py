@@ -63,11 +63,12 @@ def dummy_batch(manifest: Manifest) -> Batch:
 
 @torch.no_grad()
 def embed_local(model: nn.Module, loader: Any, manifest: Manifest, *, device: str, dtype: torch.dtype,
-                world_size: int) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This rank's (image ids, image emb, caption emb, caption -> local image index)."""
+                world_size: int) -> tuple[list[str], list[Any], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's (image ids, sort keys, image emb, caption emb, caption -> local image index)."""
     import torch.distributed as dist
 
     ids: list[str] = []
+    keys: list[Any] = []
     imgs, caps, owners = [], [], []
     it = iter(loader)
     spare = dummy_batch(manifest)
