@@ -2,6 +2,7 @@
 # The GPU benchmark suite, run on a machine of the device tool from the repo root:
 #   bash benchmarks/gpu_suite.sh setup data converge      # 4-GPU machine: 3 recipes + harness in parallel
 #   bash benchmarks/gpu_suite.sh setup data scale         # ZeRO 1/2/3 x 1/2/4 GPUs, negatives, resume
+#   RUNS="2:1 2:8 3:8" bash benchmarks/gpu_suite.sh setup data scale   # any stage:GPU-count pairs
 # Results (logs, JSON, the MLflow store as a tarball) land in $OUT.
 set -uo pipefail
 export MLFLOW_ALLOW_FILE_STORE=true PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -66,7 +67,8 @@ scale_run() {  # NGPU STAGE NAME [--set ...]
 
 scale() {
   log "ZeRO scaling at 128 pairs per GPU"
-  for run in 2:1 2:2 2:4 1:1 1:4 3:1 3:4; do
+  # RUNS=stage:gpus pairs; on an 8-GPU machine e.g. RUNS="2:1 2:4 2:8 3:1 3:8".
+  for run in ${RUNS:-2:1 2:2 2:4 1:1 1:4 3:1 3:4}; do
     stage=${run%:*} n=${run#*:}
     scale_run "$n" "$stage" "z${stage}_n${n}" --set train.epochs=1 --set train.steps_per_epoch=80
   done | tee "$OUT/scaling.txt"
