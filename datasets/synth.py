@@ -259,9 +259,11 @@ def generate(cfg: SynthConfig, world: World, split: str, index: int) -> tuple[Sa
     return sample, scene
 
 
-def iter_split(cfg: SynthConfig, split: str, world: World | None = None) -> Iterator[tuple[Sample, Scene]]:
+def iter_split(cfg: SynthConfig, split: str, world: World | None = None, start: int = 0,
+               stop: int | None = None) -> Iterator[tuple[Sample, Scene]]:
+    """Images ``start .. stop - 1`` of a split (all by default)."""
     world = world or World(cfg)
-    for i in range(split_size(cfg, split)):
+    for i in range(start, min(split_size(cfg, split), stop if stop is not None else split_size(cfg, split))):
         yield generate(cfg, world, split, i)
 
 
@@ -320,13 +322,12 @@ def _pool(workers: int) -> Any:
 def _write_shard(job: tuple) -> tuple[str, int, list[str]]:
     """Shard ``k`` of a split: images ``k*n .. (k+1)*n - 1``; returns its name, size and captions."""
     cfg, root_url, storage_options, split, k = job
-    world, n = World(cfg), cfg.samples_per_shard
+    n = cfg.samples_per_shard
     captions_out: list[str] = []
     with ShardWriter(root_url, split, storage_options=storage_options, samples_per_shard=n,
                      start_index=k, region_dim=cfg.region_dim, grid_dim=cfg.grid_dim,
                      grid_cells=cfg.grid_size[0] * cfg.grid_size[1], max_regions=cfg.max_regions) as w:
-        for i in range(k * n, min((k + 1) * n, split_size(cfg, split))):
-            sample, _ = generate(cfg, world, split, i)
+        for sample, _ in iter_split(cfg, split, start=k * n, stop=(k + 1) * n):
             w.write(sample)
             captions_out.extend(sample.captions)
     (name, count), = w.close()
