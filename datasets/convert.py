@@ -12,7 +12,7 @@ Memory stays bounded by one sample plus fixed windows (see ``MmapRows``), never 
 Datasets without boxes or grids are an explicit choice (``--no-boxes`` / ``--no-grids``):
 - no boxes: every region gets the whole-image box [0, 0, 1, 1]; manifest ``meta.has_boxes`` false;
 - no grids: every sample stores a 1x1 grid of one zero (the schema needs positive dims); manifest
-  ``meta.has_grids`` false, ``grid_size`` [1, 1], ``grid_dim`` 1. ``has_grids(manifest)`` lets
+  ``meta.has_grids`` false, ``grid_size`` [1, 1], ``grid_dim`` 1. ``Manifest.has_grids`` lets
   the trainer refuse ``features: grid|both`` on such a dataset;
 - no image sizes (precomp without ``{split}_sizes.npy``): width = height = 1 and
   ``meta.has_sizes`` false.
@@ -236,16 +236,6 @@ class MmapRows:
 
 
 # ---------------------------------------------------------------- the driver
-
-def has_grids(manifest: Manifest) -> bool:
-    """False for datasets converted with --no-grids (their 1x1 zero grid is a placeholder)."""
-    return bool(manifest.meta.get("has_grids", True))
-
-
-def has_boxes(manifest: Manifest) -> bool:
-    """False for datasets converted with --no-boxes (every box is the whole image)."""
-    return bool(manifest.meta.get("has_boxes", True))
-
 
 def convert(source: Source, cfg: ConvertConfig) -> Manifest:
     """Write every split's missing shards, then the vocab, then the manifest."""

@@ -253,6 +253,16 @@ class Manifest:
     def grid_cells(self) -> int:
         return int(self.grid_size[0]) * int(self.grid_size[1])
 
+    @property
+    def has_grids(self) -> bool:
+        """False for datasets converted with --no-grids (their 1x1 zero grid is a placeholder)."""
+        return bool(self.meta.get("has_grids", True))
+
+    @property
+    def has_boxes(self) -> bool:
+        """False for datasets converted with --no-boxes (every box is the whole image)."""
+        return bool(self.meta.get("has_boxes", True))
+
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
             raise SchemaError(f"dataset {self.root or self.name!r} has no split {name!r} "

@@ -85,7 +85,7 @@ def test_precomp_round_trip(tmp_path):
     test = manifest.splits["test"]
     assert (test.num_samples, test.protocol, test.folds) == (10, "coco1k5fold", [[0, 2], [2, 4], [4, 6], [6, 8], [8, 10]])
     assert manifest.meta["extra_protocols"] == {"test": ["coco5k"]}
-    assert conv.has_grids(manifest) and conv.has_boxes(manifest)
+    assert manifest.has_grids and manifest.has_boxes
     for split, prefix in (("train", "train"), ("test", "testall")):
         d = src[prefix]
         samples = read_split(out, split)[1]
@@ -112,7 +112,7 @@ def test_precomp_missing_boxes_or_grids_needs_a_flag(tmp_path):
     out = tmp_path / "c"
     convert(cs.PrecompSource(tmp_path / "in", split_map=split_map, no_boxes=True, no_grids=True), cfg(out))
     manifest, samples = read_split(out, "train")
-    assert not conv.has_grids(manifest) and not conv.has_boxes(manifest)
+    assert not manifest.has_grids and not manifest.has_boxes
     assert manifest.grid_size == (1, 1) and manifest.grid_dim == 1
     assert [s.image_id for s in samples] == [f"train_{i}" for i in range(6)]
     for s in samples:

@@ -341,3 +341,16 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     meta = json.loads((root / (root / "latest").read_text() / "meta.json").read_text())
     assert meta["state"]["skipped_steps"] == 4 and meta["state"]["global_step"] == 3
     assert meta["state"]["batch_in_epoch"] == 7
+
+
+def test_grid_features_refused_on_a_dataset_converted_without_grids():
+    from rgfusion.datasets.schema import Manifest, SplitInfo
+    from rgfusion.trainer.loop import check_features
+
+    split = {"train": SplitInfo(["train-000000.tar"], [1], 1)}
+    no_grids = Manifest("x", 8, 1, (1, 1), 4, 5, split, meta={"has_grids": False})
+    for features in ("both", "grid"):
+        with pytest.raises(ConfigError, match=f"model.features={features} needs them"):
+            check_features(load_config(None, ["data.url=/d", f"model.features={features}"]), no_grids)
+    check_features(load_config(None, ["data.url=/d", "model.features=region"]), no_grids)
+    check_features(load_config(None, ["data.url=/d"]), replace(no_grids, meta={}))

@@ -122,6 +122,7 @@ class Run:
     def _setup(self) -> None:
         cfg, env = self.cfg, self.env
         self.manifest = open_dataset(cfg.data, [cfg.eval.dev_split, cfg.eval.test_split, "train"])
+        check_features(cfg, self.manifest)
         self.text = build_text_processor(cfg.data, self.manifest)
         self.micro = eng.micro_batch_size(cfg, env.world_size)
         train_images = self.manifest.split("train").num_samples
@@ -361,6 +362,13 @@ class Window:
         self.loss += loss
         self.collapsed += collapsed
         self.n += 1
+
+
+def check_features(cfg: RunConfig, manifest: Manifest) -> None:
+    """A dataset converted with --no-grids stores a zero placeholder grid: never train on it."""
+    if cfg.model.uses_grid and not manifest.has_grids:
+        raise ConfigError(f"data.url={cfg.data.url} has no grid features (converted with --no-grids): "
+                          f"model.features={cfg.model.features} needs them; use model.features=region")
 
 
 def open_dataset(cfg: DataConfig, splits: list[str]) -> Manifest:
