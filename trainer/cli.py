@@ -8,8 +8,8 @@ import sys
 
 from rgfusion.configs import ConfigError
 
-# Modules that each expose ``register(subparsers)``; imported lazily so ``rgfusion data``
-# never pays for importing DeepSpeed or Ray.
+# Modules that each expose ``register(subparsers)``. They import torch, DeepSpeed, Ray and MLflow
+# only inside their commands, so building the parser (and `rgfusion data ...`) stays light.
 COMMAND_MODULES = (
     "rgfusion.datasets.cli",
     "rgfusion.trainer.commands",
@@ -23,13 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 
