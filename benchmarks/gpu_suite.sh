@@ -3,13 +3,16 @@
 #   bash benchmarks/gpu_suite.sh setup data converge      # 4-GPU machine: 3 recipes + harness in parallel
 #   bash benchmarks/gpu_suite.sh setup data scale         # ZeRO 1/2/3 x 1/2/4 GPUs, negatives, resume
 #   RUNS="2:1 2:8 3:8" bash benchmarks/gpu_suite.sh setup data scale   # any stage:GPU-count pairs
+#   TRAIN_IMAGES=6000 bash benchmarks/gpu_suite.sh setup data feed     # 1 GPU: loader and trainer profile
+#   bash benchmarks/gpu_suite.sh setup mfu                                # 1 GPU: MFU by precision, compile, batch
 # Results (logs, JSON, the MLflow store as a tarball) land in $OUT.
 set -uo pipefail
 export MLFLOW_ALLOW_FILE_STORE=true PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/rgfusion-out}
 mkdir -p "$OUT"
 RECIPE=configs/bench/paper_dims.yaml
-DATA=data/synthetic_paper_dims
+TRAIN_IMAGES=${TRAIN_IMAGES:-20000}  # convergence needs 20K; throughput runs are fine with fewer
+DATA=data/synthetic_paper_dims_$TRAIN_IMAGES
 log() { echo "[$(date +%T)] $*"; }
 RG="python3 -m rgfusion.trainer.cli"  # the console script may not be on a bare image's PATH
 # The harness rows recorded in benchmarks/RESULTS.md (all 18 take twice as long).
@@ -23,16 +26,16 @@ setup() {
 
 data() {
   [ -f $DATA/manifest.json ] && return
-  log "synth 20000/1000/1000 at paper dims"
+  log "synth $TRAIN_IMAGES/1000/1000 at paper dims"
   SECONDS=0; $RG data synth --out $DATA \
-    --recipe configs/data/synthetic_paper_dims.yaml --set train_images=20000 --set dev_images=1000 \
+    --recipe configs/data/synthetic_paper_dims.yaml --set train_images=$TRAIN_IMAGES --set dev_images=1000 \
     --set test_images=1000 --workers "$(( $(nproc) - 2 ))" --quiet; echo "synth ${SECONDS}s"
 }
 
 train1() {  # GPU PORT NAME [--set k=v ...]: one single-GPU run
   local gpu=$1 port=$2 name=$3; shift 3
   CUDA_VISIBLE_DEVICES=$gpu MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
-    $RG train --config $RECIPE --set train.out_dir=runs/$name --set train.progress=false \
+    $RG train --config $RECIPE --set data.url=$DATA --set train.out_dir=runs/$name --set train.progress=false \
     --set tracking.uri=file://$PWD/mlruns --set tracking.experiment=convergence --set tracking.run_name=$name "$@" \
     > "$OUT/$name.log" 2>&1
 }
@@ -59,7 +62,7 @@ converge() {
 scale_run() {  # NGPU STAGE NAME [--set ...]
   local n=$1 stage=$2 name=$3; shift 3
   timeout 150 torchrun --nproc_per_node "$n" --master_addr 127.0.0.1 --master_port $((29500 + RANDOM % 400)) \
-    -m rgfusion.trainer.cli train --config $RECIPE --set train.zero_stage="$stage" \
+    -m rgfusion.trainer.cli train --config $RECIPE --set data.url=$DATA --set train.zero_stage="$stage" \
     --set train.batch_size=$((128 * n)) --set train.out_dir=runs/$name --set train.progress=false \
     --set tracking.enabled=false "$@" > "$OUT/$name.log" 2>&1
   echo "$name: $(grep -E 'throughput' "$OUT/$name.log" | tail -1) $(grep -oE 'dev rsum [0-9.]+' "$OUT/$name.log" | tail -1)"
@@ -83,6 +86,33 @@ scale() {
   echo "2-GPU resume part ${SECONDS}s"
   grep -iE "resum|universal|checkpoint|epoch [0-9]+:" "$OUT/resume_2gpu.log" | head -8
   tar czf "$OUT/scale_logs.tgz" -C "$OUT" $(cd "$OUT" && ls z*.log neg_*.log resume_*.log)
+}
+
+feed() {  # one GPU: what feeds and what bounds the trainer's step
+  log "loader alone (train mode, batch 128, float16): images/s by worker count"
+  for w in 4 8 12; do
+    echo "workers $w: $($RG data bench $DATA --mode train --workers $w --steps 80 --batch-size 128 \
+      --dtype float16 --shuffle-buffer 2000 2>/dev/null | grep -E '^total' )"
+  done | tee "$OUT/loader.txt"
+  log "trainer, 1 GPU, 120 steps: loader workers x ZeRO stage; the first run profiled"
+  for run in "6 2 10" "12 2 10" "12 0 0" "12 1 0"; do
+    set -- $run
+    train1 0 29410 "t_w$1_z$2" --set data.num_workers=$1 --set train.zero_stage=$2 --set train.profile_steps=$3 \
+      --set train.epochs=1 --set train.steps_per_epoch=120 --set tracking.enabled=false --set eval.batch_size=1000
+    echo "workers $1 zero $2: $(grep throughput "$OUT/t_w$1_z$2.log")"
+    [ "$3" != 0 ] && cp runs/t_w$1_z$2/profile/ops.txt "$OUT/profile_w$1_z$2.txt" && head -8 "$OUT/profile_w$1_z$2.txt"
+  done | tee "$OUT/trainer.txt"
+}
+
+mfu() {  # one GPU: what raises the model step's MFU
+  log "model step: MFU by precision, compile and batch"
+  python3 benchmarks/gpu_bench.py --iters 15 --warmup 3 --no-eval --out "$OUT/mfu_b128.json" \
+    --only ${MFU_ONLY:-full-bert-bf16-graph,full-bert-bf16w-graph,full-bert-bf16w-compile-graph,full-bigru-bf16w-graph,region-gpo-bigru-bf16w-graph} \
+    > "$OUT/mfu_b128.log" 2>&1; tail -8 "$OUT/mfu_b128.log"
+  for b in 256 512; do
+    python3 benchmarks/gpu_bench.py --iters 10 --warmup 3 --no-eval --batch $b --out "$OUT/mfu_b$b.json" \
+      --only full-bert-bf16w-graph > "$OUT/mfu_b$b.log" 2>&1; tail -2 "$OUT/mfu_b$b.log"
+  done
 }
 
 for part in "$@"; do "$part"; done

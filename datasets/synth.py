@@ -25,6 +25,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import multiprocessing
+import os
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -312,11 +313,26 @@ def write_synthetic(cfg: SynthConfig, root_url: str, storage_options: dict[str, 
     return manifest
 
 
-def _pool(workers: int) -> Any:
+@contextlib.contextmanager
+def _pool(workers: int) -> Iterator[Any]:
     if workers <= 1:
-        return contextlib.nullcontext(builtins)  # builtins.map: same code path, no processes
-    # spawn, not fork: the caller may hold torch/OpenMP threads that a fork would copy half-alive.
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        yield builtins  # builtins.map: same code path, no processes
+        return
+    # One BLAS thread per worker: each image's projection is a small matmul, and 62 workers each
+    # starting a BLAS team the size of the machine spent most of their time contending.
+    single = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    saved = {k: os.environ.get(k) for k in single}
+    os.environ.update(single)  # read by the spawned workers as they import numpy
+    try:
+        # spawn, not fork: the caller may hold torch/OpenMP threads that a fork would copy half-alive.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            yield pool
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _write_shard(job: tuple) -> tuple[str, int, list[str]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -354,3 +355,42 @@ def test_grid_features_refused_on_a_dataset_converted_without_grids():
             check_features(load_config(None, ["data.url=/d", f"model.features={features}"]), no_grids)
     check_features(load_config(None, ["data.url=/d", "model.features=region"]), no_grids)
     check_features(load_config(None, ["data.url=/d"]), replace(no_grids, meta={}))
+
+
+def test_profile_steps_write_phase_and_operator_tables(tmp_path):
+    """train.profile_steps profiles steps after the warm-up; the step's phases are all there."""
+    from rgfusion.datasets.synth import SynthConfig, write_synthetic
+    from rgfusion.trainer import loop
+    from rgfusion.trainer.profiling import WARMUP_STEPS
+
+    data = tmp_path / "data"
+    write_synthetic(SynthConfig(train_images=48, dev_images=12, test_images=12, samples_per_shard=12, region_dim=8,
+                                grid_dim=8, grid_size=(2, 2), max_regions=4), str(data), progress=False)
+    cfg = load_config(None, [f"data.url={data}", f"train.out_dir={tmp_path}/run", "train.batch_size=8",
+                             f"train.steps_per_epoch={WARMUP_STEPS + 4}", "train.epochs=1", "train.profile_steps=2",
+                             "tracking.enabled=false", "train.progress=false", "data.num_workers=0", "model.width=16",
+                             "model.heads=2", "model.map_heads=2", "model.text.word_dim=16"])
+    result = loop.train(cfg)
+    ops = (tmp_path / "run" / "profile" / "ops.txt").read_text()
+    for name in ("data_wait", "forward", "loss_check", "backward", "optimizer_step"):
+        assert re.search(rf"rgfusion/{name}\s+calls\s+2 ", ops), name
+    assert "top operators by CPU time" in ops and (tmp_path / "run" / "profile" / "trace.json").stat().st_size
+    assert 0 <= result["data_wait_share"] < 1 and result["loader_startup_s"] > 0
+
+
+def test_device_feed_casts_counts_waits_and_ends():
+    from rgfusion.datasets.reader import Batch
+    from rgfusion.trainer.feed import DeviceFeed
+    from rgfusion.trainer.loss import ids_to_tensor
+
+    def batch(i: int) -> Batch:
+        return Batch(torch.ones(2, 3, 4, dtype=torch.float16) * i, torch.zeros(2, 3, 4), torch.ones(2, 3, dtype=torch.bool),
+                     torch.ones(2, 1, 4, dtype=torch.float16), (1, 1), torch.ones(2, 5, dtype=torch.long),
+                     torch.full((2,), 5), torch.ones(2, 5, dtype=torch.bool), torch.arange(2), [f"a{i}", f"b{i}"])
+
+    feed = DeviceFeed(iter([batch(1), batch(2)]), "cpu", torch.float32)
+    got = list(feed)
+    assert [b.regions.dtype for b, _ in got] == [torch.float32] * 2 and float(got[1][0].regions.max()) == 2
+    assert got[1][0].boxes.dtype == torch.float32 and got[1][0].tokens.dtype == torch.long
+    assert torch.equal(got[0][1], ids_to_tensor(["a1", "b1"]))
+    assert feed.startup_seconds >= 0 and feed.wait_seconds >= 0

@@ -84,6 +84,9 @@ class TrainConfig:
     log_every: int = 10
     # Rank-0 progress bar; off for log files of batch jobs.
     progress: bool = True
+    # Steps of the first epoch to run under the PyTorch profiler on rank 0 (after 5 warm-up
+    # steps); writes <out_dir>/profile/{ops.txt,trace.json}. 0 = off.
+    profile_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -92,6 +95,8 @@ class TrainConfig:
             raise ValueError("steps_per_epoch must be positive or null")
         if self.log_every < 1 or self.max_bad_steps < 1:
             raise ValueError("log_every and max_bad_steps must be positive")
+        if self.profile_steps < 0:
+            raise ValueError("profile_steps must be >= 0")
 
 
 @dataclass

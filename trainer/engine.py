@@ -220,14 +220,14 @@ def make_gather(world_size: int) -> Callable[[torch.Tensor], torch.Tensor] | Non
     return gather
 
 
-def all_ranks_any(flags: list[bool], device: str) -> list[bool]:
-    """Element-wise OR of per-rank flags (one small all-reduce), so every rank decides alike."""
+def all_ranks_any(flags: torch.Tensor) -> list[bool]:
+    """Element-wise OR across ranks of a 1-D float tensor of 0/1 flags on this rank's device:
+    one small all-reduce and the step's one host read, so every rank decides alike."""
     import torch.distributed as dist
 
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in flags.tolist()]
 
 
 def current_lr(engine: Any) -> float:

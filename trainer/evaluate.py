@@ -145,7 +145,7 @@ def evaluate_split(model: nn.Module, data_cfg: DataConfig, manifest: Manifest, t
     model.eval()
     try:
         loader = eval_loader(data_cfg, manifest, text, split=split, batch_size=batch_size, rank=rank,
-                             world_size=world_size)
+                             world_size=world_size, pin_memory=device.startswith("cuda"))
         local = embed_local(model, loader, manifest, device=device, dtype=dtype, world_size=world_size)
     finally:
         model.train(was_training)

@@ -29,8 +29,10 @@ from rgfusion.trainer.config import RunConfig
 from rgfusion.trainer.distenv import DistEnv, broadcast_list
 from rgfusion.trainer.evaluate import evaluate_split, flat_metrics, format_table, primary, write_report
 from rgfusion.trainer.export import consolidated_state_dict, write_export
-from rgfusion.trainer.loss import ContrastiveLoss, ids_to_tensor
+from rgfusion.trainer.feed import DeviceFeed
+from rgfusion.trainer.loss import ContrastiveLoss
 from rgfusion.trainer.model import build_model
+from rgfusion.trainer.profiling import StepProfiler, phase
 from rgfusion.trainer.redact import install_log_redaction, redact
 from rgfusion.trainer.tracking import Tracker, git_commit
 
@@ -111,8 +113,9 @@ class Run:
         self.stop_flag = [False]
         self.finished = False
         # Whole-run throughput of this process (evaluation excluded), for the result.
-        self.train_seconds = self.wait_seconds = 0.0
+        self.train_seconds = self.wait_seconds = self.startup_seconds = 0.0
         self.pairs = 0
+        self.profile_steps = cfg.train.profile_steps
         self.out = Path(cfg.train.out_dir)
         self.tracker = Tracker(cfg.tracking, active=env.is_main)
         self.resolved = redact(to_dict(cfg))
@@ -191,24 +194,26 @@ class Run:
         start = state.batch_in_epoch
         loader = train_loader(cfg.data, self.manifest, self.text, batch_size=self.micro,
                               steps=self.micro_per_epoch, rank=env.rank, world_size=env.world_size,
-                              seed=cfg.train.seed, epoch=epoch, start_step=start)
+                              seed=cfg.train.seed, epoch=epoch, start_step=start,
+                              pin_memory=self.device.startswith("cuda"))
         bar = tqdm(total=self.micro_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    unit="batch", disable=not (env.is_main and cfg.train.progress), dynamic_ncols=True)
-        window = Window()
+        profiler = StepProfiler(self.profile_steps, self.out / "profile", active=env.is_main)
+        self.profile_steps = 0  # the first epoch this process trains, once
         bad_in_row = 0
-        batches = iter(loader)
         t_start = time.perf_counter()
+        feed = DeviceFeed(iter(loader), self.device, self.dtype)
+        self.startup_seconds += feed.startup_seconds
+        window = Window(self.device, feed.wait_seconds)
         try:
-            while True:
-                t0 = time.perf_counter()
-                batch = next(batches, None)
-                waited = time.perf_counter() - t0
-                window.wait += waited
-                self.wait_seconds += waited
-                if batch is None:
-                    break
-                loss, stats = self._forward(batch)
-                bad, stop = eng.all_ranks_any([not math.isfinite(loss.item()), self.stop_flag[0]], self.device)
+            for batch, ids in feed:
+                profiler.step()
+                with phase("forward"):
+                    loss, stats = self.engine(batch, ids, step=state.global_step, gather=self.gather)
+                with phase("loss_check"):  # the step's one host sync (DeepSpeed adds its own)
+                    flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                                         loss.new_full((), float(self.stop_flag[0]))])
+                    bad, stop = eng.all_ranks_any(flags)
                 state.batch_in_epoch += 1
                 bar.update(1)
                 if bad:
@@ -222,15 +227,17 @@ class Run:
                             f"Checkpoint saved under {self.cfg.checkpoint_dir}")
                     continue
                 bad_in_row = 0
-                self.engine.backward(loss)
-                self.engine.step()
-                window.add(loss.item(), float(stats["collapsed_share"]))
+                with phase("backward"):
+                    self.engine.backward(loss)
+                with phase("optimizer_step"):
+                    self.engine.step()
+                window.add(loss.detach(), stats["collapsed_share"])
                 self.pairs += self.micro * env.world_size
                 stepped = self.engine.global_steps != state.global_step
                 state.global_step = self.engine.global_steps
                 if stepped and state.global_step % cfg.train.log_every == 0:
-                    self._log_window(window, bar)
-                    window = Window()
+                    self._log_window(window, bar, feed.wait_seconds)
+                    window = Window(self.device, feed.wait_seconds)
                 if stop and stepped:
                     self._checkpoint()
                     return "preempted"
@@ -239,30 +246,27 @@ class Run:
                 if stepped and every and state.global_step % every == 0 and not last:
                     self._checkpoint()
         finally:
+            profiler.stop()
             bar.close()
             self.train_seconds += time.perf_counter() - t_start
+            self.wait_seconds += feed.wait_seconds
         return "ok"
 
-    def _forward(self, batch: Any) -> tuple[torch.Tensor, dict]:
-        batch = batch.to(self.device, self.dtype)
-        ids = ids_to_tensor(batch.image_ids, self.device)
-        return self.engine(batch, ids, step=self.state.global_step, gather=self.gather)
-
-    def _log_window(self, window: "Window", bar: tqdm) -> None:
+    def _log_window(self, window: "Window", bar: tqdm, wait_now: float) -> None:
         """All-reduce the window's sums so the logged numbers cover every rank."""
         import torch.distributed as dist
 
-        sums = torch.tensor([window.loss, window.n, window.collapsed, float(skip_stats().total)],
-                            dtype=torch.float64, device=self.device)
+        extra = torch.tensor([window.n, float(skip_stats().total)], dtype=torch.float64, device=self.device)
+        sums = torch.cat([window.sums, extra])
         if dist.is_initialized() and self.env.world_size > 1:
             dist.all_reduce(sums)
-        loss_sum, n, collapsed, skipped = sums.tolist()
+        loss_sum, collapsed, n, skipped = sums.tolist()
         elapsed = max(time.perf_counter() - window.t0, 1e-9)
         metrics = {
             "train/loss": loss_sum / max(n, 1),
             "train/lr": eng.current_lr(self.engine),
             "train/pairs_per_s": window.n * self.micro * self.env.world_size / elapsed,
-            "train/data_wait_share": window.wait / elapsed,
+            "train/data_wait_share": (wait_now - window.wait0) / elapsed,
             "train/skipped_samples": skipped,
             "train/skipped_steps": self.state.skipped_steps,
             "train/collapsed_share": collapsed / max(n, 1),
@@ -335,6 +339,7 @@ class Run:
 
     def _result(self, status: str) -> dict[str, Any]:
         s = self.state
+        steps_seconds = self.train_seconds - self.startup_seconds
         return {
             "status": status, "run_id": s.run_id, "tracking_uri": self.tracker.uri if self.tracker.active else None,
             "epochs": s.epoch, "global_step": s.global_step, "skipped_steps": s.skipped_steps,
@@ -343,24 +348,24 @@ class Run:
             "checkpoint_dir": self.cfg.checkpoint_dir, "best_checkpoint": s.best_tag,
             "export_dir": str(self.out / "best"), "report": str(self.out / "reports" / "test.json"),
             "pairs_per_s": self.pairs / self.train_seconds if self.train_seconds else None,
-            "data_wait_share": self.wait_seconds / self.train_seconds if self.train_seconds else None,
+            # The steps' wait for data; each epoch's loader start-up is reported apart.
+            "data_wait_share": self.wait_seconds / steps_seconds if steps_seconds > 0 else None,
+            "loader_startup_s": self.startup_seconds,
             "ui": self.tracker.ui_hint() if self.env.is_main else None,
         }
 
 
 class Window:
-    """Sums over the steps since the last log."""
+    """Sums over the steps since the last log, kept on the device: adding them costs no sync."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str, wait0: float) -> None:
         self.t0 = time.perf_counter()
-        self.wait = 0.0
-        self.loss = 0.0
-        self.collapsed = 0.0
+        self.wait0 = wait0  # the feed's cumulative data wait when the window opened
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, collapsed share
         self.n = 0
 
-    def add(self, loss: float, collapsed: float) -> None:
-        self.loss += loss
-        self.collapsed += collapsed
+    def add(self, loss: torch.Tensor, collapsed: torch.Tensor) -> None:
+        self.sums += torch.stack([loss.double(), collapsed.double()])
         self.n += 1
 
 
