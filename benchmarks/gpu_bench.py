@@ -5,7 +5,13 @@ the real shapes, so the figure isolates the model from the data path (the traine
 the end-to-end pairs/s and data-wait share). Run on a GPU machine:
 
     python benchmarks/gpu_bench.py --out results.json            # full-size matrix
+    python benchmarks/gpu_bench.py --batch 256 --only full-bert-bf16w-graph
     python benchmarks/gpu_bench.py --device cpu --tiny            # smoke test on a CPU
+
+Variants are ``<model>-<precision>[-<mode>]``. Precisions: ``fp32`` (TF32 matmuls), ``bf16``
+(autocast over fp32 parameters), ``bf16w`` (bf16 parameters with fp32 master weights, as
+DeepSpeed's bf16 mode). Modes: none (eager), ``default`` (torch.compile of the towers), ``graph``
+(the whole step captured as one CUDA graph), ``compile-graph`` (both).
 
 Prints one table row per variant; ``--out`` also writes them as JSON.
 """
@@ -19,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -52,10 +59,24 @@ class Variant:
     cgf: bool = True
     pooling: str = "map"
     text: str = "bigru"
-    bf16: bool = False
+    # "fp32"; "bf16": autocast over fp32 parameters; "bf16w": bf16 parameters, fp32 master weights.
+    precision: str = "fp32"
     # "": eager; "default"/"max-autotune-no-cudagraphs": torch.compile of the towers;
-    # "graph": the whole step (forward, loss, backward, AdamW) captured once as a CUDA graph.
+    # "graph": the whole step (forward, loss, backward, AdamW) captured once as a CUDA graph;
+    # "compile-graph": the towers compiled (mode "default"), then the whole step captured.
     compile: str = ""
+
+    @property
+    def captured(self) -> bool:
+        """Whether the whole step is replayed as one CUDA graph."""
+        return self.compile in ("graph", "compile-graph")
+
+    @property
+    def compile_mode(self) -> str:
+        """torch.compile mode of the towers; "" leaves them eager."""
+        if self.compile == "compile-graph":
+            return "default"  # inductor without its own CUDA graphs: capture_step makes the one graph
+        return "" if self.compile in ("", "graph") else self.compile
 
 
 MODELS = {
@@ -65,13 +86,17 @@ MODELS = {
 }
 
 
+PRECISIONS = ("fp32", "bf16", "bf16w")
+MODES = ("", "default", "graph", "compile-graph")
+
+
 def variants() -> list[Variant]:
     out = []
     for model, fields in MODELS.items():
-        for bf16 in (False, True):
-            for mode in ("", "default", "graph"):
-                name = f"{model}-{'bf16' if bf16 else 'fp32'}{'-' + mode if mode else ''}"
-                out.append(Variant(name, bf16=bf16, compile=mode, **fields))
+        for precision in PRECISIONS:
+            for mode in MODES:
+                name = f"{model}-{precision}{'-' + mode if mode else ''}"
+                out.append(Variant(name, precision=precision, compile=mode, **fields))
     return out
 
 
@@ -95,7 +120,10 @@ def model_config(v: Variant, shape: Shape, hf_path: str | None) -> ModelConfig:
     )
 
 
-def make_batch(shape: Shape, vocab: int, device: torch.device, seq: int) -> dict[str, torch.Tensor]:
+def make_batch(
+    shape: Shape, vocab: int, device: torch.device, seq: int, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Random inputs; ``dtype`` is that of the float features (boxes stay fp32: the model casts them)."""
     b = shape.batch
     xy = torch.rand(b, shape.regions, 2, device=device) * 0.7
     wh = torch.rand(b, shape.regions, 2, device=device) * 0.3 + 0.05
@@ -103,20 +131,57 @@ def make_batch(shape: Shape, vocab: int, device: torch.device, seq: int) -> dict
     lengths[0] = seq  # the reader pads to the longest caption: keep the padded length fixed
     return {
         # ReLU of Gaussians: non-negative, CNN-like activations with half the entries zero.
-        "regions": torch.randn(b, shape.regions, shape.region_dim, device=device).relu_(),
+        "regions": torch.randn(b, shape.regions, shape.region_dim, device=device).relu_().to(dtype),
         "boxes": torch.cat([xy, (xy + wh).clamp(max=1)], -1),
         # Detectors keep 10..36 boxes per image; padding the rest is part of the real cost.
         "region_mask": torch.arange(shape.regions, device=device)[None]
         < torch.randint(min(10, shape.regions), shape.regions + 1, (b, 1), device=device),
-        "grids": torch.randn(b, shape.grid[0] * shape.grid[1], shape.grid_dim, device=device).relu_(),
+        "grids": torch.randn(b, shape.grid[0] * shape.grid[1], shape.grid_dim, device=device).relu_().to(dtype),
         "tokens": torch.randint(4, vocab, (b, seq), device=device),
         "lengths": lengths,
         "attention_mask": torch.arange(seq, device=device)[None] < lengths[:, None],
     }
 
 
-def step_fn(model, opt, loss_cfg, ids, v: Variant):
-    autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16) if v.bf16 else nullcontext()
+def feature_dtype(v: Variant) -> torch.dtype:
+    # bf16w parameters take bf16 inputs (no autocast casts them); the others take fp32.
+    return torch.bfloat16 if v.precision == "bf16w" else torch.float32
+
+
+def autocast_for(v: Variant, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if v.precision == "bf16" else nullcontext()
+
+
+def make_update(model: torch.nn.Module, v: Variant, device: torch.device) -> Callable[[], None]:
+    """Builds AdamW and returns the update that follows backward; bf16w also casts the model.
+
+    bf16w keeps fp32 master copies with preallocated fp32 gradients (as DeepSpeed's bf16 mode):
+    the bf16 gradients are copied up, AdamW steps the masters, the masters are copied back down.
+    Copies into fixed buffers, no host syncs: the update is CUDA-graph capturable."""
+    fused = {"fused": True, "capturable": v.captured} if device.type == "cuda" else {}
+    if v.precision != "bf16w":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
+        return opt.step
+    masters = [p.detach().clone() for p in model.parameters()]  # before the cast: full fp32 values
+    for m in masters:
+        m.grad = torch.zeros_like(m)
+    model.to(torch.bfloat16)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(masters, lr=1e-4, **fused)
+
+    @torch.no_grad()
+    def update() -> None:
+        # A parameter with no gradient this step keeps its master gradient (zero unless it had one).
+        pairs = [(m.grad, p.grad) for m, p in zip(masters, params) if p.grad is not None]
+        torch._foreach_copy_([g for g, _ in pairs], [g for _, g in pairs])
+        opt.step()
+        torch._foreach_copy_(params, masters)
+
+    return update
+
+
+def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant):
+    autocast = autocast_for(v, next(model.parameters()).device)
 
     def embed(batch):
         with autocast:
@@ -124,34 +189,37 @@ def step_fn(model, opt, loss_cfg, ids, v: Variant):
             cap = model.embed_captions(batch["tokens"], batch["lengths"], batch["attention_mask"])
         return img.float(), cap.float()
 
-    if v.compile not in ("", "graph"):
-        embed = torch.compile(embed, mode=v.compile)
+    if v.compile_mode:
+        embed = torch.compile(embed, mode=v.compile_mode)
 
     def step(batch):
         img, cap = embed(batch)
         loss, _ = contrastive_loss(img, cap, ids, ids, cfg=loss_cfg, step=10**9)
-        if v.compile != "graph":  # a captured backward writes (not accumulates) the same buffers
-            opt.zero_grad(set_to_none=True)
+        if not v.captured:  # a captured backward writes (not accumulates) the same buffers
+            model.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        update()
         return loss
 
     return step
 
 
-def capture_step(step, batch: dict[str, torch.Tensor], opt):
+def capture_step(step, batch: dict[str, torch.Tensor], model: torch.nn.Module):
     """The whole training step as one CUDA graph: one launch per step instead of ~1,500.
 
     Inputs are copied into the captured (static) batch before each replay; shapes must not change,
-    which the reader guarantees for regions (padded to max_regions) and a fixed caption length."""
+    which the reader guarantees for regions (padded to max_regions) and a fixed caption length.
+    The model's gradients are dropped before capture so backward allocates them in the graph's
+    pool (bf16w's fp32 master gradients are preallocated and stay)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up allocates optimizer state and cuDNN workspaces
+    # Warm-up allocates optimizer state and cuDNN workspaces, and runs torch.compile's compilation.
+    with torch.cuda.stream(side):
         for _ in range(3):
-            opt.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             step(batch)
     torch.cuda.current_stream().wait_stream(side)
-    opt.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         loss = step(batch)
@@ -183,30 +251,45 @@ def time_steps(step, batches, device, warmup: int, iters: int) -> list[float]:
     return times
 
 
-def bench_variant(v: Variant, shape: Shape, device, hf_path, args) -> dict:
+@dataclass
+class Bench:
+    """A model ready to time: its step (captured when the variant says so) and its inputs."""
+
+    model: torch.nn.Module
+    step: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    batches: list[dict[str, torch.Tensor]]
+    cfg: ModelConfig
+    seq: int
+
+
+def build_bench(v: Variant, shape: Shape, device: torch.device, hf_path: str | None, tiny: bool) -> Bench:
     torch.manual_seed(0)
     cfg = model_config(v, shape, hf_path)
-    vocab = 30522 if (v.text == "bert" and not args.tiny) else shape.vocab
+    vocab = 30522 if (v.text == "bert" and not tiny) else shape.vocab
     model = build_model(
         cfg, region_dim=shape.region_dim, grid_dim=shape.grid_dim, grid_size=shape.grid, vocab_size=vocab
     ).to(device)
-    fused = {"fused": True, "capturable": v.compile == "graph"} if device.type == "cuda" else {}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
+    update = make_update(model, v, device)
     seq = shape.words + 4 if v.text == "bert" else shape.words
     # Several input sets so repeated steps don't just re-read one batch from cache.
-    batches = [make_batch(shape, vocab, device, seq) for _ in range(3)]
-    ids = torch.arange(shape.batch, device=device)
-    step = step_fn(model, opt, LossConfig(), ids, v)
-    if v.compile == "graph":
-        step = capture_step(step, {k: t.clone() for k, t in batches[0].items()}, opt)
-    times = time_steps(step, batches, device, args.warmup, args.iters)
+    batches = [make_batch(shape, vocab, device, seq, feature_dtype(v)) for _ in range(3)]
+    step = step_fn(model, update, LossConfig(), torch.arange(shape.batch, device=device), v)
+    if v.captured:
+        step = capture_step(step, {k: t.clone() for k, t in batches[0].items()}, model)
+    return Bench(model, step, batches, cfg, seq)
+
+
+def bench_variant(v: Variant, shape: Shape, device, hf_path, args) -> dict:
+    bench = build_bench(v, shape, device, hf_path, args.tiny)
+    times = time_steps(bench.step, bench.batches, device, args.warmup, args.iters)
     med = statistics.median(times)
-    flops = flops_per_pair(cfg, shape.region_dim, shape.grid_dim, shape.grid, shape.regions, seq)
+    flops = flops_per_pair(bench.cfg, shape.region_dim, shape.grid_dim, shape.grid, shape.regions, bench.seq)
     pairs = shape.batch / med
     peak = next((p for k, p in PEAK_BF16_FLOPS.items() if k in device_name(device)), None)
     row = {
         **dataclasses.asdict(v),
-        "params": count_parameters(model),
+        "batch": shape.batch,
+        "params": count_parameters(bench.model),
         "step_ms": round(med * 1e3, 2),
         "step_ms_spread": round((max(times) - min(times)) * 1e3, 2),
         "pairs_per_s": round(pairs, 1),
@@ -215,8 +298,8 @@ def bench_variant(v: Variant, shape: Shape, device, hf_path, args) -> dict:
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
     }
     if v.text == "bigru" and v.compile == "":
-        row.update(split_text_image(model, batches[0], v, device, args))
-    del model, opt
+        row.update(split_text_image(bench.model, bench.batches[0], v, device, args))
+    del bench
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -225,7 +308,7 @@ def bench_variant(v: Variant, shape: Shape, device, hf_path, args) -> dict:
 
 def split_text_image(model, batch, v: Variant, device, args) -> dict:
     """Forward+backward time of each tower alone: says whether the recurrent part bounds the step."""
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if v.bf16 else nullcontext()
+    autocast = autocast_for(v, device)
 
     def tower(fn):
         def run(b):
@@ -249,7 +332,7 @@ def device_name(device: torch.device) -> str:
 def bench_eval(shape: Shape, device, args) -> dict:
     """Embed 5,000 images × 25,000 captions with the full model, then every COCO 5K recall."""
     n_img = 100 if args.tiny else 5000
-    cfg = model_config(Variant("eval", bf16=True), shape, None)
+    cfg = model_config(Variant("eval", precision="bf16"), shape, None)
     model = build_model(
         cfg, region_dim=shape.region_dim, grid_dim=shape.grid_dim, grid_size=shape.grid, vocab_size=shape.vocab
     ).to(device).eval()
@@ -281,17 +364,23 @@ def bench_eval(shape: Shape, device, args) -> dict:
 def profile_variant(v: Variant, shape: Shape, device, hf_path, args) -> str:
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = model_config(v, shape, hf_path)
-    model = build_model(cfg, region_dim=shape.region_dim, grid_dim=shape.grid_dim, grid_size=shape.grid, vocab_size=shape.vocab).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batches = [make_batch(shape, shape.vocab, device, shape.words)]
-    step = step_fn(model, opt, LossConfig(), torch.arange(shape.batch, device=device), v)
-    time_steps(step, batches, device, 3, 1)
+    bench = build_bench(v, shape, device, hf_path, args.tiny)
+    time_steps(bench.step, bench.batches[:1], device, 3, 1)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        time_steps(step, batches, device, 0, 5)
+        time_steps(bench.step, bench.batches[:1], device, 0, 5)
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=25)
+
+
+def check_names(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[Variant]:
+    """The variants ``--only`` names (all without it); an unknown name is an error, not an empty run."""
+    valid = {v.name: v for v in variants()}
+    wanted = [n for n in args.only.split(",") if n]
+    unknown = [n for n in wanted + ([args.profile] if args.profile else []) if n not in valid]
+    if unknown:
+        p.error(f"unknown variant(s) {','.join(unknown)}; valid: {','.join(valid)}")
+    return [v for v in valid.values() if not wanted or v.name in wanted]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="small shapes for a CPU smoke test")
     p.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
+    p.add_argument("--batch", type=int, default=None, help="pairs per step (default 128, 8 with --tiny)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-eval", action="store_true")
@@ -307,16 +397,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     shape = Shape(batch=8, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200) if args.tiny else Shape()
+    if args.batch is not None:
+        shape = dataclasses.replace(shape, batch=args.batch)
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 rows use TF32 tensor cores, as trainers do
     torch.backends.cudnn.allow_tf32 = True
-    chosen = [v for v in variants() if not args.only or v.name in args.only.split(",")]
+    chosen = check_names(p, args)
     hf_path = bert_dir(shape, args.tiny) if any(v.text == "bert" for v in chosen) or args.profile else None
     rows = []
     for v in chosen:
         try:
             rows.append(bench_variant(v, shape, device, hf_path, args))
         except Exception as e:  # one failing variant (e.g. a compile error) must not lose the rest
-            rows.append({"name": v.name, "error": f"{type(e).__name__}: {e}"[:300]})
+            rows.append({"name": v.name, "batch": shape.batch, "error": f"{type(e).__name__}: {e}"[:300]})
         print(json.dumps(rows[-1]), flush=True)
     result = {"device": device_name(device), "torch": torch.__version__, "shape": dataclasses.asdict(shape), "rows": rows}
     if not args.no_eval:
@@ -326,13 +418,13 @@ def main(argv: list[str] | None = None) -> int:
         v = next(v for v in variants() if v.name == args.profile)
         result["profile"] = profile_variant(v, shape, device, hf_path, args)
         print(result["profile"])
-    print(f"\n{'variant':34s} {'pairs/s':>9s} {'step ms':>8s} {'MFU':>6s} {'text ms':>8s} {'image ms':>8s}")
+    print(f"\n{'variant':38s} {'pairs/s':>9s} {'step ms':>8s} {'MFU':>6s} {'text ms':>8s} {'image ms':>8s}")
     for r in rows:
         if "error" in r:
-            print(f"{r['name']:34s} ERROR {r['error'][:80]}")
+            print(f"{r['name']:38s} ERROR {r['error'][:80]}")
             continue
         mfu = f"{100 * r['mfu_bf16_peak']:.1f}%" if r["mfu_bf16_peak"] else "-"
-        print(f"{r['name']:34s} {r['pairs_per_s']:9.0f} {r['step_ms']:8.1f} {mfu:>6s} "
+        print(f"{r['name']:38s} {r['pairs_per_s']:9.0f} {r['step_ms']:8.1f} {mfu:>6s} "
               f"{r.get('text_tower_ms', '-')!s:>8s} {r.get('image_tower_ms', '-')!s:>8s}")
     if args.out:
         with open(args.out, "w") as f:

@@ -94,24 +94,27 @@ feed() {  # one GPU: what feeds and what bounds the trainer's step
     echo "workers $w: $($RG data bench $DATA --mode train --workers $w --steps 80 --batch-size 128 \
       --dtype float16 --shuffle-buffer 2000 2>/dev/null | grep -E '^total' )"
   done | tee "$OUT/loader.txt"
-  log "trainer, 1 GPU, 120 steps: loader workers x ZeRO stage; the first run profiled"
-  for run in "6 2 10" "12 2 10" "12 0 0" "12 1 0"; do
-    set -- $run
-    train1 0 29410 "t_w$1_z$2" --set data.num_workers=$1 --set train.zero_stage=$2 --set train.profile_steps=$3 \
-      --set train.epochs=1 --set train.steps_per_epoch=120 --set tracking.enabled=false --set eval.batch_size=1000
-    echo "workers $1 zero $2: $(grep throughput "$OUT/t_w$1_z$2.log")"
-    [ "$3" != 0 ] && cp runs/t_w$1_z$2/profile/ops.txt "$OUT/profile_w$1_z$2.txt" && head -8 "$OUT/profile_w$1_z$2.txt"
+  log "trainer, 1 GPU, 120 steps: loader workers : ZeRO stage : profiled steps : torch.compile"
+  for run in ${FEED_RUNS:-6:2:10:false 12:2:10:false 12:0:0:false 12:1:0:false}; do
+    IFS=: read -r w z prof comp <<< "$run"
+    name="t_w${w}_z${z}$([ "$comp" = true ] && echo _compile)"
+    train1 0 29410 "$name" --set data.num_workers=$w --set train.zero_stage=$z --set train.profile_steps=$prof \
+      --set train.compile=$comp --set train.epochs=1 --set train.steps_per_epoch=120 --set tracking.enabled=false \
+      --set eval.batch_size=1000
+    echo "workers $w zero $z compile $comp: $(grep throughput "$OUT/$name.log")"
+    [ "$prof" != 0 ] && cp runs/$name/profile/ops.txt "$OUT/profile_$name.txt" && head -12 "$OUT/profile_$name.txt"
   done | tee "$OUT/trainer.txt"
 }
 
 mfu() {  # one GPU: what raises the model step's MFU
   log "model step: MFU by precision, compile and batch"
-  python3 benchmarks/gpu_bench.py --iters 15 --warmup 3 --no-eval --out "$OUT/mfu_b128.json" \
-    --only ${MFU_ONLY:-full-bert-bf16-graph,full-bert-bf16w-graph,full-bert-bf16w-compile-graph,full-bigru-bf16w-graph,region-gpo-bigru-bf16w-graph} \
+  python3 benchmarks/gpu_bench.py --iters 15 --warmup 3 --no-eval --out "$OUT/mfu_b128.json" --profile "${MFU_PROFILE:-full-bert-bf16w}" \
+    --only ${MFU_ONLY:-full-bert-bf16w-compile-graph,full-bigru-bf16w-compile-graph,region-gpo-bigru-fp32-graph,region-gpo-bigru-bf16w-graph,region-gpo-bigru-bf16w-compile-graph} \
     > "$OUT/mfu_b128.log" 2>&1; tail -8 "$OUT/mfu_b128.log"
-  for b in 256 512; do
+  for b in ${MFU_BATCHES:-256 512}; do
     python3 benchmarks/gpu_bench.py --iters 10 --warmup 3 --no-eval --batch $b --out "$OUT/mfu_b$b.json" \
-      --only full-bert-bf16w-graph > "$OUT/mfu_b$b.log" 2>&1; tail -2 "$OUT/mfu_b$b.log"
+      --only ${MFU_BIG:-full-bert-bf16w-compile-graph,full-bigru-bf16w-compile-graph} > "$OUT/mfu_b$b.log" 2>&1
+    tail -3 "$OUT/mfu_b$b.log"
   done
 }
 

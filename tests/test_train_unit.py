@@ -394,3 +394,29 @@ def test_device_feed_casts_counts_waits_and_ends():
     assert got[1][0].boxes.dtype == torch.float32 and got[1][0].tokens.dtype == torch.long
     assert torch.equal(got[0][1], ids_to_tensor(["a1", "b1"]))
     assert feed.startup_seconds >= 0 and feed.wait_seconds >= 0
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_exports_eager_names(tmp_path):
+    """train.compile: the run completes and the exported weights load into an eager model."""
+    from safetensors.torch import load_file
+
+    from rgfusion.datasets.synth import SynthConfig, write_synthetic
+    from rgfusion.trainer import loop
+
+    data = tmp_path / "data"
+    write_synthetic(SynthConfig(train_images=48, dev_images=12, test_images=12, samples_per_shard=12, region_dim=8,
+                                grid_dim=8, grid_size=(2, 2), max_regions=4), str(data), progress=False)
+    cfg = load_config(None, [f"data.url={data}", f"train.out_dir={tmp_path}/run", "train.batch_size=8",
+                             "train.steps_per_epoch=4", "train.epochs=1", "train.compile=true",
+                             "tracking.enabled=false", "train.progress=false", "data.num_workers=0", "model.width=16",
+                             "model.heads=2", "model.map_heads=2", "model.text.word_dim=16"])
+    result = loop.train(cfg)
+    assert result["status"] == "completed" and result["test_rsum"] > 0
+    keys = load_file(str(next((tmp_path / "run" / "best").glob("*.safetensors")))).keys()
+    assert keys and not any("_orig_mod" in k for k in keys)
+
+
+def test_compile_refuses_zero3():
+    with pytest.raises(ConfigError, match="compile"):
+        load_config(None, ["train.compile=true", "train.zero_stage=3"])

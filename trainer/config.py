@@ -84,6 +84,9 @@ class TrainConfig:
     log_every: int = 10
     # Rank-0 progress bar; off for log files of batch jobs.
     progress: bool = True
+    # torch.compile the model (inductor): fused kernels and fewer launches for a host-bound
+    # eager step. ZeRO 0-2 only; the first steps and each new evaluation shape compile.
+    compile: bool = False
     # Steps of the first epoch to run under the PyTorch profiler on rank 0 (after 5 warm-up
     # steps); writes <out_dir>/profile/{ops.txt,trace.json}. 0 = off.
     profile_steps: int = 0
@@ -95,6 +98,8 @@ class TrainConfig:
             raise ValueError("steps_per_epoch must be positive or null")
         if self.log_every < 1 or self.max_bad_steps < 1:
             raise ValueError("log_every and max_bad_steps must be positive")
+        if self.compile and self.zero_stage == 3:
+            raise ValueError("compile works with zero_stage 0-2 (ZeRO-3 gathers weights in hooks compile can't trace)")
         if self.profile_steps < 0:
             raise ValueError("profile_steps must be >= 0")
 

@@ -150,6 +150,8 @@ class Run:
         seed_everything(cfg.train.seed)  # same initial weights on every rank
         model = build_model(cfg.model, region_dim=self.manifest.region_dim, grid_dim=self.manifest.grid_dim,
                             grid_size=tuple(self.manifest.grid_size), vocab_size=self.text.vocab_size)
+        if cfg.train.compile:
+            model.compile()  # in place: parameter names, and so checkpoints, stay those of eager runs
         module = TrainModule(model, ContrastiveLoss(cfg.loss))
         enable_universal(module)
         self.engine = eng.build_engine(module, cfg, self.ds_config, steps_per_epoch=self.steps_per_epoch,

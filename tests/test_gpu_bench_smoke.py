@@ -1,0 +1,49 @@
+"""benchmarks/gpu_bench.py on a CPU with tiny shapes: the eager fp32 and bf16w steps run and
+report their batch; an unknown variant name is an error. Compile and CUDA-graph modes need a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
+
+
+def load_bench():
+    # benchmarks/ is no package: load the script as a module.
+    spec = importlib.util.spec_from_file_location("gpu_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_bench"] = module  # dataclasses resolve string annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variant_names_cover_every_precision_and_mode():
+    names = {v.name for v in load_bench().variants()}
+    for prec in ("fp32", "bf16", "bf16w"):
+        for suffix in ("", "-default", "-graph", "-compile-graph"):
+            assert f"full-bert-{prec}{suffix}" in names
+
+
+def test_tiny_cpu_fp32_and_bf16w_steps(tmp_path):
+    out = tmp_path / "bench.json"
+    only = "full-bigru-fp32,region-gpo-bigru-bf16w"
+    argv = ["--device", "cpu", "--tiny", "--no-eval", "--iters", "2", "--warmup", "1", "--batch", "6"]
+    assert load_bench().main([*argv, "--only", only, "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == only.split(",")
+    for r in rows:
+        assert "error" not in r, r
+        assert r["batch"] == 6 and r["pairs_per_s"] > 0
+    assert [r["precision"] for r in rows] == ["fp32", "bf16w"]
+
+
+def test_unknown_variant_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        load_bench().main(["--device", "cpu", "--tiny", "--no-eval", "--only", "full-bigru-fp32,no-such-variant"])
+    assert exc.value.code == 2
+    assert "no-such-variant" in capsys.readouterr().err
