@@ -369,7 +369,7 @@ def profile_variant(v: Variant, shape: Shape, device, hf_path, args) -> str:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         time_steps(bench.step, bench.batches[:1], device, 0, 5)
-    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=25)
 
 
