@@ -66,15 +66,20 @@ scale_run() {  # NGPU STAGE NAME [--set ...]
     --set train.batch_size=$((128 * n)) --set train.out_dir=runs/$name --set train.progress=false \
     --set tracking.enabled=false "$@" > "$OUT/$name.log" 2>&1
   echo "$name: $(grep -E 'throughput' "$OUT/$name.log" | tail -1) $(grep -oE 'dev rsum [0-9.]+' "$OUT/$name.log" | tail -1)"
+  echo "  steady: $(grep -oE '[0-9]+ pairs/s, data wait [0-9.]+%' "$OUT/$name.log" | tail -2 | tr '\n' ' ')"
 }
 
 scale() {
   log "ZeRO scaling at 128 pairs per GPU"
   # RUNS=stage:gpus pairs; on an 8-GPU machine e.g. RUNS="2:1 2:4 2:8 3:1 3:8".
+  # A third field "serial" turns DeepSpeed's overlap of gradient reduction with backward off.
+  echo "zero_optimization: {overlap_comm: false}" > "$OUT/serial_comm.yaml"
   for run in ${RUNS:-2:1 2:2 2:4 1:1 1:4 3:1 3:4}; do
-    stage=${run%:*} n=${run#*:}
-    scale_run "$n" "$stage" "z${stage}_n${n}" --set train.epochs=1 --set train.steps_per_epoch=80
-  done | tee "$OUT/scaling.txt"
+    IFS=: read -r stage n opt <<< "$run"
+    scale_run "$n" "$stage" "z${stage}_n${n}${opt:+_$opt}" --set train.epochs=1 --set train.steps_per_epoch=100 \
+      ${opt:+--set train.deepspeed=$OUT/serial_comm.yaml}
+  done | tee -a "$OUT/scaling.txt"
+  [ -n "${SCALE_ONLY:-}" ] && return
   log "global negatives on/off, 4 GPUs, 2 epochs"
   for g in true false; do
     scale_run 4 2 "neg_${g}" --set train.epochs=2 --set train.global_negatives=$g

@@ -121,6 +121,10 @@ def deepspeed_config(cfg: RunConfig, world_size: int, device: str, *, load_unive
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+    if device.startswith("cuda"):
+        # Reduce gradient buckets on a side stream while backward goes on (DeepSpeed enables it
+        # only for ZeRO-3 by default); gloo on CPU has no streams to overlap on.
+        generated["zero_optimization"]["overlap_comm"] = True
     if cfg.train.deepspeed:
         generated = deep_merge(generated, read_deepspeed_file(cfg.train.deepspeed))
     return generated

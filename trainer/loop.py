@@ -278,6 +278,10 @@ class Run:
         if norm is not None:
             metrics["train/grad_norm"] = float(norm)
         self.tracker.log_metrics(metrics, step=self.state.global_step)
+        if self.env.is_main and not self.cfg.train.progress:  # batch jobs: the log file shows progress
+            log.info("step %d: loss %.4f, lr %.2e, %.0f pairs/s, data wait %.1f%%", self.state.global_step,
+                     metrics["train/loss"], metrics["train/lr"], metrics["train/pairs_per_s"],
+                     100 * metrics["train/data_wait_share"])
         bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
                         pairs_s=f"{metrics['train/pairs_per_s']:.0f}",
                         wait=f"{100 * metrics['train/data_wait_share']:.0f}%", refresh=False)
