@@ -95,18 +95,19 @@ scale() {
 
 feed() {  # one GPU: what feeds and what bounds the trainer's step
   log "loader alone (train mode, batch 128, float16): images/s by worker count"
-  for w in 4 8 12; do
+  for w in ${LOADER_WORKERS-4 8 12}; do
     echo "workers $w: $($RG data bench $DATA --mode train --workers $w --steps 80 --batch-size 128 \
       --dtype float16 --shuffle-buffer 2000 2>/dev/null | grep -E '^total' )"
   done | tee "$OUT/loader.txt"
-  log "trainer, 1 GPU, 120 steps: loader workers : ZeRO stage : profiled steps : torch.compile"
+  log "trainer, 1 GPU, ${FEED_STEPS:=120} steps: loader workers : ZeRO stage : profiled steps : torch.compile"
   for run in ${FEED_RUNS:-6:2:10:false 12:2:10:false 12:0:0:false 12:1:0:false}; do
     IFS=: read -r w z prof comp <<< "$run"
     name="t_w${w}_z${z}$([ "$comp" = true ] && echo _compile)"
     train1 0 29410 "$name" --set data.num_workers=$w --set train.zero_stage=$z --set train.profile_steps=$prof \
-      --set train.compile=$comp --set train.epochs=1 --set train.steps_per_epoch=120 --set tracking.enabled=false \
+      --set train.compile=$comp --set train.epochs=1 --set train.steps_per_epoch=$FEED_STEPS --set tracking.enabled=false \
       --set eval.batch_size=1000
     echo "workers $w zero $z compile $comp: $(grep throughput "$OUT/$name.log")"
+    grep -oE 'step [0-9]+: .*' "$OUT/$name.log" | tail -3
     [ "$prof" != 0 ] && cp runs/$name/profile/ops.txt "$OUT/profile_$name.txt" && head -12 "$OUT/profile_$name.txt"
   done | tee "$OUT/trainer.txt"
 }

@@ -375,7 +375,7 @@ def test_profile_steps_write_phase_and_operator_tables(tmp_path):
     for name in ("data_wait", "forward", "loss_check", "backward", "optimizer_step"):
         assert re.search(rf"rgfusion/{name}\s+calls\s+2 ", ops), name
     assert "top operators by CPU time" in ops and (tmp_path / "run" / "profile" / "trace.json").stat().st_size
-    assert 0 <= result["data_wait_share"] < 1 and result["loader_startup_s"] > 0
+    assert 0 <= result["data_wait_share"] < 1 and result["loader_start_stop_s"] > 0
 
 
 def test_device_feed_casts_counts_waits_and_ends():
@@ -393,7 +393,7 @@ def test_device_feed_casts_counts_waits_and_ends():
     assert [b.regions.dtype for b, _ in got] == [torch.float32] * 2 and float(got[1][0].regions.max()) == 2
     assert got[1][0].boxes.dtype == torch.float32 and got[1][0].tokens.dtype == torch.long
     assert torch.equal(got[0][1], ids_to_tensor(["a1", "b1"]))
-    assert feed.startup_seconds >= 0 and feed.wait_seconds >= 0
+    assert feed.edge_seconds > 0 and feed.wait_seconds >= 0
 
 
 @pytest.mark.slow

@@ -66,7 +66,7 @@ def _run_training(cfg: Any) -> int:
         return 0
     if result.get("pairs_per_s"):
         print(f"throughput: {result['pairs_per_s']:.1f} pairs/s, data wait {100 * result['data_wait_share']:.1f}% "
-              f"of step time, loader start-up {result['loader_startup_s']:.1f} s in all", flush=True)
+              f"of step time, loader start/stop {result['loader_start_stop_s']:.1f} s in all", flush=True)
     if result.get("ui"):
         print(f"\nMLflow run {result['run_id']}; to browse it:\n  {result['ui']}", flush=True)
     if result["status"] == "preempted":

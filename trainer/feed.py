@@ -21,16 +21,16 @@ from rgfusion.trainer.profiling import phase
 class DeviceFeed:
     """Iterator of ``(batch, ids)`` on ``device``.
 
-    ``startup_seconds``: the wait for the first batch (loader processes starting and reading).
-    ``wait_seconds``: the time blocked on the loader after that, the copies' enqueueing excluded:
-    the data wait of the steps."""
+    ``edge_seconds``: the waits for the first batch (loader processes starting and reading) and
+    for the end of the stream (workers shutting down): once per epoch, not per step.
+    ``wait_seconds``: the time blocked on the loader in between, the copies' enqueueing
+    excluded: the data wait of the steps."""
 
     def __init__(self, batches: Iterator[Any], device: str, dtype: torch.dtype):
         self.src, self.device, self.dtype = batches, device, dtype
         self.stream = torch.cuda.Stream(torch.device(device)) if device.startswith("cuda") else None
-        self.wait_seconds = 0.0
-        self.pending = self._load()
-        self.startup_seconds, self.wait_seconds = self.wait_seconds, 0.0
+        self.wait_seconds = self.edge_seconds = 0.0
+        self.pending = self._load(edge=True)
 
     def __iter__(self) -> "DeviceFeed":
         return self
@@ -48,13 +48,18 @@ class DeviceFeed:
         self.pending = self._load()
         return item
 
-    def _load(self) -> tuple[Any, torch.Tensor] | None:
+    def _load(self, edge: bool = False) -> tuple[Any, torch.Tensor] | None:
         t0 = time.perf_counter()
         with phase("data_wait"):
             batch = next(self.src, None)
-        self.wait_seconds += time.perf_counter() - t0
-        if batch is None:
-            return None
+        waited = time.perf_counter() - t0
+        if edge or batch is None:
+            self.edge_seconds += waited
+        else:
+            self.wait_seconds += waited
+        return None if batch is None else self._to_device(batch)
+
+    def _to_device(self, batch: Any) -> tuple[Any, torch.Tensor]:
         if self.stream is None:
             return batch.to(self.device, self.dtype), ids_to_tensor(batch.image_ids, self.device)
         with torch.cuda.stream(self.stream):

@@ -113,7 +113,7 @@ class Run:
         self.stop_flag = [False]
         self.finished = False
         # Whole-run throughput of this process (evaluation excluded), for the result.
-        self.train_seconds = self.wait_seconds = self.startup_seconds = 0.0
+        self.train_seconds = self.wait_seconds = self.edge_seconds = 0.0
         self.pairs = 0
         self.profile_steps = cfg.train.profile_steps
         self.out = Path(cfg.train.out_dir)
@@ -205,7 +205,6 @@ class Run:
         bad_in_row = 0
         t_start = time.perf_counter()
         feed = DeviceFeed(iter(loader), self.device, self.dtype)
-        self.startup_seconds += feed.startup_seconds
         window = Window(self.device, feed.wait_seconds)
         try:
             for batch, ids in feed:
@@ -252,6 +251,7 @@ class Run:
             bar.close()
             self.train_seconds += time.perf_counter() - t_start
             self.wait_seconds += feed.wait_seconds
+            self.edge_seconds += feed.edge_seconds
         return "ok"
 
     def _log_window(self, window: "Window", bar: tqdm, wait_now: float) -> None:
@@ -345,7 +345,7 @@ class Run:
 
     def _result(self, status: str) -> dict[str, Any]:
         s = self.state
-        steps_seconds = self.train_seconds - self.startup_seconds
+        steps_seconds = self.train_seconds - self.edge_seconds
         return {
             "status": status, "run_id": s.run_id, "tracking_uri": self.tracker.uri if self.tracker.active else None,
             "epochs": s.epoch, "global_step": s.global_step, "skipped_steps": s.skipped_steps,
@@ -354,9 +354,9 @@ class Run:
             "checkpoint_dir": self.cfg.checkpoint_dir, "best_checkpoint": s.best_tag,
             "export_dir": str(self.out / "best"), "report": str(self.out / "reports" / "test.json"),
             "pairs_per_s": self.pairs / self.train_seconds if self.train_seconds else None,
-            # The steps' wait for data; each epoch's loader start-up is reported apart.
+            # The steps' wait for data; each epoch's loader start and stop are reported apart.
             "data_wait_share": self.wait_seconds / steps_seconds if steps_seconds > 0 else None,
-            "loader_startup_s": self.startup_seconds,
+            "loader_start_stop_s": self.edge_seconds,
             "ui": self.tracker.ui_hint() if self.env.is_main else None,
         }
 
