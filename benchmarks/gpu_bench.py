@@ -11,7 +11,8 @@ the end-to-end pairs/s and data-wait share). Run on a GPU machine:
 Variants are ``<model>-<precision>[-<mode>]``. Precisions: ``fp32`` (TF32 matmuls), ``bf16``
 (autocast over fp32 parameters), ``bf16w`` (bf16 parameters with fp32 master weights, as
 DeepSpeed's bf16 mode). Modes: none (eager), ``default`` (torch.compile of the towers), ``graph``
-(the whole step captured as one CUDA graph), ``compile-graph`` (both).
+(the whole step captured as one CUDA graph), ``compile-graph`` (both), ``autotune-graph`` (inductor's
+max-autotune GEMM search, then the capture).
 
 Prints one table row per variant; ``--out`` also writes them as JSON.
 """
@@ -63,19 +64,22 @@ class Variant:
     precision: str = "fp32"
     # "": eager; "default"/"max-autotune-no-cudagraphs": torch.compile of the towers;
     # "graph": the whole step (forward, loss, backward, AdamW) captured once as a CUDA graph;
-    # "compile-graph": the towers compiled (mode "default"), then the whole step captured.
+    # "compile-graph": the towers compiled (mode "default"), then the whole step captured;
+    # "autotune-graph": the same with inductor's GEMM autotuning (minutes of compilation).
     compile: str = ""
 
     @property
     def captured(self) -> bool:
         """Whether the whole step is replayed as one CUDA graph."""
-        return self.compile in ("graph", "compile-graph")
+        return self.compile in ("graph", "compile-graph", "autotune-graph")
 
     @property
     def compile_mode(self) -> str:
         """torch.compile mode of the towers; "" leaves them eager."""
-        if self.compile == "compile-graph":
-            return "default"  # inductor without its own CUDA graphs: capture_step makes the one graph
+        # Inductor without its own CUDA graphs: capture_step makes the one graph.
+        captured_modes = {"compile-graph": "default", "autotune-graph": "max-autotune-no-cudagraphs"}
+        if self.compile in captured_modes:
+            return captured_modes[self.compile]
         return "" if self.compile in ("", "graph") else self.compile
 
 
@@ -87,7 +91,7 @@ MODELS = {
 
 
 PRECISIONS = ("fp32", "bf16", "bf16w")
-MODES = ("", "default", "graph", "compile-graph")
+MODES = ("", "default", "graph", "compile-graph", "autotune-graph")
 
 
 def variants() -> list[Variant]:

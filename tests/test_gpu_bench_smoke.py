@@ -25,7 +25,7 @@ def load_bench():
 def test_variant_names_cover_every_precision_and_mode():
     names = {v.name for v in load_bench().variants()}
     for prec in ("fp32", "bf16", "bf16w"):
-        for suffix in ("", "-default", "-graph", "-compile-graph"):
+        for suffix in ("", "-default", "-graph", "-compile-graph", "-autotune-graph"):
             assert f"full-bert-{prec}{suffix}" in names
 
 
