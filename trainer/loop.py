@@ -211,21 +211,12 @@ class Run:
                 profiler.step()
                 with phase("forward"):
                     loss, stats = self.engine(batch, ids, step=state.global_step, gather=self.gather)
-                with phase("loss_check"):  # the step's one host sync (DeepSpeed adds its own)
-                    flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
-                                         loss.new_full((), float(self.stop_flag[0]))])
-                    bad, stop = eng.all_ranks_any(flags)
+                bad, stop = self._check(loss)
                 state.batch_in_epoch += 1
                 bar.update(1)
                 if bad:
-                    state.skipped_steps += 1
                     bad_in_row += 1
-                    if bad_in_row >= cfg.train.max_bad_steps:
-                        self._checkpoint()
-                        raise TrainingStopped(
-                            f"{bad_in_row} non-finite losses in a row at step {state.global_step} (epoch "
-                            f"{epoch + 1}): the run diverged; lower optim.lr or check the data. "
-                            f"Checkpoint saved under {self.cfg.checkpoint_dir}")
+                    self._skip_bad_step(bad_in_row, epoch)
                     continue
                 bad_in_row = 0
                 with phase("backward"):
@@ -253,6 +244,25 @@ class Run:
             self.wait_seconds += feed.wait_seconds
             self.edge_seconds += feed.edge_seconds
         return "ok"
+
+    def _check(self, loss: torch.Tensor) -> tuple[bool, bool]:
+        """(non-finite loss on any rank, SIGTERM on any rank): the step's one host sync
+        (DeepSpeed adds its own for the gradient norm)."""
+        with phase("loss_check"):
+            flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                                 torch.full((), float(self.stop_flag[0]), device=loss.device)])
+            bad, stop = eng.all_ranks_any(flags)
+        return bad, stop
+
+    def _skip_bad_step(self, bad_in_row: int, epoch: int) -> None:
+        """Count a skipped step; too many in a row checkpoint and stop the run."""
+        self.state.skipped_steps += 1
+        if bad_in_row >= self.cfg.train.max_bad_steps:
+            self._checkpoint()
+            raise TrainingStopped(
+                f"{bad_in_row} non-finite losses in a row at step {self.state.global_step} (epoch "
+                f"{epoch + 1}): the run diverged; lower optim.lr or check the data. "
+                f"Checkpoint saved under {self.cfg.checkpoint_dir}")
 
     def _log_window(self, window: "Window", bar: tqdm, wait_now: float) -> None:
         """All-reduce the window's sums so the logged numbers cover every rank."""
