@@ -286,8 +286,19 @@ def test_mlflow_server_with_s3_artifacts_and_checkpoints(data_url, tmp_path, s3_
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]]
     assert any(k.startswith("mlflow/") and k.endswith("model.safetensors") for k in keys)
     assert "runs/ckpt/latest" in keys and any(k.endswith("COMPLETE.json") for k in keys)
+    # `rgfusion eval` reads the checkpoint root straight from the bucket: the latest checkpoint
+    # (end of epoch 2) scores what the run logged for it.
+    rc, ev = finish(launch(["eval", "--checkpoint", ck, "--split", "test", "--endpoint-url", s3_endpoint,
+                            "--storage-options", json.dumps({"key": "testing", "secret": SECRET}),
+                            "--report", str(tmp_path / "ev.json")], cwd=tmp_path))
+    assert rc == 0, ev[-3000:]
+    logged = float(re.findall(r"test rsum ([\d.]+)", resumed)[-1])
+    assert json.loads((tmp_path / "ev.json").read_text())["protocols"]["all"]["rsum"] == pytest.approx(logged, abs=0.051)
+    rc, missing = finish(launch(["eval", "--checkpoint", f"s3://{s3_bucket}/nowhere", "--endpoint-url", s3_endpoint,
+                                 "--storage-options", '{"key": "testing", "secret": "x"}'], cwd=tmp_path))
+    assert rc == 2 and "no model.safetensors, meta.json or latest pointer there" in missing, missing[-2000:]
     # The secret never reached params (above), logs or written configs.
-    assert SECRET not in out + resumed
+    assert SECRET not in out + resumed + ev
     written = [p for p in (tmp_path / "run").rglob("*") if p.is_file() and p.suffix in (".yaml", ".json")]
     assert written and all(SECRET not in p.read_text(errors="replace") for p in written)
 

@@ -6,10 +6,12 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from rgfusion.configs import ConfigError
+from rgfusion.datasets.cli import add_storage_args, storage_options_from
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--report", help="write the JSON report here")
     _add_set(p, "override the saved config, e.g. --set data.url=/data/flickr30k")
+    add_storage_args(p)  # for a --checkpoint on object storage
     p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser("demo", help="the main job: synthetic data -> train the fusion model -> "
@@ -87,7 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rgfusion.datasets import build_text_processor
 
     install_log_redaction()
-    model, config = load_for_eval(args.checkpoint)
+    model, config = load_for_eval(args.checkpoint, storage_options_from(args))
     cfg = _config_with_overrides(RunConfig, config, args.set, args.checkpoint)
     env = DistEnv.from_environ()
     device = eng.resolve_device(cfg, env)
@@ -104,8 +107,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_for_eval(path: str) -> tuple[Any, dict[str, Any]]:
-    """(model, saved config) from an export folder or a DeepSpeed checkpoint (folder or root)."""
+def load_for_eval(path: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """(model, saved config) from an export folder or a DeepSpeed checkpoint (folder or root),
+    local or at an fsspec URL (fetched to a temporary folder first)."""
+    from rgfusion.datasets.storage import is_local, open_fs
+
+    fs, root = open_fs(path, storage_options)
+    if is_local(fs):
+        return _load_local(root)
+    with tempfile.TemporaryDirectory(prefix="rgfusion-eval-") as tmp:
+        return _load_local(_fetch(fs, root.rstrip("/"), Path(tmp), path))
+
+
+def _fetch(fs: Any, root: str, dest: Path, url: str) -> str:
+    """The export or checkpoint folder at ``root`` copied under ``dest``; a checkpoint root
+    (with a ``latest`` pointer) fetches only the checkpoint it points to."""
+    from rgfusion.trainer.export import WEIGHTS
+
+    if not (fs.exists(f"{root}/{WEIGHTS}") or fs.exists(f"{root}/meta.json")):
+        if not fs.exists(f"{root}/latest"):
+            raise ConfigError(f"--checkpoint {url}: no {WEIGHTS}, meta.json or latest pointer there")
+        root = f"{root}/{fs.cat_file(f'{root}/latest').decode().strip()}"
+    local = dest / root.rsplit("/", 1)[-1]
+    fs.get(f"{root}/", str(local), recursive=True)
+    return str(local)
+
+
+def _load_local(path: str) -> tuple[Any, dict[str, Any]]:
     from rgfusion.trainer.export import WEIGHTS, load_exported
 
     p = Path(path)
