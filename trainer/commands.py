@@ -113,38 +113,34 @@ def load_for_eval(path: str, storage_options: dict[str, Any] | None = None) -> t
     from rgfusion.datasets.storage import is_local, open_fs
 
     fs, root = open_fs(path, storage_options)
+    folder = _model_folder(fs, root.rstrip("/"), path)
     if is_local(fs):
-        return _load_local(root)
+        return _load_folder(Path(folder))
     with tempfile.TemporaryDirectory(prefix="rgfusion-eval-") as tmp:
-        return _load_local(_fetch(fs, root.rstrip("/"), Path(tmp), path))
+        local = Path(tmp) / folder.rsplit("/", 1)[-1]
+        fs.get(f"{folder}/", str(local), recursive=True)
+        return _load_folder(local)
 
 
-def _fetch(fs: Any, root: str, dest: Path, url: str) -> str:
-    """The export or checkpoint folder at ``root`` copied under ``dest``; a checkpoint root
-    (with a ``latest`` pointer) fetches only the checkpoint it points to."""
+def _model_folder(fs: Any, root: str, path: str) -> str:
+    """``root`` if it holds an export or a checkpoint; for a checkpoint root, the checkpoint its
+    ``latest`` pointer names (so only that one is fetched from object storage)."""
     from rgfusion.trainer.export import WEIGHTS
 
-    if not (fs.exists(f"{root}/{WEIGHTS}") or fs.exists(f"{root}/meta.json")):
-        if not fs.exists(f"{root}/latest"):
-            raise ConfigError(f"--checkpoint {url}: no {WEIGHTS}, meta.json or latest pointer there")
-        root = f"{root}/{fs.cat_file(f'{root}/latest').decode().strip()}"
-    local = dest / root.rsplit("/", 1)[-1]
-    fs.get(f"{root}/", str(local), recursive=True)
-    return str(local)
+    if fs.exists(f"{root}/{WEIGHTS}") or fs.exists(f"{root}/meta.json"):
+        return root
+    if fs.exists(f"{root}/latest"):
+        return f"{root}/{fs.cat_file(f'{root}/latest').decode().strip()}"
+    raise ConfigError(f"--checkpoint {path}: no {WEIGHTS}, meta.json or latest pointer there")
 
 
-def _load_local(path: str) -> tuple[Any, dict[str, Any]]:
+def _load_folder(folder: Path) -> tuple[Any, dict[str, Any]]:
     from rgfusion.trainer.export import WEIGHTS, load_exported
 
-    p = Path(path)
-    if (p / WEIGHTS).is_file():
-        model, info = load_exported(p)
+    if (folder / WEIGHTS).is_file():
+        model, info = load_exported(folder)
         return model, info["config"]
-    if not p.is_dir():
-        raise ConfigError(f"--checkpoint {path}: no such folder")
-    if not (p / "meta.json").is_file() and (p / "latest").is_file():
-        p = p / (p / "latest").read_text().strip()
-    return _model_from_checkpoint(p)
+    return _model_from_checkpoint(folder)
 
 
 def _model_from_checkpoint(folder: Path) -> tuple[Any, dict[str, Any]]:

@@ -8,6 +8,7 @@ pass-through with the dtype cast.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -60,9 +61,7 @@ class DeviceFeed:
         return None if batch is None else self._to_device(batch)
 
     def _to_device(self, batch: Any) -> tuple[Any, torch.Tensor]:
-        if self.stream is None:
-            return batch.to(self.device, self.dtype), ids_to_tensor(batch.image_ids, self.device)
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             return batch.to(self.device, self.dtype), ids_to_tensor(batch.image_ids, self.device)
 
 

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ class StepProfiler:
 
 
 def _phases(avg: object) -> str:
-    rows = [e for e in avg if e.key.startswith("rgfusion/")]
+    # Host-side ranges only: each range also has a zero-time device-side twin in the averages.
+    rows = [e for e in avg if e.key.startswith("rgfusion/") and e.device_type == DeviceType.CPU]
     total = sum(e.cpu_time_total for e in rows) or 1.0
     return "\n".join(f"{e.key:28s} calls {e.count:5d}  host ms/call {e.cpu_time_total / max(e.count, 1) / 1e3:8.2f}"
                      f"  share {100 * e.cpu_time_total / total:5.1f}%" for e in sorted(rows, key=lambda e: e.key))
