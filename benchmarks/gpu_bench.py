@@ -50,6 +50,7 @@ class Shape:
     width: int = 1024
     words: int = 16  # mean COCO/Flickr caption length in words; BERT sees ~20 word pieces
     vocab: int = 10_000
+    attention: str = "sdpa"  # ModelConfig.attention: the fused SDPA kernels or the math path
 
 
 @dataclass
@@ -120,7 +121,7 @@ def model_config(v: Variant, shape: Shape, hf_path: str | None) -> ModelConfig:
     text = TextConfig(encoder="hf", hf_path=hf_path) if v.text == "bert" else TextConfig()
     return ModelConfig(
         width=shape.width, features=v.features, graph=v.graph, cgf=v.cgf, pooling=v.pooling, text=text,
-        heads=8 if shape.width >= 64 else 2,
+        heads=8 if shape.width >= 64 else 2, attention=shape.attention,
     )
 
 
@@ -393,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="small shapes for a CPU smoke test")
     p.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
     p.add_argument("--batch", type=int, default=None, help="pairs per step (default 128, 8 with --tiny)")
+    p.add_argument("--attention", choices=("sdpa", "math"), default="sdpa", help="model.attention of every variant")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-eval", action="store_true")
@@ -401,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     shape = Shape(batch=8, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200) if args.tiny else Shape()
+    shape = dataclasses.replace(shape, attention=args.attention)
     if args.batch is not None:
         shape = dataclasses.replace(shape, batch=args.batch)
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 rows use TF32 tensor cores, as trainers do

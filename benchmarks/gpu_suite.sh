@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_suite.sh setup data scale         # ZeRO 1/2/3 x 1/2/4 GPUs, negatives, resume
 #   RUNS="2:1 2:8 3:8" bash benchmarks/gpu_suite.sh setup data scale   # any stage:GPU-count pairs
 #   TRAIN_IMAGES=6000 bash benchmarks/gpu_suite.sh setup data feed     # 1 GPU: loader and trainer profile
-#   bash benchmarks/gpu_suite.sh setup mfu                                # 1 GPU: MFU by precision, compile, batch
+#   bash benchmarks/gpu_suite.sh setup mfu                                # 1 GPU: MFU by precision, compile, attention, batch
 # Results (logs, JSON, the MLflow store as a tarball) land in $OUT.
 set -uo pipefail
 export MLFLOW_ALLOW_FILE_STORE=true PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -99,28 +99,32 @@ feed() {  # one GPU: what feeds and what bounds the trainer's step
     echo "workers $w: $($RG data bench $DATA --mode train --workers $w --steps 80 --batch-size 128 \
       --dtype float16 --shuffle-buffer 2000 2>/dev/null | grep -E '^total' )"
   done | tee "$OUT/loader.txt"
-  log "trainer, 1 GPU, ${FEED_STEPS:=120} steps: loader workers : ZeRO stage : profiled steps : torch.compile"
+  log "trainer, 1 GPU, ${FEED_STEPS:=120} steps: loader workers : ZeRO stage : profiled steps : torch.compile [: attention]"
   for run in ${FEED_RUNS:-6:2:10:false 12:2:10:false 12:0:0:false 12:1:0:false}; do
-    IFS=: read -r w z prof comp <<< "$run"
-    name="t_w${w}_z${z}$([ "$comp" = true ] && echo _compile)"
+    IFS=: read -r w z prof comp att <<< "$run"
+    att=${att:-sdpa}
+    name="t_w${w}_z${z}$([ "$comp" = true ] && echo _compile)$([ "$att" = math ] && echo _math)"
     train1 0 29410 "$name" --set data.num_workers=$w --set train.zero_stage=$z --set train.profile_steps=$prof \
-      --set train.compile=$comp --set train.epochs=1 --set train.steps_per_epoch=$FEED_STEPS --set tracking.enabled=false \
+      --set train.compile=$comp --set model.attention=$att --set train.epochs=1 --set train.steps_per_epoch=$FEED_STEPS --set tracking.enabled=false \
       --set eval.batch_size=1000
-    echo "workers $w zero $z compile $comp: $(grep throughput "$OUT/$name.log")"
+    echo "workers $w zero $z compile $comp attention $att: $(grep throughput "$OUT/$name.log")"
     grep -oE 'step [0-9]+: .*' "$OUT/$name.log" | tail -3
     [ "$prof" != 0 ] && cp runs/$name/profile/ops.txt "$OUT/profile_$name.txt" && head -12 "$OUT/profile_$name.txt"
   done | tee "$OUT/trainer.txt"
 }
 
-mfu() {  # one GPU: what raises the model step's MFU
-  log "model step: MFU by precision, compile and batch"
-  python3 benchmarks/gpu_bench.py --iters 15 --warmup 3 --no-eval --out "$OUT/mfu_b128.json" --profile "${MFU_PROFILE:-full-bert-bf16w}" \
-    --only ${MFU_ONLY:-full-bert-bf16w-compile-graph,full-bigru-bf16w-compile-graph,region-gpo-bigru-fp32-graph,region-gpo-bigru-bf16w-graph,region-gpo-bigru-bf16w-compile-graph} \
-    > "$OUT/mfu_b128.log" 2>&1; tail -8 "$OUT/mfu_b128.log"
-  for b in ${MFU_BATCHES:-256 512}; do
-    python3 benchmarks/gpu_bench.py --iters 10 --warmup 3 --no-eval --batch $b --out "$OUT/mfu_b$b.json" \
-      --only ${MFU_BIG:-full-bert-bf16w-compile-graph,full-bigru-bf16w-compile-graph} > "$OUT/mfu_b$b.log" 2>&1
-    tail -3 "$OUT/mfu_b$b.log"
+mfu() {  # one GPU: what raises the model step's MFU; MFU_ATTENTION="sdpa math" compares the kernels
+  log "model step: MFU by precision, compile, attention and batch"
+  for att in ${MFU_ATTENTION:-sdpa math}; do
+    python3 benchmarks/gpu_bench.py --iters 15 --warmup 3 --no-eval --attention $att --out "$OUT/mfu_${att}_b128.json" \
+      --profile "${MFU_PROFILE:-full-bert-bf16w}" \
+      --only ${MFU_ONLY:-full-bert-bf16w-compile-graph,full-bigru-bf16w-compile-graph,region-gpo-bigru-fp32-graph,region-gpo-bigru-bf16w-graph,region-gpo-bigru-bf16w-compile-graph} \
+      > "$OUT/mfu_${att}_b128.log" 2>&1; tail -8 "$OUT/mfu_${att}_b128.log"
+    for b in ${MFU_BATCHES:-256 512}; do
+      python3 benchmarks/gpu_bench.py --iters 10 --warmup 3 --no-eval --attention $att --batch $b --out "$OUT/mfu_${att}_b$b.json" \
+        --only ${MFU_BIG:-full-bert-bf16w-compile-graph,full-bigru-bf16w-compile-graph} > "$OUT/mfu_${att}_b$b.log" 2>&1
+      tail -3 "$OUT/mfu_${att}_b$b.log"
+    done
   done
 }
 

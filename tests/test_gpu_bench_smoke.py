@@ -29,10 +29,12 @@ def test_variant_names_cover_every_precision_and_mode():
             assert f"full-bert-{prec}{suffix}" in names
 
 
-def test_tiny_cpu_fp32_and_bf16w_steps(tmp_path):
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+def test_tiny_cpu_fp32_and_bf16w_steps(tmp_path, attention):
     out = tmp_path / "bench.json"
     only = "full-bigru-fp32,region-gpo-bigru-bf16w"
-    argv = ["--device", "cpu", "--tiny", "--no-eval", "--iters", "2", "--warmup", "1", "--batch", "6"]
+    argv = ["--device", "cpu", "--tiny", "--no-eval", "--iters", "2", "--warmup", "1", "--batch", "6",
+            "--attention", attention]
     assert load_bench().main([*argv, "--only", only, "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["name"] for r in rows] == only.split(",")
@@ -40,6 +42,7 @@ def test_tiny_cpu_fp32_and_bf16w_steps(tmp_path):
         assert "error" not in r, r
         assert r["batch"] == 6 and r["pairs_per_s"] > 0
     assert [r["precision"] for r in rows] == ["fp32", "bf16w"]
+    assert json.loads(out.read_text())["shape"]["attention"] == attention
 
 
 def test_unknown_variant_is_an_error(capsys):

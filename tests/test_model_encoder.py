@@ -58,6 +58,8 @@ VARIANTS = {
     "region-graph": {"features": "region"},
     "grid-graph": {"features": "grid"},
     "concat": {"graph": False, "cgf": False},
+    "full-map-math-attention": {"attention": "math"},
+    "region-graph-math-attention": {"features": "region", "attention": "math"},
 }
 
 

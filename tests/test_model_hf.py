@@ -33,8 +33,9 @@ def bert_dir(tmp_path_factory):
     return path
 
 
-def hf_model(path, pooling="map"):
-    cfg = ModelConfig(width=16, heads=2, map_heads=2, pooling=pooling, text=TextConfig(encoder="hf", hf_path=str(path)))
+def hf_model(path, pooling="map", attention="sdpa"):
+    cfg = ModelConfig(width=16, heads=2, map_heads=2, pooling=pooling, attention=attention,
+                      text=TextConfig(encoder="hf", hf_path=str(path)))
     torch.manual_seed(0)
     return cfg, build_model(cfg, region_dim=8, grid_dim=8, grid_size=(2, 2), vocab_size=0)
 
@@ -77,6 +78,15 @@ def test_hf_padding_changes_nothing(bert_dir):
     model.eval()
     ref = model.embed_captions(*tokenize(bert_dir, CAPTIONS))
     torch.testing.assert_close(model.embed_captions(*tokenize(bert_dir, CAPTIONS, pad_to=16)), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_math_attention_gives_the_sdpa_embedding(bert_dir):
+    caps = {}
+    for attention in ("sdpa", "math"):
+        _, model = hf_model(bert_dir, attention=attention)
+        assert model.text.hf.model.config._attn_implementation == ("eager" if attention == "math" else "sdpa")
+        caps[attention] = model.eval().embed_captions(*tokenize(bert_dir, CAPTIONS, pad_to=12))
+    torch.testing.assert_close(caps["math"], caps["sdpa"], atol=1e-5, rtol=1e-5)
 
 
 def test_hf_flops_match_flop_counter(bert_dir):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .attention import Attention
+
 Pooling = Literal["map", "gpo", "mean", "max"]
 
 
@@ -67,6 +69,9 @@ class ModelConfig:
     map_heads: int = 4
     # How MAP's poolers are combined: concat→linear keeps each pooler's view, mean is cheaper.
     map_combine: Literal["concat", "mean"] = "concat"
+    # Attention kernels of the graph, CGF, MAP and the transformer text encoder: 'sdpa' (PyTorch's
+    # fused kernels) or 'math' (matrix products and a float32 softmax, see model/attention.py).
+    attention: Attention = "sdpa"
     # Dropout in projections, attention and fusion; 0.1 is the transformer default.
     dropout: float = 0.1
     text: TextConfig = field(default_factory=TextConfig)
@@ -80,6 +85,8 @@ class ModelConfig:
             raise ValueError("overlap_threshold must lie in [0, 1)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("dropout must lie in [0, 1)")
+        if self.attention not in ("sdpa", "math"):
+            raise ValueError(f"attention must be 'sdpa' or 'math', got {self.attention!r}")
 
     @property
     def uses_regions(self) -> bool:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import attend
 from .config import ModelConfig
 from .geometry import GEOMETRY_DIM, joint_adjacency, node_boxes, relative_geometry
 from .pooling import additive_mask, build_pooling
@@ -43,7 +43,7 @@ class GraphAttentionLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        d, self.heads, self.dropout = cfg.width, cfg.heads, cfg.dropout
+        d, self.heads, self.dropout, self.attention = cfg.width, cfg.heads, cfg.dropout, cfg.attention
         self.geometry = nn.Sequential(
             nn.Linear(GEOMETRY_DIM, cfg.geometry_hidden), nn.ReLU(), nn.Linear(cfg.geometry_hidden, cfg.heads)
         )
@@ -62,7 +62,7 @@ class GraphAttentionLayer(nn.Module):
         bias = bias.masked_fill(~adj[:, None], torch.finfo(bias.dtype).min)
         q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+        att = attend(q, k, v, bias, p, self.attention)
         x = x + self.drop(self.out(att.transpose(1, 2).reshape(b, n, d)))
         x = x + self.drop(self.ffn(self.norm2(x)))
         return x.masked_fill(~valid[..., None], 0)
@@ -93,7 +93,7 @@ class GatedCrossAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        d, self.heads, self.dropout = cfg.width, cfg.heads, cfg.dropout
+        d, self.heads, self.dropout, self.attention = cfg.width, cfg.heads, cfg.dropout, cfg.attention
         self.norm_q = nn.LayerNorm(d)
         self.norm_kv = nn.LayerNorm(d)
         self.q = nn.Linear(d, d)
@@ -110,7 +110,7 @@ class GatedCrossAttention(nn.Module):
         k, v = self.kv(self.norm_kv(other)).view(b, other.shape[1], 2, h, dh).permute(2, 0, 3, 1, 4)
         bias = None if other_mask is None else additive_mask(other_mask, x.dtype)[:, None, None, :]
         p = self.dropout if self.training else 0.0
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+        att = attend(q, k, v, bias, p, self.attention)
         ctx = self.out(att.transpose(1, 2).reshape(b, n, d))
         g = torch.sigmoid(self.gate(torch.cat([x, ctx], dim=-1)))
         return self.norm(x + self.drop(g * ctx))
@@ -150,7 +150,8 @@ class ImageEncoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.graph = JointGraph(cfg) if cfg.graph else None
         self.cgf = CrossGatedFusion(cfg) if cfg.uses_cgf else None
-        self.pool = build_pooling(cfg.pooling, d, map_heads=cfg.map_heads, map_combine=cfg.map_combine)
+        self.pool = build_pooling(cfg.pooling, d, map_heads=cfg.map_heads, map_combine=cfg.map_combine,
+                                  attention=cfg.attention)
 
     def forward(self, regions: Tensor, boxes: Tensor, region_mask: Tensor, grids: Tensor) -> Tensor:
         region_mask = region_mask.bool()

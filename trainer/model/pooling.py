@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from .attention import Attention, attend
 
 
 # Additive attention-mask value for excluded keys. Not -inf and not finfo(float32).min: autocast
@@ -45,8 +46,9 @@ class MultiAttentionPooling(nn.Module):
     the set (a soft selection) and the poolers differ only in what they look for.
     """
 
-    def __init__(self, dim: int, poolers: int, combine: str) -> None:
+    def __init__(self, dim: int, poolers: int, combine: str, attention: Attention = "sdpa") -> None:
         super().__init__()
+        self.attention = attention
         if combine not in ("concat", "mean"):
             raise ValueError(f"MAP combine must be 'concat' or 'mean', got {combine!r}")
         self.queries = nn.Parameter(torch.randn(poolers, dim) / math.sqrt(dim))
@@ -58,7 +60,7 @@ class MultiAttentionPooling(nn.Module):
         # (and the FLOP counter) accepts.
         q = self.queries.to(x.dtype).expand(x.shape[0], 1, -1, -1)
         bias = additive_mask(mask, x.dtype)[:, None, None, :]
-        pooled = F.scaled_dot_product_attention(q, self.key(x)[:, None], x[:, None], attn_mask=bias)[:, 0]
+        pooled = attend(q, self.key(x)[:, None], x[:, None], bias, 0.0, self.attention)[:, 0]
         return pooled.mean(1) if self.combine is None else self.combine(pooled.flatten(1))
 
 
@@ -114,9 +116,9 @@ class GeneralizedPooling(nn.Module):
         return (ranked * weights[..., None]).sum(1)
 
 
-def build_pooling(kind: str, dim: int, *, map_heads: int, map_combine: str) -> nn.Module:
+def build_pooling(kind: str, dim: int, *, map_heads: int, map_combine: str, attention: Attention = "sdpa") -> nn.Module:
     if kind == "map":
-        return MultiAttentionPooling(dim, map_heads, map_combine)
+        return MultiAttentionPooling(dim, map_heads, map_combine, attention)
     if kind == "gpo":
         return GeneralizedPooling()
     if kind == "mean":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .attention import Attention
 from .config import ModelConfig, TextConfig
 from .pooling import build_pooling
 
@@ -57,11 +58,13 @@ def take_steps(x: Tensor, index: Tensor) -> Tensor:
 class HFWords(nn.Module):
     """A pretrained transformer read from a local directory; nothing is downloaded."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, attention: Attention) -> None:
         super().__init__()
         from transformers import AutoModel
 
-        self.model = AutoModel.from_pretrained(path, local_files_only=True)
+        # Hugging Face's "eager" attention is the same matrix-product path as our 'math'.
+        impl = "eager" if attention == "math" else "sdpa"
+        self.model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation=impl)
         # The [CLS] pooler is never used: drop it so every parameter gets a gradient (ZeRO and
         # DDP-style reducers expect that) and no optimizer state is wasted on it.
         if getattr(self.model, "pooler", None) is not None:
@@ -86,9 +89,10 @@ class TextEncoder(nn.Module):
             self.gru = BiGRUWords(t, vocab_size, t.hidden or cfg.width)
             words = self.gru
         else:
-            self.hf = HFWords(t.hf_path)
+            self.hf = HFWords(t.hf_path, cfg.attention)
             words = self.hf
-        self.pool = build_pooling(cfg.pooling, words.out_dim, map_heads=cfg.map_heads, map_combine=cfg.map_combine)
+        self.pool = build_pooling(cfg.pooling, words.out_dim, map_heads=cfg.map_heads, map_combine=cfg.map_combine,
+                                  attention=cfg.attention)
         self.proj = nn.Linear(words.out_dim, cfg.width)
 
     def forward(self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor) -> Tensor:

@@ -1,0 +1,31 @@
+"""Scaled dot-product attention for the image side's short sets (tens of nodes).
+
+Two implementations of one function. ``sdpa`` is PyTorch's fused kernel dispatch. ``math`` is
+two batched matrix products around a float32 softmax. The fused kernels are built for long
+sequences. With an additive bias that needs a gradient (the graph's geometry bias) or a key
+mask, PyTorch falls back to the memory-efficient kernel, whose backward on 85 keys costs more
+than the math path, and which inductor cannot fuse with the bias and mask arithmetic around it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Attention = Literal["sdpa", "math"]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, dropout_p: float, impl: Attention) -> Tensor:
+    """softmax(q·kᵀ/√d + bias)·v over the last two dims; ``bias`` broadcasts to the scores."""
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if bias is not None:
+        scores = scores + bias
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    if dropout_p:
+        p = F.dropout(p, dropout_p)
+    return p @ v
