@@ -99,17 +99,16 @@ feed() {  # one GPU: what feeds and what bounds the trainer's step
     echo "workers $w: $($RG data bench $DATA --mode train --workers $w --steps 80 --batch-size 128 \
       --dtype float16 --shuffle-buffer 2000 2>/dev/null | grep -E '^total' )"
   done | tee "$OUT/loader.txt"
-  log "trainer, 1 GPU, ${FEED_STEPS:=120} steps: loader workers : ZeRO stage : profiled steps : torch.compile [: attention]"
-  for run in ${FEED_RUNS:-6:2:10:false 12:2:10:false 12:0:0:false 12:1:0:false}; do
-    IFS=: read -r w z prof comp att <<< "$run"
-    att=${att:-sdpa}
-    name="t_w${w}_z${z}$([ "$comp" = true ] && echo _compile)$([ "$att" = math ] && echo _math)"
-    train1 0 29410 "$name" --set data.num_workers=$w --set train.zero_stage=$z --set train.profile_steps=$prof \
-      --set train.compile=$comp --set model.attention=$att --set train.epochs=1 --set train.steps_per_epoch=$FEED_STEPS --set tracking.enabled=false \
-      --set eval.batch_size=1000
-    echo "workers $w zero $z compile $comp attention $att: $(grep throughput "$OUT/$name.log")"
+  # Each run is NAME:k=v,k=v (config overrides); the profiled ones also keep their op tables.
+  log "trainer, 1 GPU, ${FEED_STEPS:=120} steps per run"
+  for run in ${FEED_RUNS:-w6_z2:data.num_workers=6,train.profile_steps=10 w12_z2:data.num_workers=12 w12_z0:data.num_workers=12,train.zero_stage=0 w12_native:data.num_workers=12,train.engine=native,train.zero_stage=0}; do
+    name=t_${run%%:*}
+    sets=(); IFS=, read -ra kv <<< "${run#*:}"; for s in "${kv[@]}"; do sets+=(--set "$s"); done
+    train1 0 29410 "$name" --set train.epochs=1 --set train.steps_per_epoch=$FEED_STEPS --set tracking.enabled=false \
+      --set eval.batch_size=1000 "${sets[@]}"
+    echo "$name (${run#*:}): $(grep throughput "$OUT/$name.log" || tail -3 "$OUT/$name.log")"
     grep -oE 'step [0-9]+: .*' "$OUT/$name.log" | tail -3
-    [ "$prof" != 0 ] && cp runs/$name/profile/ops.txt "$OUT/profile_$name.txt" && head -12 "$OUT/profile_$name.txt"
+    [ -f runs/$name/profile/ops.txt ] && cp runs/$name/profile/ops.txt "$OUT/profile_$name.txt" && head -12 "$OUT/profile_$name.txt"
   done | tee "$OUT/trainer.txt"
 }
 

@@ -162,6 +162,48 @@ def test_resume_two_processes_on_one_via_universal_checkpoint(zero2_run):
     assert steps == [6, 12, 18]
 
 
+@pytest.fixture(scope="module")
+def native_run(zero2_run, tmp_path_factory):
+    """zero2_run's recipe on the native engine: two processes (DDP over gloo)."""
+    cwd = tmp_path_factory.mktemp("native")
+    uri = f"sqlite:///{cwd}/mlflow.db"
+    sets = [s for s in zero2_run["sets"] if not s.startswith(("train.out_dir", "tracking.uri", "train.deepspeed"))]
+    sets += [f"train.out_dir={cwd}/run", f"tracking.uri={uri}", "train.engine=native", "train.zero_stage=0"]
+    rc, out = train(cwd, sets, nproc=2)
+    assert rc == 0, out[-4000:]
+    return {"cwd": cwd, "uri": uri, "sets": sets, "out": out, "run_id": run_id_of(out), "ckpt": cwd / "run" / "checkpoints"}
+
+
+def test_native_engine_trains_as_deepspeed_does(native_run, zero2_run):
+    """fp32 on CPU: the same losses and dev RSUM step for step as ZeRO-2, one state file per checkpoint."""
+    def first_two_epochs(run: dict, key: str) -> dict[int, float]:
+        # The resume tests may have added a third epoch to either run.
+        return {s: v for s, v in metric(run["uri"], run["run_id"], key) if s <= 12}
+
+    for key, tolerance in (("train/loss", {"rel": 1e-4}), ("dev/rsum", {"abs": 0.5})):
+        native, zero2 = first_two_epochs(native_run, key), first_two_epochs(zero2_run, key)
+        assert sorted(native) == sorted(zero2) and len(native) >= 2, key
+        assert [native[s] for s in sorted(native)] == pytest.approx([zero2[s] for s in sorted(native)], **tolerance)
+    files = json.loads((native_run["ckpt"] / "step-00000012" / "COMPLETE.json").read_text())["files"]
+    assert {"native_states.pt", "meta.json", "client/rank-00001.json"} <= set(files)
+    assert not any("optim_states" in f for f in files)
+    assert not (native_run["cwd"] / "run" / "deepspeed.yaml").exists()
+
+
+def test_native_resumes_on_another_world_size_without_conversion(native_run, data_url, tmp_path):
+    sets = [s for s in native_run["sets"] if not s.startswith("train.epochs")] + ["train.epochs=3"]
+    rc, out = train(native_run["cwd"], sets, nproc=1, extra=["--resume", "auto"])
+    assert rc == 0, out[-4000:]
+    assert "resumed from" in out and "at epoch 2, batch 0, step 12" in out and "universal" not in out
+    assert [s for s, _ in metric(native_run["uri"], native_run["run_id"], "dev/rsum")] == [6, 12, 18]
+    # A native checkpoint is no DeepSpeed one: the other engine refuses it in one line.
+    args = ["train", "--set", f"data.url={data_url}", "--set", f"train.out_dir={tmp_path}/x",
+            "--resume", str(native_run["ckpt"])]
+    rc, out = finish(launch([*args, *[a for s in TINY for a in ("--set", s)]], cwd=tmp_path))
+    errors = [line for line in out.splitlines() if line.startswith("rgfusion: error:")]
+    assert rc == 2 and len(errors) == 1 and "written by train.engine=native" in errors[0], out[-2000:]
+
+
 def test_zero3_two_processes_and_eval_of_the_saved_model(data_url, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sets = [f"data.url={data_url}", f"train.out_dir={tmp_path}/run", f"tracking.uri={uri}", "train.epochs=2",

@@ -1,8 +1,8 @@
-"""DeepSpeed checkpoints that survive crashes, pre-emption, object stores and new world sizes.
+"""Checkpoints that survive crashes, pre-emption, object stores and new world sizes.
 
 Layout under the checkpoint root (a local folder or any fsspec URL)::
 
-    step-00000120/            one DeepSpeed tag (all ranks' model/optimizer shards)
+    step-00000120/            one tag: DeepSpeed's per-rank model/optimizer shards, or native_states.pt
         meta.json             train state, world size, ZeRO stage, model fingerprint, config
         client/rank-00000.json  each rank's RNG state
         COMPLETE.json         written last: every file's size and sha256
@@ -203,8 +203,9 @@ class Checkpoints:
     """Save, verify, select, load and prune the checkpoints of one run (all ranks call it)."""
 
     def __init__(self, root: str, storage_options: dict[str, Any], env: DistEnv, *, cache_dir: str | Path,
-                 keep_last: int, fingerprint: dict[str, Any]):
+                 keep_last: int, fingerprint: dict[str, Any], engine: str = "deepspeed"):
         self.root = root.rstrip("/")
+        self.engine = engine
         self.storage_options = dict(storage_options)
         self.env = env
         self.keep_last = keep_last
@@ -238,7 +239,7 @@ class Checkpoints:
         if self.env.is_main:
             _write_json(folder / META, {
                 "tag": tag, "state": dataclasses.asdict(state), "world_size": self.env.world_size,
-                "zero_stage": engine.zero_optimization_stage(),
+                "engine": self.engine, "zero_stage": engine.zero_optimization_stage(),
                 # bf16 without ZeRO still shards optimizer state; either way a new world size
                 # then needs the universal conversion.
                 "sharded_optimizer": has_optimizer_shards(folder), "fingerprint": self.fingerprint,
@@ -336,6 +337,10 @@ class Checkpoints:
         if problems:
             raise CheckpointError(f"checkpoint {chosen.url} was trained with a different model config: "
                                   + "; ".join(problems[:4]))
+        saved = chosen.meta.get("engine", "deepspeed")  # checkpoints from before the native engine
+        if saved != self.engine:
+            raise CheckpointError(f"checkpoint {chosen.url} was written by train.engine={saved}; resume it "
+                                  f"with that engine (this run has train.engine={self.engine})")
         return chosen
 
     def _select_main(self, spec: str) -> tuple[str, str, dict] | None:
@@ -358,7 +363,7 @@ class Checkpoints:
         if not TAG_RE.match(name):
             # A checkpoint root: its newest intact checkpoint, and nothing else.
             other = Checkpoints(spec, self.storage_options, self.env, cache_dir=self.cache.parent,
-                                keep_last=self.keep_last, fingerprint=self.fingerprint)
+                                keep_last=self.keep_last, fingerprint=self.fingerprint, engine=self.engine)
             found = other._select_main("auto")
             if found is None:
                 raise CheckpointError(f"no intact checkpoint under {spec}")

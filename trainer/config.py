@@ -66,6 +66,9 @@ class TrainConfig:
     grad_accum: int = 1
     # Optimizer steps per epoch; None = ceil(train images / batch_size) from the manifest.
     steps_per_epoch: int | None = None
+    # deepspeed: DeepSpeed's engine, any ZeRO stage. native: plain PyTorch (bf16 autocast, fused
+    # AdamW, DDP), ZeRO-0 only, with far less host work per step (trainer/native.py).
+    engine: Literal["deepspeed", "native"] = "deepspeed"
     # ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 + gradients, 3 + weights.
     zero_stage: Literal[0, 1, 2, 3] = 2
     # auto: bf16 on GPUs that support it, fp32 on CPU (CPU bf16 matmuls are slower than fp32).
@@ -100,6 +103,9 @@ class TrainConfig:
             raise ValueError("log_every and max_bad_steps must be positive")
         if self.compile and self.zero_stage == 3:
             raise ValueError("compile works with zero_stage 0-2 (ZeRO-3 gathers weights in hooks compile can't trace)")
+        if self.engine == "native" and (self.zero_stage != 0 or self.precision == "fp16" or self.deepspeed):
+            raise ValueError("engine 'native' runs without ZeRO, loss scaling or a DeepSpeed file: set "
+                             "zero_stage 0, precision auto/bf16/fp32 and no deepspeed file, or use engine 'deepspeed'")
         if self.profile_steps < 0:
             raise ValueError("profile_steps must be >= 0")
 

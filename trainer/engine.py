@@ -187,22 +187,39 @@ def lr_factor(step: int, optim: OptimConfig, steps_per_epoch: int, total_steps: 
     return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def lr_schedule(cfg: RunConfig, steps_per_epoch: int, total_steps: int
+                ) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LambdaLR]:
+    def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, cfg.optim, steps_per_epoch, total_steps))
+
+    return schedule
+
+
+def _groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
+    hint = dict(model.param_groups_hint()) if hasattr(model, "param_groups_hint") else {}
+    return param_groups(model, cfg.optim, hint)
+
+
 def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict, *, steps_per_epoch: int,
                  total_steps: int) -> Any:
     """``deepspeed.initialize`` with our parameter groups and (unless overridden) schedule."""
     import deepspeed
 
-    hint = dict(model.param_groups_hint()) if hasattr(model, "param_groups_hint") else {}
-    groups = param_groups(model, cfg.optim, hint)
-
-    def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, cfg.optim, steps_per_epoch, total_steps))
-
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=groups, config=ds_config,
-        lr_scheduler=None if "scheduler" in ds_config else schedule)
+        model=model, model_parameters=_groups(model, cfg), config=ds_config,
+        lr_scheduler=None if "scheduler" in ds_config else lr_schedule(cfg, steps_per_epoch, total_steps))
     return engine
+
+
+def build_native_engine(model: torch.nn.Module, cfg: RunConfig, env: DistEnv, *, device: str, precision: str,
+                        steps_per_epoch: int, total_steps: int) -> Any:
+    """The plain-PyTorch engine of ``train.engine: native`` (trainer/native.py)."""
+    from rgfusion.trainer.native import NativeEngine
+
+    model.to(device)
+    return NativeEngine(model, cfg, _groups(model, cfg), device=device, precision=precision, rank=env.rank,
+                        world_size=env.world_size, schedule=lr_schedule(cfg, steps_per_epoch, total_steps))
 
 
 def make_gather(world_size: int) -> Callable[[torch.Tensor], torch.Tensor] | None:

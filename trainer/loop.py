@@ -1,7 +1,7 @@
 """``train(config) -> result``: the one entry every launcher reaches.
 
 Order of work: validate everything that can be wrong before a step is taken (config, dataset,
-checkpoint), build the DeepSpeed engine, resume, then epochs of identical step counts on
+checkpoint), build the engine (DeepSpeed's, or the native one), resume, then epochs of identical step counts on
 every rank, each ending with dev/test evaluation, the best-model export and a checkpoint.
 """
 
@@ -139,13 +139,16 @@ class Run:
                      "grid_size": list(self.manifest.grid_size), "vocab_size": self.text.vocab_size}}
         self.ckpt = Checkpoints(cfg.checkpoint_dir, cfg.checkpoint.storage_options, env,
                                 cache_dir=self.out / ".ckpt-cache", keep_last=cfg.checkpoint.keep_last,
-                                fingerprint=self.fingerprint)
+                                fingerprint=self.fingerprint, engine=cfg.train.engine)
         chosen = self.ckpt.select(cfg.checkpoint.resume) if cfg.checkpoint.resume else None
-        stage = eng.deepspeed_config(cfg, env.world_size, self.device)["zero_optimization"]["stage"]
+        native = cfg.train.engine == "native"
+        stage = 0 if native else eng.deepspeed_config(cfg, env.world_size, self.device)["zero_optimization"]["stage"]
         universal = chosen is not None and self.ckpt.needs_universal(chosen, stage)
-        self.ds_config = eng.deepspeed_config(cfg, env.world_size, self.device, load_universal=universal)
+        self.ds_config = None if native else eng.deepspeed_config(cfg, env.world_size, self.device,
+                                                                  load_universal=universal)
         self.precision = eng.resolve_precision(cfg, self.device)
-        self.dtype = DTYPES[self.precision]
+        # DeepSpeed casts the weights (and so the inputs) to bf16; native autocasts over fp32 ones.
+        self.dtype = torch.float32 if native else DTYPES[self.precision]
 
         seed_everything(cfg.train.seed)  # same initial weights on every rank
         model = build_model(cfg.model, region_dim=self.manifest.region_dim, grid_dim=self.manifest.grid_dim,
@@ -154,8 +157,12 @@ class Run:
             model.compile()  # in place: parameter names, and so checkpoints, stay those of eager runs
         module = TrainModule(model, ContrastiveLoss(cfg.loss))
         enable_universal(module)
-        self.engine = eng.build_engine(module, cfg, self.ds_config, steps_per_epoch=self.steps_per_epoch,
-                                       total_steps=self.total_steps)
+        if native:
+            self.engine = eng.build_native_engine(module, cfg, env, device=self.device, precision=self.precision,
+                                                  steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
+        else:
+            self.engine = eng.build_engine(module, cfg, self.ds_config, steps_per_epoch=self.steps_per_epoch,
+                                           total_steps=self.total_steps)
         self.module: TrainModule = self.engine.module
         self.gather = eng.make_gather(env.world_size) if cfg.train.global_negatives else None
         if chosen is not None:
@@ -168,6 +175,7 @@ class Run:
 
     def _start_tracking(self, *, resumed: bool, stage: int) -> None:
         tags = {"git_commit": git_commit(), "world_size": self.env.world_size, "zero_stage": stage,
+                "engine": self.cfg.train.engine,
                 "device": self.device, "precision": self.precision, "launcher": self.env.launcher,
                 "dataset": self.manifest.name}
         run_id = self.tracker.start(run_id=self.state.run_id, config=self.resolved, tags=tags)
@@ -175,10 +183,13 @@ class Run:
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))
-            (self.out / "deepspeed.yaml").write_text(yaml.safe_dump(redact(self.ds_config), sort_keys=False))
+            files = [self.out / "config.yaml"]
+            if self.ds_config is not None:
+                files.append(self.out / "deepspeed.yaml")
+                files[-1].write_text(yaml.safe_dump(redact(self.ds_config), sort_keys=False))
             if not resumed:
-                self.tracker.log_artifact(self.out / "config.yaml")
-                self.tracker.log_artifact(self.out / "deepspeed.yaml")
+                for f in files:
+                    self.tracker.log_artifact(f)
 
     # ------------------------------------------------------------------ the loop
     def execute(self) -> dict[str, Any]:
