@@ -97,18 +97,41 @@ def test_nonfinite_gradient_skips_the_update():
     assert all(p.grad is None for p in engine.module.parameters())  # the bad gradients are gone
 
 
-def test_bf16_autocasts_over_fp32_weights():
-    cfg = load_config(None, ["train.engine=native", "train.zero_stage=0"])
-    engine = eng.build_native_engine(Mean(), cfg, DistEnv.from_environ({}, []), device="cpu", precision="bf16",
-                                     steps_per_epoch=1, total_steps=1)
-    x, y = data(1)[0]
-    out = engine(x, y)
-    assert out.dtype == torch.float32  # mse_loss runs in fp32 under autocast; the linears ran in bf16
-    with engine.autocast:
-        assert engine.module.net[0](x).dtype == torch.bfloat16
-    engine.backward(out)
-    engine.step()
-    assert all(p.dtype == torch.float32 for p in engine.module.parameters()) and engine.global_steps == 1
+def native_bf16(*overrides: str):
+    cfg = load_config(None, ["train.engine=native", "train.zero_stage=0", "optim.warmup_steps=0", "optim.lr=1e-2",
+                             *overrides])
+    return eng.build_native_engine(Mean(), cfg, DistEnv.from_environ({}, []), device="cpu", precision="bf16",
+                                   steps_per_epoch=1, total_steps=10)
+
+
+def test_bf16_computes_in_bf16_and_steps_fp32_masters():
+    engine, fp32 = native_bf16(), native("optim.warmup_steps=0")
+    assert all(p.dtype == torch.bfloat16 for p in engine.module.parameters())
+    assert all(m.dtype == torch.float32 for m in engine.masters)
+    batches = [(x.bfloat16(), y.bfloat16()) for x, y in data()]
+    train(engine, batches)
+    train(fp32, data())
+    for m, p, ref in zip(engine.masters, engine.params, fp32.params):  # all in parameter-group order
+        assert torch.equal(p, m.bfloat16())  # the model holds the rounded masters
+        torch.testing.assert_close(m, ref, atol=0.05, rtol=0.05)  # bf16 compute, same trajectory
+    # Micro-step gradients add up in fp32: two halves step as the whole batch does.
+    split = native_bf16("train.grad_accum=2", "train.batch_size=128")
+    train(split, batches, split=2)
+    for a, b in zip(split.masters, engine.masters):
+        torch.testing.assert_close(a, b, atol=0.02, rtol=0.02)
+
+
+def test_bf16_checkpoint_keeps_the_fp32_masters(tmp_path):
+    batches = [(x.bfloat16(), y.bfloat16()) for x, y in data()]
+    straight, first = native_bf16(), native_bf16()
+    train(straight, batches)
+    train(first, batches[:2])
+    first.save_checkpoint(str(tmp_path), tag="step-00000002")
+    resumed = native_bf16()
+    resumed.load_checkpoint(str(tmp_path), tag="step-00000002")
+    train(resumed, batches[2:])
+    for a, b in zip(straight.masters, resumed.masters):
+        assert torch.equal(a, b)
 
 
 def test_save_and_load_continue_exactly(tmp_path):

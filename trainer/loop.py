@@ -147,8 +147,7 @@ class Run:
         self.ds_config = None if native else eng.deepspeed_config(cfg, env.world_size, self.device,
                                                                   load_universal=universal)
         self.precision = eng.resolve_precision(cfg, self.device)
-        # DeepSpeed casts the weights (and so the inputs) to bf16; native autocasts over fp32 ones.
-        self.dtype = torch.float32 if native else DTYPES[self.precision]
+        self.dtype = DTYPES[self.precision]
 
         seed_everything(cfg.train.seed)  # same initial weights on every rank
         model = build_model(cfg.model, region_dim=self.manifest.region_dim, grid_dim=self.manifest.grid_dim,

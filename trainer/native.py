@@ -3,18 +3,17 @@
 DeepSpeed's engine does host work every step: per-parameter gradient hooks, and an overflow
 check and gradient norm computed tensor by tensor in Python, ending in a host sync. On one H100
 its ZeRO-2 step took 93 ms of host time against 21 ms of GPU work (benchmarks/RESULTS.md). A
-ZeRO-0 step needs none of that. This engine runs the model under bf16 autocast over fp32
-weights, clips with one foreach norm on the device, and steps a fused AdamW that skips the
-update itself when the norm is not finite. Across ranks, DDP all-reduces gradients in buckets
-during backward. Every rank holds the full state, so a checkpoint is one file that any world size can
-resume.
+ZeRO-0 step needs none of that. In bf16 this engine keeps the model's weights in bf16 and fp32
+master copies for AdamW, as DeepSpeed does. It clips with one foreach norm on the device and
+steps a fused AdamW that skips the update itself when the norm is not finite. Across ranks,
+DDP all-reduces gradients in buckets during backward. Every rank holds the full state, so a
+checkpoint is one file that any world size can resume.
 
 It offers the part of DeepSpeed's engine interface that the loop, checkpoints and export use.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,8 @@ class NativeEngine:
     def __init__(self, module: nn.Module, cfg: RunConfig, groups: list[dict], *, device: str, precision: str,
                  rank: int, world_size: int, schedule: Callable[[torch.optim.Optimizer], Any]) -> None:
         self.module, self.rank = module, rank
+        self.params = [p for g in groups for p in g["params"]]
+        self.masters = self._masters(module, groups, precision)
         self.wrapped: nn.Module = module
         if world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -42,30 +43,50 @@ class NativeEngine:
         self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay, fused=True)
         self.lr_scheduler = schedule(self.optimizer)
-        self.params = [p for g in groups for p in g["params"]]
         self.clip = o.grad_clip if o.grad_clip > 0 else math.inf
         self.accum = cfg.train.grad_accum
-        self.autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-                         if precision == "bf16" else contextlib.nullcontext())
         self.global_steps = 0
         self.micro_steps = 0
         self.norm: torch.Tensor | None = None
+
+    def _masters(self, module: nn.Module, groups: list[dict], precision: str) -> list[torch.Tensor]:
+        """The tensors AdamW steps. In bf16 the model's weights become bf16 and AdamW steps fp32
+        copies of them, as in DeepSpeed's bf16 mode. There are no per-use casts as under autocast,
+        and inductor compiles the BiGRU, which it fails to do under autocast."""
+        if precision != "bf16":
+            return self.params
+        masters = [p.detach().float().clone() for p in self.params]
+        for m in masters:
+            m.grad = torch.zeros_like(m)  # gradients accumulate here in fp32, micro-step by micro-step
+        module.to(torch.bfloat16)
+        index = {id(p): i for i, p in enumerate(self.params)}
+        for g in groups:
+            g["params"] = [masters[index[id(p)]] for p in g["params"]]
+        return masters
+
+    @property
+    def has_masters(self) -> bool:
+        return self.masters is not self.params
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if isinstance(self.wrapped, nn.parallel.DistributedDataParallel):
             # Accumulating micro-steps skip the all-reduce; the boundary one reduces the sum.
             self.wrapped.require_backward_grad_sync = (self.micro_steps + 1) % self.accum == 0
-        with self.autocast:
-            return self.wrapped(*args, **kwargs)
+        return self.wrapped(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accum).backward()
 
+    @torch.no_grad()
     def step(self) -> None:
         self.micro_steps += 1
+        if self.has_masters:
+            pairs = [(m.grad, p.grad) for m, p in zip(self.masters, self.params) if p.grad is not None]
+            torch._foreach_add_([m for m, _ in pairs], [g for _, g in pairs])
+            self.module.zero_grad(set_to_none=True)
         if self.micro_steps % self.accum:
             return
-        self.norm = nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
+        self.norm = nn.utils.clip_grad_norm_(self.masters, self.clip, foreach=True)
         # The fused step reads this flag on the device: no host sync to skip a bad update.
         self.optimizer.found_inf = (~torch.isfinite(self.norm)).float()
         try:
@@ -73,7 +94,11 @@ class NativeEngine:
         finally:
             del self.optimizer.found_inf
         self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.has_masters:
+            torch._foreach_zero_([m.grad for m in self.masters])
+            torch._foreach_copy_(self.params, self.masters)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         self.global_steps += 1
 
     def get_global_grad_norm(self) -> float | None:
@@ -92,10 +117,17 @@ class NativeEngine:
         folder = Path(save_dir) / tag
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / (STATE_FILE + ".tmp")
-        torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+        torch.save({"module": self.full_state_dict(), "optimizer": self.optimizer.state_dict(),
                     "lr_scheduler": self.lr_scheduler.state_dict(), "global_steps": self.global_steps,
                     "micro_steps": self.micro_steps}, tmp)
         tmp.replace(folder / STATE_FILE)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The module's state with the fp32 masters in place of the bf16 weights."""
+        state = self.module.state_dict()
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        state.update({names[id(p)]: m.detach() for p, m in zip(self.params, self.masters)})
+        return state
 
     def load_checkpoint(self, load_dir: str, tag: str, load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True) -> tuple[str | None, dict]:
@@ -106,6 +138,10 @@ class NativeEngine:
             return None, {}
         state = safe_load(path)
         self.module.load_state_dict(state["module"])
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        with torch.no_grad():
+            for p, m in zip(self.params, self.masters):
+                m.copy_(state["module"][names[id(p)]])
         if load_optimizer_states:
             self.optimizer.load_state_dict(state["optimizer"])
         if load_lr_scheduler_states:
