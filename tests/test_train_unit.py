@@ -369,7 +369,7 @@ def test_profile_steps_write_phase_and_operator_tables(tmp_path):
     cfg = load_config(None, [f"data.url={data}", f"train.out_dir={tmp_path}/run", "train.batch_size=8",
                              f"train.steps_per_epoch={WARMUP_STEPS + 4}", "train.epochs=1", "train.profile_steps=2",
                              "tracking.enabled=false", "train.progress=false", "data.num_workers=0", "model.width=16",
-                             "model.heads=2", "model.map_heads=2", "model.text.word_dim=16"])
+                             "model.heads=2", "model.map_heads=2", "model.text.word_dim=16", *engine])
     result = loop.train(cfg)
     ops = (tmp_path / "run" / "profile" / "ops.txt").read_text()
     for name in ("data_wait", "forward", "loss_check", "backward", "optimizer_step"):
@@ -397,7 +397,9 @@ def test_device_feed_casts_counts_waits_and_ends():
 
 
 @pytest.mark.slow
-def test_compiled_model_trains_and_exports_eager_names(tmp_path):
+@pytest.mark.parametrize("engine", [[], ["train.engine=native", "train.zero_stage=0",
+                                         "train.compile_mode=reduce-overhead"]], ids=["deepspeed", "native"])
+def test_compiled_model_trains_and_exports_eager_names(tmp_path, engine):
     """train.compile: the run completes and the exported weights load into an eager model."""
     from safetensors.torch import load_file
 
@@ -410,7 +412,7 @@ def test_compiled_model_trains_and_exports_eager_names(tmp_path):
     cfg = load_config(None, [f"data.url={data}", f"train.out_dir={tmp_path}/run", "train.batch_size=8",
                              "train.steps_per_epoch=4", "train.epochs=1", "train.compile=true",
                              "tracking.enabled=false", "train.progress=false", "data.num_workers=0", "model.width=16",
-                             "model.heads=2", "model.map_heads=2", "model.text.word_dim=16"])
+                             "model.heads=2", "model.map_heads=2", "model.text.word_dim=16", *engine])
     result = loop.train(cfg)
     assert result["status"] == "completed" and result["test_rsum"] > 0
     keys = load_file(str(next((tmp_path / "run" / "best").glob("*.safetensors")))).keys()

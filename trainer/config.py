@@ -90,6 +90,9 @@ class TrainConfig:
     # torch.compile the model (inductor): fused kernels and fewer launches for a host-bound
     # eager step. ZeRO 0-2 only; the first steps and each new evaluation shape compile.
     compile: bool = False
+    # Inductor mode of train.compile: reduce-overhead replays the compiled forward and backward
+    # as CUDA graphs (one recording per caption length), for steps bound by kernel launches.
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     # Steps of the first epoch to run under the PyTorch profiler on rank 0 (after 5 warm-up
     # steps); writes <out_dir>/profile/{ops.txt,trace.json}. 0 = off.
     profile_steps: int = 0

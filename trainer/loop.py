@@ -153,7 +153,7 @@ class Run:
         model = build_model(cfg.model, region_dim=self.manifest.region_dim, grid_dim=self.manifest.grid_dim,
                             grid_size=tuple(self.manifest.grid_size), vocab_size=self.text.vocab_size)
         if cfg.train.compile:
-            model.compile()  # in place: parameter names, and so checkpoints, stay those of eager runs
+            model.compile(mode=cfg.train.compile_mode)  # in place: parameter names, and so checkpoints, stay those of eager runs
         module = TrainModule(model, ContrastiveLoss(cfg.loss))
         enable_universal(module)
         if native:
