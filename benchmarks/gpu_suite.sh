@@ -61,7 +61,7 @@ converge() {
 
 scale_run() {  # NGPU STAGE NAME [--set ...]
   local n=$1 stage=$2 name=$3; shift 3
-  timeout 150 torchrun --nproc_per_node "$n" --master_addr 127.0.0.1 --master_port $((29500 + RANDOM % 400)) \
+  timeout ${RUN_TIMEOUT:-150} torchrun --nproc_per_node "$n" --master_addr 127.0.0.1 --master_port $((29500 + RANDOM % 400)) \
     -m rgfusion.trainer.cli train --config $RECIPE --set data.url=$DATA --set train.zero_stage="$stage" \
     --set train.batch_size=$((128 * n)) --set train.out_dir=runs/$name --set train.progress=false \
     --set tracking.enabled=false "$@" > "$OUT/$name.log" 2>&1
@@ -71,13 +71,18 @@ scale_run() {  # NGPU STAGE NAME [--set ...]
 
 scale() {
   log "ZeRO scaling at 128 pairs per GPU"
-  # RUNS=stage:gpus pairs; on an 8-GPU machine e.g. RUNS="2:1 2:4 2:8 3:1 3:8".
-  # A third field "serial" turns DeepSpeed's overlap of gradient reduction with backward off.
+  # RUNS=stage:gpus[:flags] with flags from: serial (DeepSpeed's overlap of gradient reduction
+  # with backward off), native (train.engine=native, stage 0), graphs (compiled, CUDA graphs);
+  # e.g. RUNS="2:1 2:4 2:8 3:1 3:8" or RUNS="0:1:native 0:4:native,graphs".
   echo "zero_optimization: {overlap_comm: false}" > "$OUT/serial_comm.yaml"
   for run in ${RUNS:-2:1 2:2 2:4 1:1 1:4 3:1 3:4}; do
-    IFS=: read -r stage n opt <<< "$run"
-    scale_run "$n" "$stage" "z${stage}_n${n}${opt:+_$opt}" --set train.epochs=1 --set train.steps_per_epoch=100 \
-      ${opt:+--set train.deepspeed=$OUT/serial_comm.yaml}
+    IFS=: read -r stage n flags <<< "$run"
+    extra=()
+    [[ ,$flags, == *,serial,* ]] && extra+=(--set train.deepspeed=$OUT/serial_comm.yaml)
+    [[ ,$flags, == *,native,* ]] && extra+=(--set train.engine=native)
+    [[ ,$flags, == *,graphs,* ]] && extra+=(--set train.compile=true --set train.compile_mode=reduce-overhead)
+    scale_run "$n" "$stage" "z${stage}_n${n}${flags:+_${flags//,/_}}" --set train.epochs=1 --set train.steps_per_epoch=100 \
+      "${extra[@]}"
   done | tee -a "$OUT/scaling.txt"
   [ -n "${SCALE_ONLY:-}" ] && return
   log "global negatives on/off, 4 GPUs, 2 epochs"
