@@ -204,6 +204,14 @@ def test_native_resumes_on_another_world_size_without_conversion(native_run, dat
     assert rc == 2 and len(errors) == 1 and "written by train.engine=native" in errors[0], out[-2000:]
 
 
+def test_cuda_graph_compile_is_refused_for_several_processes(data_url, tmp_path):
+    sets = [f"data.url={data_url}", f"train.out_dir={tmp_path}/run", "tracking.enabled=false", "train.engine=native",
+            "train.zero_stage=0", "train.compile=true", "train.compile_mode=reduce-overhead"]
+    rc, out = train(tmp_path, sets, nproc=2)
+    assert rc != 0 and "compile_mode=reduce-overhead runs one process only (world size here 2)" in out, out[-2000:]
+    assert "epoch 1" not in out
+
+
 def test_zero3_two_processes_and_eval_of_the_saved_model(data_url, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sets = [f"data.url={data_url}", f"train.out_dir={tmp_path}/run", f"tracking.uri={uri}", "train.epochs=2",

@@ -151,6 +151,11 @@ def test_save_and_load_continue_exactly(tmp_path):
     assert resumed.load_checkpoint(str(tmp_path), tag="step-00000009") == (None, {})
 
 
+def test_cuda_graph_compile_needs_the_native_engine():
+    with pytest.raises(ConfigError, match="reduce-overhead"):
+        load_config(None, ["train.compile=true", "train.compile_mode=reduce-overhead"])
+
+
 @pytest.mark.parametrize("override", ["train.zero_stage=2", "train.precision=fp16", "train.deepspeed=deepspeed/zero2.yaml"])
 def test_native_refuses_what_only_deepspeed_does(override):
     sets = ["train.engine=native", "train.zero_stage=0", override]

@@ -91,7 +91,8 @@ class TrainConfig:
     # eager step. ZeRO 0-2 only; the first steps and each new evaluation shape compile.
     compile: bool = False
     # Inductor mode of train.compile: reduce-overhead replays the compiled forward and backward
-    # as CUDA graphs (one recording per caption length), for steps bound by kernel launches.
+    # as CUDA graphs (one recording per caption length), for steps bound by kernel launches;
+    # native engine, one process only (under DDP on 4 H100s a rank died with SIGSEGV).
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     # Steps of the first epoch to run under the PyTorch profiler on rank 0 (after 5 warm-up
     # steps); writes <out_dir>/profile/{ops.txt,trace.json}. 0 = off.
@@ -109,6 +110,9 @@ class TrainConfig:
         if self.engine == "native" and (self.zero_stage != 0 or self.precision == "fp16" or self.deepspeed):
             raise ValueError("engine 'native' runs without ZeRO, loss scaling or a DeepSpeed file: set "
                              "zero_stage 0, precision auto/bf16/fp32 and no deepspeed file, or use engine 'deepspeed'")
+        if self.compile_mode == "reduce-overhead" and self.engine != "native":
+            raise ValueError("compile_mode 'reduce-overhead' needs engine 'native' (DeepSpeed's hooks and "
+                             "CUDA graphs were never run together here)")
         if self.profile_steps < 0:
             raise ValueError("profile_steps must be >= 0")
 

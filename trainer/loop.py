@@ -124,6 +124,9 @@ class Run:
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
         cfg, env = self.cfg, self.env
+        if cfg.train.compile and cfg.train.compile_mode == "reduce-overhead" and env.world_size > 1:
+            raise ConfigError(f"train.compile_mode=reduce-overhead runs one process only (world size here "
+                              f"{env.world_size}): its CUDA graphs crashed under DDP; use compile_mode=default")
         self.manifest = open_dataset(cfg.data, [cfg.eval.dev_split, cfg.eval.test_split, "train"])
         check_features(cfg, self.manifest)
         self.text = build_text_processor(cfg.data, self.manifest)
