@@ -114,7 +114,7 @@ def test_bf16_computes_in_bf16_and_steps_fp32_masters():
     for m, p, ref in zip(engine.masters, engine.params, fp32.params):  # all in parameter-group order
         assert torch.equal(p, m.bfloat16())  # the model holds the rounded masters
         torch.testing.assert_close(m, ref, atol=0.05, rtol=0.05)  # bf16 compute, same trajectory
-    # Micro-step gradients add up in fp32: two halves step as the whole batch does.
+    # Two accumulated halves step as the whole batch does.
     split = native_bf16("train.grad_accum=2", "train.batch_size=128")
     train(split, batches, split=2)
     for a, b in zip(split.masters, engine.masters):
@@ -161,3 +161,43 @@ def test_native_refuses_what_only_deepspeed_does(override):
     sets = ["train.engine=native", "train.zero_stage=0", override]
     with pytest.raises(ConfigError, match="engine 'native'"):
         load_config(None, sets)
+
+
+def _ddp_worker(rank: int, port: int, precision: str, out: str) -> None:
+    """One of two gloo ranks: 2 micro-steps of 2 samples per step, each rank its half of the batch."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    env = DistEnv(rank=rank, local_rank=rank, world_size=2, local_world_size=2, node_rank=0, launcher="torchrun")
+    cfg = load_config(None, ["train.engine=native", "train.zero_stage=0", "optim.warmup_steps=0", "optim.lr=1e-2",
+                             "train.grad_accum=2", "train.batch_size=8"])
+    engine = eng.build_native_engine(Mean(), cfg, env, device="cpu", precision=precision, steps_per_epoch=1,
+                                     total_steps=10)
+    cast = (lambda t: t.bfloat16()) if precision == "bf16" else (lambda t: t)
+    for x, y in data(3):
+        for xs, ys in zip(x[rank::2].chunk(2), y[rank::2].chunk(2)):
+            engine.backward(engine(cast(xs), cast(ys)))
+            engine.step()
+    if rank == 0:
+        torch.save([m.detach().clone() for m in engine.masters], out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ddp_with_accumulation_steps_as_one_process_on_the_whole_batch(tmp_path, precision):
+    """DDP must all-reduce the sum of the accumulated micro-steps, not just the last one."""
+    import torch.multiprocessing as mp
+
+    from rgfusion.trainer.engine import free_port
+
+    out = tmp_path / "masters.pt"
+    mp.spawn(_ddp_worker, args=(free_port(), precision, str(out)), nprocs=2)
+    cfg = load_config(None, ["train.engine=native", "train.zero_stage=0", "optim.warmup_steps=0", "optim.lr=1e-2"])
+    single = eng.build_native_engine(Mean(), cfg, DistEnv.from_environ({}, []), device="cpu", precision=precision,
+                                     steps_per_epoch=1, total_steps=10)
+    cast = (lambda t: t.bfloat16()) if precision == "bf16" else (lambda t: t)
+    train(single, [(cast(x), cast(y)) for x, y in data(3)])
+    tolerance = {"atol": 0.02, "rtol": 0.02} if precision == "bf16" else {}
+    for a, b in zip(torch.load(out), single.masters):
+        torch.testing.assert_close(a, b, **tolerance)

@@ -57,7 +57,7 @@ class NativeEngine:
             return self.params
         masters = [p.detach().float().clone() for p in self.params]
         for m in masters:
-            m.grad = torch.zeros_like(m)  # gradients accumulate here in fp32, micro-step by micro-step
+            m.grad = torch.zeros_like(m)  # zero for a parameter that got no gradient this step
         module.to(torch.bfloat16)
         index = {id(p): i for i, p in enumerate(self.params)}
         for g in groups:
@@ -80,12 +80,13 @@ class NativeEngine:
     @torch.no_grad()
     def step(self) -> None:
         self.micro_steps += 1
-        if self.has_masters:
-            pairs = [(m.grad, p.grad) for m, p in zip(self.masters, self.params) if p.grad is not None]
-            torch._foreach_add_([m for m, _ in pairs], [g for _, g in pairs])
-            self.module.zero_grad(set_to_none=True)
         if self.micro_steps % self.accum:
             return
+        if self.has_masters:
+            # Micro-steps add up in the bf16 gradients, whose sum DDP all-reduces at the boundary.
+            pairs = [(m.grad, p.grad) for m, p in zip(self.masters, self.params) if p.grad is not None]
+            torch._foreach_copy_([m for m, _ in pairs], [g for _, g in pairs])
+            self.module.zero_grad(set_to_none=True)
         self.norm = nn.utils.clip_grad_norm_(self.masters, self.clip, foreach=True)
         # The fused step reads this flag on the device: no host sync to skip a bad update.
         self.optimizer.found_inf = (~torch.isfinite(self.norm)).float()
