@@ -33,11 +33,6 @@ class NativeEngine:
         self.module, self.rank = module, rank
         self.params = [p for g in groups for p in g["params"]]
         self.masters = self._masters(module, groups, precision)
-        for rnn in (m for m in module.modules() if isinstance(m, nn.RNNBase)):
-            # Moved or cast, an RNN's weights are separate tensors again, which cuDNN copies into
-            # one buffer on every call (PyTorch warns). Views into one buffer stay in place:
-            # the master copy-back and checkpoint loads write into them.
-            rnn.flatten_parameters()
         self.wrapped: nn.Module = module
         if world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
