@@ -28,6 +28,8 @@ STATE_FILE = "native_states.pt"
 
 
 class NativeEngine:
+    """Model (DDP-wrapped across ranks), AdamW over fp32 weights, schedule and step counters."""
+
     def __init__(self, module: nn.Module, cfg: RunConfig, groups: list[dict], *, device: str, precision: str,
                  rank: int, world_size: int, schedule: Callable[[torch.optim.Optimizer], Any]) -> None:
         self.module, self.rank = module, rank
@@ -79,6 +81,9 @@ class NativeEngine:
 
     @torch.no_grad()
     def step(self) -> None:
+        """Count a micro-step; at an accumulation boundary, clip and update. An update skipped for
+        a non-finite norm still counts as a step, as the loop's loss check has already skipped
+        the non-finite losses themselves."""
         self.micro_steps += 1
         if self.micro_steps % self.accum:
             return
@@ -112,7 +117,8 @@ class NativeEngine:
         return False
 
     def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = False) -> None:
-        """Rank 0 writes the one state file (every rank holds the same state)."""
+        """Rank 0 writes the one state file (every rank holds the same state). ``save_latest`` is
+        in DeepSpeed's signature only: Checkpoints publishes its own pointer."""
         if self.rank != 0:
             return
         folder = Path(save_dir) / tag
