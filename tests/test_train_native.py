@@ -163,12 +163,13 @@ def test_native_refuses_what_only_deepspeed_does(override):
         load_config(None, sets)
 
 
-def _ddp_worker(rank: int, port: int, precision: str, out: str) -> None:
+def _ddp_worker(rank: int, rendezvous: str, precision: str, out: str) -> None:
     """One of two gloo ranks: 2 micro-steps of 2 samples per step, each rank its half of the batch."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # A file rendezvous: no port to race other tests for.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     env = DistEnv(rank=rank, local_rank=rank, world_size=2, local_world_size=2, node_rank=0, launcher="torchrun")
     cfg = load_config(None, ["train.engine=native", "train.zero_stage=0", "optim.warmup_steps=0", "optim.lr=1e-2",
                              "train.grad_accum=2", "train.batch_size=8"])
@@ -189,10 +190,8 @@ def test_ddp_with_accumulation_steps_as_one_process_on_the_whole_batch(tmp_path,
     """DDP must all-reduce the sum of the accumulated micro-steps, not just the last one."""
     import torch.multiprocessing as mp
 
-    from rgfusion.trainer.engine import free_port
-
     out = tmp_path / "masters.pt"
-    mp.spawn(_ddp_worker, args=(free_port(), precision, str(out)), nprocs=2)
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "rendezvous"), precision, str(out)), nprocs=2)
     cfg = load_config(None, ["train.engine=native", "train.zero_stage=0", "optim.warmup_steps=0", "optim.lr=1e-2"])
     single = eng.build_native_engine(Mean(), cfg, DistEnv.from_environ({}, []), device="cpu", precision=precision,
                                      steps_per_epoch=1, total_steps=10)
