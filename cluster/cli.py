@@ -254,7 +254,7 @@ def cmd_ray_train(args: argparse.Namespace) -> int:
                                  name=args.name)
     metrics = ray_jobs.run_ray_train(cfg, spec, ray_jobs.object_store_options())
     print(f"ray-train: done; epochs {metrics.get('epoch')}, best dev rsum {metrics.get('best_dev_rsum')}; "
-          f"DeepSpeed checkpoints in {metrics.get('checkpoint_dir')}; result in {metrics.get('ray_checkpoint')}",
+          f"checkpoints in {metrics.get('checkpoint_dir')}; result in {metrics.get('ray_checkpoint')}",
           flush=True)
     return 0
 

@@ -1,5 +1,6 @@
 """A Ray Job through the Jobs API of a local Ray head (+ one worker node): Ray Train with two
-workers and DeepSpeed (gloo) trains a tiny model; checkpoints land in the test S3 endpoint."""
+workers and DeepSpeed (gloo), or the native engine, trains a tiny model; checkpoints land in the
+test S3 endpoint."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def test_ray_job_trains_with_two_workers_and_checkpoints_to_s3(ray_head, s3_endp
     job_id = re.search(r"submitted Ray job (\S+);", done.stdout).group(1)
     assert f"Ray job {job_id}: SUCCEEDED" in done.stdout
     assert "ray-train: done; epochs 2, best dev rsum" in done.stdout, done.stdout[-6000:]
-    assert f"DeepSpeed checkpoints in s3://{s3_bucket}/ray/tiny/checkpoints" in done.stdout
+    assert f"; checkpoints in s3://{s3_bucket}/ray/tiny/checkpoints" in done.stdout
 
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint)
             .list_objects_v2(Bucket=s3_bucket, Prefix="ray/tiny/")["Contents"]]
@@ -67,6 +68,24 @@ def test_ray_job_trains_with_two_workers_and_checkpoints_to_s3(ray_head, s3_endp
     assert stop.returncode == 0 and "already finished" in stop.stdout
     unknown = rgfusion("jobs", "status", "no-such-job", "--address", ray_head.dashboard)
     assert unknown.returncode == 1 and unknown.stderr.startswith("rgfusion: error: job no-such-job:")
+
+
+def test_ray_job_on_the_native_engine(ray_head, s3_endpoint, s3_bucket, tmp_path):
+    """Ray Train sets up the process group; the native engine's DDP runs in it."""
+    import boto3
+
+    data = write_tiny_data(tmp_path / "data")
+    sets = tiny_sets({"data.url": data, "train.out_dir": f"{tmp_path}/run", "train.epochs": 1,
+                      "tracking.enabled": "false", "train.engine": "native", "train.zero_stage": 0})
+    done = rgfusion("submit", "ray", "--address", ray_head.dashboard, "--num-workers", "2",
+                    "--storage-path", f"s3://{s3_bucket}/ray", "--name", "native", "--endpoint", s3_endpoint,
+                    "--shared-path", str(tmp_path), *[a for s in sets for a in ("--set", s)],
+                    "--wait", "--timeout", "300", timeout=360)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert "ray-train: done; epochs 1" in done.stdout, done.stdout[-6000:]
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint)
+            .list_objects_v2(Bucket=s3_bucket, Prefix="ray/native/checkpoints/")["Contents"]]
+    assert any(k.endswith("/native_states.pt") for k in keys) and not any("optim_states" in k for k in keys), keys
 
 
 def test_jobs_stop_ends_a_running_job(ray_head, tmp_path):
