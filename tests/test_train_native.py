@@ -156,7 +156,8 @@ def test_cuda_graph_compile_needs_the_native_engine():
         load_config(None, ["train.compile=true", "train.compile_mode=reduce-overhead"])
 
 
-@pytest.mark.parametrize("override", ["train.zero_stage=2", "train.precision=fp16", "train.deepspeed=deepspeed/zero2.yaml"])
+@pytest.mark.parametrize("override", ["train.zero_stage=2", "train.precision=fp16",
+                                      "train.deepspeed=deepspeed/zero2.yaml"])
 def test_native_refuses_what_only_deepspeed_does(override):
     sets = ["train.engine=native", "train.zero_stage=0", override]
     with pytest.raises(ConfigError, match="engine 'native'"):

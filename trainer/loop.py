@@ -1,8 +1,9 @@
 """``train(config) -> result``: the one entry every launcher reaches.
 
 Order of work: validate everything that can be wrong before a step is taken (config, dataset,
-checkpoint), build the engine (DeepSpeed's, or the native one), resume, then epochs of identical step counts on
-every rank, each ending with dev/test evaluation, the best-model export and a checkpoint.
+checkpoint), build the engine (DeepSpeed's, or the native one), resume, then epochs of identical
+step counts on every rank, each ending with dev/test evaluation, the best-model export and a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -156,7 +157,8 @@ class Run:
         model = build_model(cfg.model, region_dim=self.manifest.region_dim, grid_dim=self.manifest.grid_dim,
                             grid_size=tuple(self.manifest.grid_size), vocab_size=self.text.vocab_size)
         if cfg.train.compile:
-            model.compile(mode=cfg.train.compile_mode)  # in place: parameter names, and so checkpoints, stay those of eager runs
+            # In place: parameter names, and so checkpoints, stay those of eager runs.
+            model.compile(mode=cfg.train.compile_mode)
         module = TrainModule(model, ContrastiveLoss(cfg.loss))
         enable_universal(module)
         if native:
