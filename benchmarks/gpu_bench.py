@@ -35,6 +35,7 @@ import torch
 from rgfusion.trainer.loss import LossConfig, contrastive_loss
 from rgfusion.trainer.metrics import evaluate_protocol
 from rgfusion.trainer.model import ModelConfig, TextConfig, build_model, count_parameters, flops_per_pair
+from rgfusion.trainer.native import fp32_masters, grads_to_masters
 
 # H100 SXM dense bf16 tensor-core peak from the datasheet; MFU is quoted against it.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
@@ -167,18 +168,13 @@ def make_update(model: torch.nn.Module, v: Variant, device: torch.device) -> Cal
     if v.precision != "bf16w":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
         return opt.step
-    masters = [p.detach().clone() for p in model.parameters()]  # before the cast: full fp32 values
-    for m in masters:
-        m.grad = torch.zeros_like(m)
-    model.to(torch.bfloat16)
     params = list(model.parameters())
+    masters = fp32_masters(model, params)  # the trainer's native engine keeps the same masters
     opt = torch.optim.AdamW(masters, lr=1e-4, **fused)
 
     @torch.no_grad()
     def update() -> None:
-        # A parameter with no gradient this step keeps its master gradient (zero unless it had one).
-        pairs = [(m.grad, p.grad) for m, p in zip(masters, params) if p.grad is not None]
-        torch._foreach_copy_([g for g, _ in pairs], [g for _, g in pairs])
+        grads_to_masters(masters, params)
         opt.step()
         torch._foreach_copy_(params, masters)
 

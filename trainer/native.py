@@ -57,10 +57,7 @@ class NativeEngine:
         and inductor compiles the BiGRU, which it fails to do under autocast."""
         if precision != "bf16":
             return self.params
-        masters = [p.detach().float().clone() for p in self.params]
-        for m in masters:
-            m.grad = torch.zeros_like(m)  # zero for a parameter that got no gradient this step
-        module.to(torch.bfloat16)
+        masters = fp32_masters(module, self.params)
         index = {id(p): i for i, p in enumerate(self.params)}
         for g in groups:
             g["params"] = [masters[index[id(p)]] for p in g["params"]]
@@ -89,8 +86,7 @@ class NativeEngine:
             return
         if self.has_masters:
             # Micro-steps add up in the bf16 gradients, whose sum DDP all-reduces at the boundary.
-            pairs = [(m.grad, p.grad) for m, p in zip(self.masters, self.params) if p.grad is not None]
-            torch._foreach_copy_([m for m, _ in pairs], [g for _, g in pairs])
+            grads_to_masters(self.masters, self.params)
             self.module.zero_grad(set_to_none=True)
         self.norm = nn.utils.clip_grad_norm_(self.masters, self.clip, foreach=True)
         # The fused step reads this flag on the device: no host sync to skip a bad update.
@@ -132,9 +128,13 @@ class NativeEngine:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The module's state with the fp32 masters in place of the bf16 weights."""
         state = self.module.state_dict()
-        names = {id(p): n for n, p in self.module.named_parameters()}
-        state.update({names[id(p)]: m.detach() for p, m in zip(self.params, self.masters)})
+        state.update({name: m.detach() for name, m in zip(self._param_names(), self.masters)})
         return state
+
+    def _param_names(self) -> list[str]:
+        """State-dict names of ``self.params`` (and so of ``self.masters``), in their order."""
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        return [names[id(p)] for p in self.params]
 
     def load_checkpoint(self, load_dir: str, tag: str, load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True) -> tuple[str | None, dict]:
@@ -145,13 +145,28 @@ class NativeEngine:
             return None, {}
         state = safe_load(path)
         self.module.load_state_dict(state["module"])
-        names = {id(p): n for n, p in self.module.named_parameters()}
         with torch.no_grad():
-            for p, m in zip(self.params, self.masters):
-                m.copy_(state["module"][names[id(p)]])
+            for name, m in zip(self._param_names(), self.masters):
+                m.copy_(state["module"][name])
         if load_optimizer_states:
             self.optimizer.load_state_dict(state["optimizer"])
         if load_lr_scheduler_states:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.global_steps, self.micro_steps = int(state["global_steps"]), int(state["micro_steps"])
         return str(path), {}
+
+
+def fp32_masters(module: nn.Module, params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """fp32 copies of ``params``, taken before ``module`` is cast to bf16, each with a zero
+    gradient buffer (it stays zero for a parameter that gets no gradient in a step)."""
+    masters = [p.detach().float().clone() for p in params]
+    for m in masters:
+        m.grad = torch.zeros_like(m)
+    module.to(torch.bfloat16)
+    return masters
+
+
+def grads_to_masters(masters: list[torch.Tensor], params: list[nn.Parameter]) -> None:
+    """Copy the bf16 gradients up into the masters' fp32 buffers (parameters without one keep theirs)."""
+    pairs = [(m.grad, p.grad) for m, p in zip(masters, params) if p.grad is not None]
+    torch._foreach_copy_([m for m, _ in pairs], [g for _, g in pairs])
