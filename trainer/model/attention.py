@@ -1,10 +1,11 @@
-"""Scaled dot-product attention for the image side's short sets (tens of nodes).
+"""Scaled dot-product attention over short sets (tens of nodes or words).
 
 Two implementations of one function. ``sdpa`` is PyTorch's fused kernel dispatch. ``math`` is
-two batched matrix products around a float32 softmax. The fused kernels are built for long
-sequences. With an additive bias that needs a gradient (the graph's geometry bias) or a key
-mask, PyTorch falls back to the memory-efficient kernel, whose backward on 85 keys costs more
-than the math path, and which inductor cannot fuse with the bias and mask arithmetic around it.
+two batched matrix products around a float32 softmax. With an additive bias that needs a
+gradient (the graph's geometry bias), a key mask, or MAP's one 1,024-wide head, PyTorch falls
+back to the memory-efficient kernel, which inductor cannot fuse with the arithmetic around it.
+Compiled and captured, the math path was 2-7% faster on an H100; eager, its extra launches made
+the step slower (benchmarks/RESULTS.md, session 3), so ``sdpa`` is the default.
 """
 
 from __future__ import annotations
