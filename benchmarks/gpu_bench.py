@@ -35,6 +35,7 @@ import torch
 from rgfusion.trainer.loss import LossConfig, contrastive_loss
 from rgfusion.trainer.metrics import evaluate_protocol
 from rgfusion.trainer.model import ModelConfig, TextConfig, build_model, count_parameters, flops_per_pair
+from rgfusion.trainer.model.streams import beside
 from rgfusion.trainer.native import fp32_masters, grads_to_masters
 
 # H100 SXM dense bf16 tensor-core peak from the datasheet; MFU is quoted against it.
@@ -52,6 +53,7 @@ class Shape:
     words: int = 16  # mean COCO/Flickr caption length in words; BERT sees ~20 word pieces
     vocab: int = 10_000
     attention: str = "sdpa"  # ModelConfig.attention: the fused SDPA kernels or the math path
+    side_streams: bool = False  # the caption tower (and BiGRU directions) on side CUDA streams
 
 
 @dataclass
@@ -181,20 +183,23 @@ def make_update(model: torch.nn.Module, v: Variant, device: torch.device) -> Cal
     return update
 
 
-def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant):
-    autocast = autocast_for(v, next(model.parameters()).device)
+def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, side_streams: bool):
+    device = next(model.parameters()).device
+    autocast = autocast_for(v, device)
 
-    def embed(batch):
+    def images(batch):
         with autocast:
-            img = model.embed_images(batch["regions"], batch["boxes"], batch["region_mask"], batch["grids"])
-            cap = model.embed_captions(batch["tokens"], batch["lengths"], batch["attention_mask"])
-        return img.float(), cap.float()
+            return model.embed_images(batch["regions"], batch["boxes"], batch["region_mask"], batch["grids"]).float()
 
-    if v.compile_mode:
-        embed = torch.compile(embed, mode=v.compile_mode)
+    def captions(batch):
+        with autocast:
+            return model.embed_captions(batch["tokens"], batch["lengths"], batch["attention_mask"]).float()
+
+    if v.compile_mode:  # each tower on its own, so the two can run on two streams
+        images, captions = (torch.compile(f, mode=v.compile_mode) for f in (images, captions))
 
     def step(batch):
-        img, cap = embed(batch)
+        img, cap = beside(lambda: images(batch), lambda: captions(batch), device, enabled=side_streams)
         loss, _ = contrastive_loss(img, cap, ids, ids, cfg=loss_cfg, step=10**9)
         if not v.captured:  # a captured backward writes (not accumulates) the same buffers
             model.zero_grad(set_to_none=True)
@@ -270,11 +275,12 @@ def build_bench(v: Variant, shape: Shape, device: torch.device, hf_path: str | N
     model = build_model(
         cfg, region_dim=shape.region_dim, grid_dim=shape.grid_dim, grid_size=shape.grid, vocab_size=vocab
     ).to(device)
+    model.use_side_streams(shape.side_streams)
     update = make_update(model, v, device)
     seq = shape.words + 4 if v.text == "bert" else shape.words
     # Several input sets so repeated steps don't just re-read one batch from cache.
     batches = [make_batch(shape, vocab, device, seq, feature_dtype(v)) for _ in range(3)]
-    step = step_fn(model, update, LossConfig(), torch.arange(shape.batch, device=device), v)
+    step = step_fn(model, update, LossConfig(), torch.arange(shape.batch, device=device), v, shape.side_streams)
     if v.captured:
         step = capture_step(step, {k: t.clone() for k, t in batches[0].items()}, model)
     return Bench(model, step, batches, cfg, seq)
@@ -391,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
     p.add_argument("--batch", type=int, default=None, help="pairs per step (default 128, 8 with --tiny)")
     p.add_argument("--attention", choices=("sdpa", "math"), default="sdpa", help="model.attention of every variant")
+    p.add_argument("--side-streams", action="store_true",
+                   help="run the caption tower beside the image tower on a side CUDA stream")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-eval", action="store_true")
@@ -399,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     shape = Shape(batch=8, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200) if args.tiny else Shape()
-    shape = dataclasses.replace(shape, attention=args.attention)
+    shape = dataclasses.replace(shape, attention=args.attention, side_streams=args.side_streams)
     if args.batch is not None:
         shape = dataclasses.replace(shape, batch=args.batch)
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 rows use TF32 tensor cores, as trainers do

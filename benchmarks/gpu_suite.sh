@@ -5,6 +5,7 @@
 #   RUNS="2:1 2:8 3:8" bash benchmarks/gpu_suite.sh setup data scale   # any stage:GPU-count pairs
 #   TRAIN_IMAGES=6000 bash benchmarks/gpu_suite.sh setup data feed     # 1 GPU: loader and trainer profile
 #   bash benchmarks/gpu_suite.sh setup mfu                                # 1 GPU: MFU by precision, compile, attention, batch
+#   bash benchmarks/gpu_suite.sh setup streams                            # 1 GPU: CUDA tests, towers on 1 vs 2 streams
 # Results (logs, JSON, the MLflow store as a tarball) land in $OUT.
 set -uo pipefail
 export MLFLOW_ALLOW_FILE_STORE=true PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -19,7 +20,7 @@ RG="python3 -m rgfusion.trainer.cli"  # the console script may not be on a bare 
 BENCH_ONLY=full-bigru-fp32,full-bigru-bf16,full-bigru-bf16-default,full-bigru-bf16-graph,full-bert-fp32,full-bert-bf16,full-bert-bf16-default,full-bert-bf16-graph,region-gpo-bigru-fp32,region-gpo-bigru-fp32-graph,region-gpo-bigru-bf16,region-gpo-bigru-bf16-graph
 
 setup() {
-  python3 -m pip install -q --no-index --find-links .whl webdataset deepspeed mlflow-skinny hjson py-cpuinfo 2>&1 | tail -2
+  python3 -m pip install -q --no-index --find-links .whl webdataset deepspeed mlflow-skinny hjson py-cpuinfo pytest 2>&1 | tail -2
   python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
   python3 -c "import torch, deepspeed, webdataset, mlflow; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'gpus', torch.cuda.device_count())"
 }
@@ -129,6 +130,17 @@ mfu() {  # one GPU: what raises the model step's MFU; MFU_ATTENTION="sdpa math" 
         --only ${MFU_BIG:-full-bert-bf16w-compile-graph,full-bigru-bf16w-compile-graph} > "$OUT/mfu_${att}_b$b.log" 2>&1
       tail -3 "$OUT/mfu_${att}_b$b.log"
     done
+  done
+}
+
+streams() {  # one GPU: the CUDA-only tests, then the model step with the towers on one stream and on two
+  log "tests/test_gpu.py"
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -4
+  for side in "" --side-streams; do
+    name=streams_${STREAMS_ATTENTION:-math}${side:+_side}
+    python3 benchmarks/gpu_bench.py --iters 15 --warmup 3 --no-eval --attention ${STREAMS_ATTENTION:-math} $side \
+      --only ${STREAMS_ONLY:-full-bigru-bf16w-graph,full-bigru-bf16w-compile-graph,full-bert-bf16w-compile-graph} \
+      --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1; tail -4 "$OUT/$name.log"
   done
 }
 

@@ -233,3 +233,18 @@ def test_image_without_regions_stays_finite(variant, autocast):
     img.float().sum().backward()
     assert torch.isfinite(img).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_forward_is_the_two_embeddings_whatever_the_streams():
+    """forward() (the training path, optionally on side streams) and the eager embed_* calls
+    (evaluation) give the same embeddings; on CPU side streams change nothing."""
+    model = make(tiny(dropout=0.0)).eval()
+    regions, boxes, mask, grids = image_inputs()
+    tokens, lengths, cmask = caption_inputs()
+    batch = SimpleNamespace(regions=regions, boxes=boxes, region_mask=mask, grids=grids, tokens=tokens,
+                            lengths=lengths, attention_mask=cmask, grid_size=GRID)
+    want = model.embed_images(regions, boxes, mask, grids), model.embed_captions(tokens, lengths, cmask)
+    model.use_side_streams(True)
+    assert model.text.gru.side_streams
+    for got, ref in zip(model(batch), want):
+        torch.testing.assert_close(got, ref)

@@ -424,3 +424,19 @@ def test_compiled_model_trains_and_exports_eager_names(tmp_path, engine):
 def test_compile_refuses_zero3():
     with pytest.raises(ConfigError, match="compile"):
         load_config(None, ["train.compile=true", "train.zero_stage=3"])
+
+
+@pytest.mark.parametrize(("overrides", "world_size", "device", "expected"), [
+    (["train.engine=native", "train.zero_stage=0"], 1, "cuda:0", True),
+    (["train.engine=native", "train.zero_stage=0", "train.compile=true"], 1, "cuda", True),
+    (["train.engine=native", "train.zero_stage=0", "train.side_streams=false"], 1, "cuda:0", False),
+    (["train.engine=native", "train.zero_stage=0"], 1, "cpu", False),
+    (["train.engine=native", "train.zero_stage=0"], 2, "cuda:0", False),
+    ([], 1, "cuda:0", False),
+    (["train.engine=native", "train.zero_stage=0", "train.compile=true", "train.compile_mode=reduce-overhead"],
+     1, "cuda:0", False),
+])
+def test_side_streams_apply_only_where_known_safe(overrides, world_size, device, expected):
+    from rgfusion.trainer.loop import uses_side_streams
+
+    assert uses_side_streams(load_config(None, overrides), world_size, device) is expected

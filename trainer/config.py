@@ -94,6 +94,11 @@ class TrainConfig:
     # as CUDA graphs (one recording per caption length), for steps bound by kernel launches;
     # native engine, one process only (under DDP on 4 H100s a rank died with SIGSEGV).
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    # Run the caption tower beside the image tower (and the BiGRU's two directions beside each
+    # other) on CUDA side streams. Applies only where that is known safe: CUDA, engine native,
+    # one process, compile_mode not reduce-overhead (its CUDA graph trees assume one stream;
+    # DDP's gradient hooks were never checked with side streams). Elsewhere it is ignored.
+    side_streams: bool = True
     # Steps of the first epoch to run under the PyTorch profiler on rank 0 (after 5 warm-up
     # steps); writes <out_dir>/profile/{ops.txt,trace.json}. 0 = off.
     profile_steps: int = 0

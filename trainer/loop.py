@@ -157,8 +157,8 @@ class Run:
         model = build_model(cfg.model, region_dim=self.manifest.region_dim, grid_dim=self.manifest.grid_dim,
                             grid_size=tuple(self.manifest.grid_size), vocab_size=self.text.vocab_size)
         if cfg.train.compile:
-            # In place: parameter names, and so checkpoints, stay those of eager runs.
-            model.compile(mode=cfg.train.compile_mode)
+            model.compile_towers(cfg.train.compile_mode)
+        model.use_side_streams(uses_side_streams(cfg, env.world_size, self.device))
         module = TrainModule(model, ContrastiveLoss(cfg.loss))
         enable_universal(module)
         if native:
@@ -416,3 +416,10 @@ def open_dataset(cfg: DataConfig, splits: list[str]) -> Manifest:
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data.url={cfg.url}: {e}") from None
     return manifest
+
+
+def uses_side_streams(cfg: RunConfig, world_size: int, device: str) -> bool:
+    """Whether ``train.side_streams`` applies to this run (see its comment in trainer/config.py)."""
+    t = cfg.train
+    return (t.side_streams and device.startswith("cuda") and t.engine == "native" and world_size == 1
+            and not (t.compile and t.compile_mode == "reduce-overhead"))

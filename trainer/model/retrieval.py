@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
 from .image import ImageEncoder
+from .streams import beside
 from .text import TextEncoder
 
 
@@ -23,6 +25,21 @@ class RetrievalModel(nn.Module):
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         self.image = ImageEncoder(cfg, region_dim, grid_dim, self.grid_size)
         self.text = TextEncoder(cfg, vocab_size)
+        self.side_streams = False
+        self._towers: tuple[nn.Module, nn.Module] | None = None
+
+    def compile_towers(self, mode: str) -> None:
+        """torch.compile each tower's training forward on its own, so side streams can run the two
+        at once. Parameter names, and so checkpoints, stay those of eager runs; evaluation
+        (``embed_*``) stays eager, as its batch shapes vary."""
+        self._towers = (torch.compile(self.image, mode=mode), torch.compile(self.text, mode=mode))
+
+    def use_side_streams(self, on: bool) -> None:
+        """Run the caption tower beside the image tower, and the BiGRU's directions beside each
+        other, on CUDA side streams (model/streams.py). The results are the same either way."""
+        self.side_streams = on
+        if self.text.encoder == "bigru":
+            self.text.gru.side_streams = on
 
     def embed_images(self, regions: Tensor, boxes: Tensor, region_mask: Tensor, grids: Tensor) -> Tensor:
         """(B, width) L2-normalised image embeddings."""
@@ -36,9 +53,10 @@ class RetrievalModel(nn.Module):
         """``(img_emb, cap_emb)`` of a :class:`rgfusion.datasets.Batch` (or anything with its fields)."""
         if tuple(batch.grid_size) != self.grid_size:
             raise ValueError(f"batch grid size {tuple(batch.grid_size)} != model grid size {self.grid_size}")
-        img = self.embed_images(batch.regions, batch.boxes, batch.region_mask, batch.grids)
-        cap = self.embed_captions(batch.tokens, batch.lengths, batch.attention_mask)
-        return img, cap
+        image, text = self._towers or (self.image, self.text)
+        return beside(lambda: F.normalize(image(batch.regions, batch.boxes, batch.region_mask, batch.grids), dim=-1),
+                      lambda: F.normalize(text(batch.tokens, batch.lengths, batch.attention_mask), dim=-1),
+                      batch.regions.device, enabled=self.side_streams)
 
     def param_groups_hint(self) -> dict[str, float]:
         """Parameter-name prefix -> learning-rate multiplier; names not listed use 1.0."""

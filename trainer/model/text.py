@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from .attention import Attention
 from .config import ModelConfig, TextConfig
 from .pooling import build_pooling
+from .streams import beside
 
 
 class BiGRUWords(nn.Module):
@@ -27,6 +28,7 @@ class BiGRUWords(nn.Module):
         dims = [cfg.word_dim] + [2 * hidden] * (cfg.layers - 1)
         self.forward_gru = nn.ModuleList(nn.GRU(d, hidden, batch_first=True) for d in dims)
         self.backward_gru = nn.ModuleList(nn.GRU(d, hidden, batch_first=True) for d in dims)
+        self.side_streams = False  # set by RetrievalModel.use_side_streams
 
     @property
     def out_dim(self) -> int:
@@ -36,8 +38,9 @@ class BiGRUWords(nn.Module):
         order = reverse_within_length(lengths.clamp(min=1), tokens.shape[1])
         x = self.embed(tokens)
         for fwd, bwd in zip(self.forward_gru, self.backward_gru):
-            out_f = fwd(x)[0]
-            out_b = take_steps(bwd(take_steps(x, order))[0], order)
+            # Slot 1: the caption tower itself may already run on side stream 0.
+            out_f, out_b = beside(lambda: fwd(x)[0], lambda: take_steps(bwd(take_steps(x, order))[0], order),
+                                  x.device, enabled=self.side_streams, slot=1)
             x = torch.cat([out_f, out_b], dim=-1)
         # Average of the two directions (VSE∞) keeps the width at `hidden`.
         return (x[..., : self.hidden] + x[..., self.hidden :]) / 2

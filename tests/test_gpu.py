@@ -1,0 +1,113 @@
+"""Checks that need a CUDA device: run them on a GPU machine (``python3 -m pytest tests/test_gpu.py``).
+Skipped elsewhere."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rgfusion.trainer.model import ModelConfig, TextConfig, build_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+DEVICE = torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    import transformers
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=128, vocab_size=100, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    transformers.BertModel(config).save_pretrained(path)
+    return str(path)
+
+
+def model(encoder: str, hf_path: str | None):
+    torch.manual_seed(0)
+    text = TextConfig(encoder="hf", hf_path=hf_path) if encoder == "hf" else TextConfig(word_dim=32)
+    cfg = ModelConfig(width=64, heads=4, dropout=0.0, text=text)
+    return build_model(cfg, region_dim=48, grid_dim=40, grid_size=(3, 3), vocab_size=100).to(DEVICE)
+
+
+def batch(seed: int, b: int = 16, regions: int = 6, words: int = 9) -> SimpleNamespace:
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    xy = torch.rand(b, regions, 2, device=DEVICE, generator=g) * 0.6
+    lengths = torch.randint(2, words + 1, (b,), device=DEVICE, generator=g)
+    return SimpleNamespace(
+        regions=torch.rand(b, regions, 48, device=DEVICE, generator=g),
+        boxes=torch.cat([xy, xy + 0.3], -1),
+        region_mask=torch.arange(regions, device=DEVICE)[None] < torch.randint(2, regions + 1, (b, 1), device=DEVICE,
+                                                                               generator=g),
+        grids=torch.rand(b, 9, 40, device=DEVICE, generator=g),
+        tokens=torch.randint(4, 100, (b, words), device=DEVICE, generator=g),
+        lengths=lengths,
+        attention_mask=torch.arange(words, device=DEVICE)[None] < lengths[:, None],
+        grid_size=(3, 3),
+    )
+
+
+def loss_of(img: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(img @ cap.T * 10, torch.arange(len(img), device=DEVICE))
+
+
+def step(m, b) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    m.zero_grad(set_to_none=True)
+    loss = loss_of(*m(b))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(autouse=True)
+def exact_matmuls():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.parametrize("encoder", ["bigru", "hf"])
+def test_side_streams_give_the_same_loss_and_gradients(encoder, bert_dir):
+    m, b = model(encoder, bert_dir), batch(0)
+    loss_one, grads_one = step(m, b)
+    m.use_side_streams(True)
+    loss_two, grads_two = step(m, b)
+    torch.testing.assert_close(loss_two, loss_one, rtol=1e-5, atol=1e-6)
+    assert grads_two.keys() == grads_one.keys()
+    for name in grads_one:
+        torch.testing.assert_close(grads_two[name], grads_one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_captured_step_with_side_streams_replays_new_inputs(bert_dir):
+    """The branches on two streams are captured as parallel paths of one CUDA graph; replaying
+    it on new inputs gives what an eager one-stream step gives on them."""
+    m = model("bigru", None)
+    static = batch(1)
+    m.use_side_streams(True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(m, static)
+    torch.cuda.current_stream().wait_stream(side)
+    m.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = loss_of(*m(static))
+        loss.backward()
+    fresh = batch(2)
+    for name in ("regions", "boxes", "region_mask", "grids", "tokens", "lengths", "attention_mask"):
+        getattr(static, name).copy_(getattr(fresh, name))
+    graph.replay()
+    torch.cuda.synchronize()
+    captured = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.use_side_streams(False)
+    ref_loss, ref_grads = step(m, fresh)
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-5, atol=1e-6)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(captured[name], g, rtol=1e-4, atol=1e-6, msg=name)

@@ -1,0 +1,54 @@
+"""Independent branches of the model side by side on CUDA streams.
+
+The caption tower does not depend on the image tower until the loss, and the BiGRU's two
+directions do not depend on each other. On one stream their kernels queue one after the other,
+and many of them (the GRU's time steps, BERT's 2,560-token matrix products) fill only part of
+the GPU. On two streams the GPU runs them at the same time. Autograd runs each backward op on
+the stream of its forward op, so the backward passes overlap too, and a CUDA graph captured
+around the step keeps the two branches as parallel paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+A = TypeVar("A")
+
+_SIDE: dict[tuple[int, int], torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device, slot: int) -> torch.cuda.Stream:
+    """One long-lived side stream per (device, slot): new streams per call would defeat the
+    caching allocator's per-stream pools and a captured graph's fixed stream set."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, slot)
+    if key not in _SIDE:
+        _SIDE[key] = torch.cuda.Stream(device=index)
+    return _SIDE[key]
+
+
+def beside(main: Callable[[], A], side: Callable[[], Tensor], device: torch.device, *, enabled: bool,
+           slot: int = 0) -> tuple[A, Tensor]:
+    """``(main(), side())`` with ``side`` on a side stream of ``device`` when ``enabled`` on CUDA.
+
+    ``side`` is launched first: on a step bound by the host, its kernels then start while the
+    host is still launching ``main``'s. Nested calls need distinct slots. Inside torch.compile
+    both run on the current stream (dynamo would have to trace the stream switches).
+    """
+    if not enabled or device.type != "cuda" or torch.compiler.is_compiling():
+        return main(), side()
+    current = torch.cuda.current_stream(device)
+    stream = side_stream(device, slot)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        out = side()
+    result = main()
+    current.wait_stream(stream)
+    # Allocated on the side stream, used and freed on this one: the allocator must not hand
+    # the block to the side stream again before this stream is done with it.
+    out.record_stream(current)
+    return result, out
