@@ -13,6 +13,8 @@ from rgfusion.configs import ConfigError
 from rgfusion.trainer import engine as eng
 from rgfusion.trainer.config import load_config
 from rgfusion.trainer.distenv import DistEnv
+from rgfusion.trainer.flat_adamw import FlatAdamW, adamw_update
+from rgfusion.trainer.native import STATE_FILE
 
 torch.set_num_threads(1)
 
@@ -29,9 +31,12 @@ class Mean(nn.Module):
         return ((self.net(x).squeeze(-1) - y) ** 2).mean()
 
 
+NATIVE = ["train.engine=native", "train.zero_stage=0", "optim.warmup_steps=2", "optim.schedule=constant",
+          "optim.lr=1e-2"]
+
+
 def native(*overrides: str):
-    cfg = load_config(None, ["train.engine=native", "train.zero_stage=0", "optim.warmup_steps=2",
-                             "optim.schedule=constant", "optim.lr=1e-2", *overrides])
+    cfg = load_config(None, [*NATIVE, *overrides])
     env = DistEnv.from_environ({}, [])
     return eng.build_native_engine(Mean(), cfg, env, device="cpu", precision="fp32", steps_per_epoch=10,
                                    total_steps=20)
@@ -52,10 +57,12 @@ def train(engine, batches, split: int = 1) -> list[float]:
     return norms
 
 
-def test_steps_match_torch_adamw_with_clipping_and_warmup():
-    engine = native("optim.grad_clip=0.5")
+@pytest.mark.parametrize("clip", [0.5, 2.5, 0.0])  # norms are 2-3: all, some or (0) no steps clipped
+def test_steps_match_torch_adamw_with_clipping_and_warmup(clip):
+    engine = native(f"optim.grad_clip={clip}")
     ref = Mean()
-    decay = {id(p): g["weight_decay"] for g in engine.optimizer.param_groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g, f in zip(engine.optimizer.param_groups, engine.optimizer.flats)
+             for p in f.params}
     opt = torch.optim.AdamW([{"params": [p], "weight_decay": decay[id(q)]}
                              for p, q in zip(ref.parameters(), engine.module.parameters())],
                             lr=1e-2, betas=engine.optimizer.defaults["betas"], eps=engine.optimizer.defaults["eps"])
@@ -66,7 +73,7 @@ def test_steps_match_torch_adamw_with_clipping_and_warmup():
             g["lr"] = 1e-2 * min(1.0, (i + 1) / 2)  # linear warm-up over 2 steps, then constant
         opt.zero_grad()
         ref(x, y).backward()
-        norm = nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        norm = nn.utils.clip_grad_norm_(ref.parameters(), clip or math.inf)
         assert norms[i] == pytest.approx(float(norm), rel=1e-5)
         opt.step()
     for a, b in zip(engine.module.parameters(), ref.parameters()):
@@ -87,14 +94,15 @@ def test_nonfinite_gradient_skips_the_update():
     engine = native()
     train(engine, data(1))
     before = [p.detach().clone() for p in engine.module.parameters()]
-    steps = [engine.optimizer.state[p]["step"].clone() for p in engine.module.parameters()]
+    state = engine.optimizer.state.values()
+    steps = [s["step"].clone() for s in state]
     x, y = data(1, seed=1)[0]
     engine.backward(engine(x, y) * float("nan"))
     engine.step()
     assert math.isnan(engine.get_global_grad_norm())
     assert all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
-    assert all(torch.equal(engine.optimizer.state[p]["step"], s) for p, s in zip(engine.module.parameters(), steps))
-    assert all(p.grad is None for p in engine.module.parameters())  # the bad gradients are gone
+    assert [s["step"] for s in state] == steps == [torch.tensor(1.0)] * len(steps)
+    assert not any(p.grad.any() for p in engine.module.parameters())  # the bad gradients are gone
 
 
 def native_bf16(*overrides: str):
@@ -149,6 +157,123 @@ def test_save_and_load_continue_exactly(tmp_path):
         torch.testing.assert_close(a, b)
     assert resumed.lr_scheduler.get_last_lr() == straight.lr_scheduler.get_last_lr()
     assert resumed.load_checkpoint(str(tmp_path), tag="step-00000009") == (None, {})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flat_update_is_torch_adamw_on_the_scaled_gradient(dtype):
+    """adamw_update against torch.optim.AdamW on a copy: weight decay, clip scales, and a
+    non-finite step that changes nothing and is not counted."""
+    gen = torch.Generator().manual_seed(0)
+    master = torch.randn(300, generator=gen)
+    ref = nn.Parameter(master.clone())
+    opt = torch.optim.AdamW([ref], betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    m, v, step = torch.zeros(300), torch.zeros(300), torch.zeros(())
+    weights = master.bfloat16() if dtype == torch.bfloat16 else None
+    for scale, lr in [(1.0, 1e-2), (0.3, 5e-3), (math.nan, 1e-2), (0.7, 2e-2)]:
+        grad = torch.randn(300, generator=gen).to(dtype) * (1 if math.isfinite(scale) else math.inf)
+        scale, ok = torch.tensor(scale), torch.tensor(math.isfinite(scale))
+        if ok:
+            ref.grad = grad.float() * scale
+            opt.param_groups[0]["lr"] = lr
+            opt.step()
+        step += ok
+        adamw_update(grad, master, m, v, weights, scale, ok, torch.tensor(lr), step, 0.8, 0.95, 1e-6, 0.1)
+        state = opt.state[ref]
+        torch.testing.assert_close(master, ref.detach())
+        torch.testing.assert_close(m, state["exp_avg"])
+        torch.testing.assert_close(v, state["exp_avg_sq"])
+        assert torch.equal(step, state["step"]) and not grad.any()
+        assert weights is None or torch.equal(weights, master.bfloat16())
+
+
+def test_bf16_weights_and_grads_are_views_into_the_flat_buffers():
+    """Backward adds into the flat gradient buffer, and the update writes the bf16 weights as the
+    rounded masters and zeroes the gradients."""
+    engine = native_bf16()
+    flats = engine.optimizer.flats
+    for x, y in data(3):
+        engine.backward(engine(x.bfloat16(), y.bfloat16()))
+        assert all(f.grad.any() for f in flats)
+        engine.step()
+        for f in flats:
+            assert [p.data_ptr() for p in f.params] == [w.data_ptr() for w in f.views(f.weights)]
+            assert [p.grad.data_ptr() for p in f.params] == [g.data_ptr() for g in f.views(f.grad)]
+            assert torch.equal(f.weights, f.master.bfloat16()) and not f.grad.any()
+    assert engine.optimizer.state[flats[0].master]["step"] == 3
+
+
+def test_a_detached_grad_stops_the_step():
+    engine = native()
+    x, y = data(1)[0]
+    engine.backward(engine(x, y))
+    engine.module.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="no longer a view"):
+        engine.step()
+
+
+# Inductor's CPU backend imports torch.utils.mkldnn, which warns about its own use of torch.jit.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiled_step_matches_the_eager_one_without_recompiling():
+    """The path CUDA takes: clip and all group updates compiled as one graph, whose guards hold
+    from step to step (a recompile per step would cost seconds each)."""
+    def build(compiled: bool) -> tuple[Mean, FlatAdamW]:
+        model = Mean()
+        groups = eng.param_groups(model, load_config(None, []).optim, {})
+        return model, FlatAdamW(groups, precision="bf16", lr=1e-2, weight_decay=0.1, max_norm=0.5, compiled=compiled)
+
+    runs = [build(False), build(True)]
+    for i, (x, y) in enumerate(data(4)):
+        for model, opt in runs:
+            (model(x.bfloat16(), y.bfloat16()) * (math.nan if i == 2 else 1)).backward()
+            with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                opt.step()
+        eager_norm, compiled_norm = (float(opt.norm) for _, opt in runs)
+        assert compiled_norm == pytest.approx(eager_norm, nan_ok=True) and math.isnan(eager_norm) == (i == 2)
+    (eager, _), (compiled, _) = runs
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_loads_the_optimizer_state_of_the_engine_before_flat_buffers(tmp_path):
+    """Its checkpoints hold torch.optim.AdamW's state, one entry per parameter in group order."""
+    cfg = load_config(None, NATIVE)
+    model, batches = Mean(), data(4)
+    opt = torch.optim.AdamW(eng.param_groups(model, cfg.optim, {}), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    schedule = eng.lr_schedule(cfg, steps_per_epoch=10, total_steps=20)(opt)
+    for x, y in batches[:2]:
+        opt.zero_grad()
+        model(x, y).backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        schedule.step()
+    (tmp_path / "step-00000002").mkdir()
+    torch.save({"module": model.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": schedule.state_dict(),
+                "global_steps": 2, "micro_steps": 2}, tmp_path / "step-00000002" / STATE_FILE)
+    resumed = native()
+    resumed.load_checkpoint(str(tmp_path), tag="step-00000002")
+    for key in ("exp_avg", "exp_avg_sq"):
+        flat = [resumed.optimizer.state[f.master][key] for f in resumed.optimizer.flats]
+        per_param = [opt.state[p][key].reshape(-1) for g in opt.param_groups for p in g["params"]]
+        assert torch.equal(torch.cat(flat), torch.cat(per_param))
+    straight = native()
+    train(straight, batches)
+    train(resumed, batches[2:])
+    for a, b in zip(straight.module.parameters(), resumed.module.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_parameter_without_old_state_gets_zero_moments():
+    """torch.optim.AdamW keeps no state for a parameter that never had a gradient."""
+    groups = [{"params": [nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2, 2))], "lr": 1e-2}]
+    old = torch.optim.AdamW(groups[0]["params"])
+    groups[0]["params"][1].grad = torch.ones(2, 2)
+    old.step()
+    opt = FlatAdamW(groups, precision="fp32", lr=1e-2)
+    opt.load_state_dict(old.state_dict())
+    state = opt.state[opt.flats[0].master]
+    assert state["step"] == 1 and torch.equal(state["exp_avg"][:3], torch.zeros(3))
+    assert torch.equal(state["exp_avg"][3:], old.state[groups[0]["params"][1]]["exp_avg"].reshape(-1))
 
 
 def test_cuda_graph_compile_needs_the_native_engine():

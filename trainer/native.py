@@ -4,10 +4,11 @@ DeepSpeed's engine does host work every step: per-parameter gradient hooks, and 
 check and gradient norm computed tensor by tensor in Python, ending in a host sync. On one H100
 its ZeRO-2 step took 93 ms of host time against 21 ms of GPU work (benchmarks/RESULTS.md). A
 ZeRO-0 step needs none of that. In bf16 this engine keeps the model's weights in bf16 and fp32
-master copies for AdamW, as DeepSpeed does. It clips with one foreach norm on the device and
-steps a fused AdamW that skips the update itself when the norm is not finite. Across ranks,
-DDP all-reduces gradients in buckets during backward. Every rank holds the full state, so a
-checkpoint is one file that any world size can resume.
+master copies for AdamW, as DeepSpeed does. FlatAdamW (trainer/flat_adamw.py) holds weights,
+masters and gradients in flat per-group buffers and clips and steps them on the device, skipping
+the update itself when the norm is not finite. Across ranks, DDP all-reduces gradients in buckets
+during backward. Every rank holds the full state, so a checkpoint is one file that any world size
+can resume.
 
 It offers the part of DeepSpeed's engine interface that the loop, checkpoints and export use.
 """
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from rgfusion.trainer.config import RunConfig
+from rgfusion.trainer.flat_adamw import FlatAdamW
 
 STATE_FILE = "native_states.pt"
 
@@ -34,38 +36,27 @@ class NativeEngine:
                  rank: int, world_size: int, schedule: Callable[[torch.optim.Optimizer], Any]) -> None:
         self.module, self.rank = module, rank
         self.params = [p for g in groups for p in g["params"]]
-        self.masters = self._masters(module, groups, precision)
+        o = cfg.optim
+        # Before DDP, which buckets the parameters by their dtype: the optimizer moves them into its
+        # flat buffers, in bf16 casting them (DeepSpeed's bf16 mode: no per-use casts as under
+        # autocast, and inductor compiles the BiGRU, which it fails to do under autocast).
+        self.optimizer = FlatAdamW(groups, precision=precision, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                   weight_decay=o.weight_decay, max_norm=o.grad_clip if o.grad_clip > 0 else math.inf)
+        if precision == "bf16":
+            module.to(torch.bfloat16)  # what the optimizer does not hold: buffers, frozen parameters
+        self.masters = self.optimizer.masters()
         self.wrapped: nn.Module = module
         if world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             index = torch.device(device).index
+            # Without gradient_as_bucket_view (the default), DDP copies the reduced buckets into
+            # the existing grads: the flat buffers' views.
             self.wrapped = DistributedDataParallel(module, device_ids=None if index is None else [index])
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                           weight_decay=o.weight_decay, fused=True)
         self.lr_scheduler = schedule(self.optimizer)
-        self.clip = o.grad_clip if o.grad_clip > 0 else math.inf
         self.accum = cfg.train.grad_accum
         self.global_steps = 0
         self.micro_steps = 0
-        self.norm: torch.Tensor | None = None
-
-    def _masters(self, module: nn.Module, groups: list[dict], precision: str) -> list[torch.Tensor]:
-        """The tensors AdamW steps. In bf16 the model's weights become bf16 and AdamW steps fp32
-        copies of them, as in DeepSpeed's bf16 mode. There are no per-use casts as under autocast,
-        and inductor compiles the BiGRU, which it fails to do under autocast."""
-        if precision != "bf16":
-            return self.params
-        masters = fp32_masters(module, self.params)
-        index = {id(p): i for i, p in enumerate(self.params)}
-        for g in groups:
-            g["params"] = [masters[index[id(p)]] for p in g["params"]]
-        return masters
-
-    @property
-    def has_masters(self) -> bool:
-        return self.masters is not self.params
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if isinstance(self.wrapped, nn.parallel.DistributedDataParallel):
@@ -84,27 +75,14 @@ class NativeEngine:
         self.micro_steps += 1
         if self.micro_steps % self.accum:
             return
-        if self.has_masters:
-            # Micro-steps add up in the bf16 gradients, whose sum DDP all-reduces at the boundary.
-            grads_to_masters(self.masters, self.params)
-            self.module.zero_grad(set_to_none=True)
-        self.norm = nn.utils.clip_grad_norm_(self.masters, self.clip, foreach=True)
-        # The fused step reads this flag on the device: no host sync to skip a bad update.
-        self.optimizer.found_inf = (~torch.isfinite(self.norm)).float()
-        try:
-            self.optimizer.step()
-        finally:
-            del self.optimizer.found_inf
+        # Micro-steps have added up in the flat gradients, whose sum DDP all-reduced at the boundary.
+        self.optimizer.step()
         self.lr_scheduler.step()
-        if self.has_masters:
-            torch._foreach_zero_([m.grad for m in self.masters])
-            torch._foreach_copy_(self.params, self.masters)
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
         self.global_steps += 1
 
     def get_global_grad_norm(self) -> float | None:
-        return None if self.norm is None else float(self.norm)
+        norm = self.optimizer.norm
+        return None if norm is None else float(norm)
 
     def zero_optimization_stage(self) -> int:
         return 0
@@ -144,6 +122,8 @@ class NativeEngine:
         if not path.is_file():
             return None, {}
         state = safe_load(path)
+        # Both copy in place, into the flat buffers: the module's weights (in bf16, the masters
+        # rounded), then the masters.
         self.module.load_state_dict(state["module"])
         with torch.no_grad():
             for name, m in zip(self._param_names(), self.masters):
