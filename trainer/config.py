@@ -67,7 +67,8 @@ class TrainConfig:
     # Optimizer steps per epoch; None = ceil(train images / batch_size) from the manifest.
     steps_per_epoch: int | None = None
     # deepspeed: DeepSpeed's engine, any ZeRO stage. native: plain PyTorch (bf16 weights with fp32
-    # masters, fused AdamW, DDP), ZeRO-0 only, with far less host work per step (trainer/native.py).
+    # masters, flat-buffer AdamW, DDP), ZeRO-0 only, with far less host work per step
+    # (trainer/native.py).
     engine: Literal["deepspeed", "native"] = "deepspeed"
     # ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 + gradients, 3 + weights.
     zero_stage: Literal[0, 1, 2, 3] = 2
