@@ -36,7 +36,9 @@ from rgfusion.trainer.loss import LossConfig, contrastive_loss
 from rgfusion.trainer.metrics import evaluate_protocol
 from rgfusion.trainer.model import ModelConfig, TextConfig, build_model, count_parameters, flops_per_pair
 from rgfusion.trainer.model.streams import beside
-from rgfusion.trainer.native import fp32_masters, grads_to_masters
+from rgfusion.trainer.config import OptimConfig
+from rgfusion.trainer.engine import param_groups
+from rgfusion.trainer.flat_adamw import FlatAdamW
 
 # H100 SXM dense bf16 tensor-core peak from the datasheet; MFU is quoted against it.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
@@ -161,24 +163,26 @@ def autocast_for(v: Variant, device: torch.device):
 
 
 def make_update(model: torch.nn.Module, v: Variant, device: torch.device) -> Callable[[], None]:
-    """Builds AdamW and returns the update that follows backward; bf16w also casts the model.
+    """Builds the optimizer and returns the update that follows backward: it steps and leaves the
+    gradients ready for the next backward. bf16w also casts the model.
 
-    bf16w keeps fp32 master copies with preallocated fp32 gradients (as DeepSpeed's bf16 mode):
-    the bf16 gradients are copied up, AdamW steps the masters, the masters are copied back down.
-    Copies into fixed buffers, no host syncs: the update is CUDA-graph capturable."""
+    bf16w is the native engine's optimizer (trainer/flat_adamw.py) over the trainer's param
+    groups: fp32 masters in flat buffers, the recipe's global-norm clip, a skipped non-finite
+    update, the bf16 weights written in the same pass. The others are torch's fused AdamW. No
+    host syncs either way: the update is CUDA-graph capturable."""
+    if v.precision == "bf16w":
+        optim = OptimConfig()
+        groups = param_groups(model, optim, model.param_groups_hint())
+        opt = FlatAdamW(groups, precision="bf16", lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                        weight_decay=optim.weight_decay, max_norm=optim.grad_clip)
+        model.to(torch.bfloat16)  # buffers; the parameters are views into the flat bf16 weights
+        return opt.step  # it zeroes the flat gradients itself
     fused = {"fused": True, "capturable": v.captured} if device.type == "cuda" else {}
-    if v.precision != "bf16w":
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
-        return opt.step
-    params = list(model.parameters())
-    masters = fp32_masters(model, params)  # the trainer's native engine keeps the same masters
-    opt = torch.optim.AdamW(masters, lr=1e-4, **fused)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
 
-    @torch.no_grad()
     def update() -> None:
-        grads_to_masters(masters, params)
         opt.step()
-        torch._foreach_copy_(params, masters)
+        opt.zero_grad(set_to_none=True)  # captured, the next replay re-allocates them in place
 
     return update
 
@@ -201,8 +205,6 @@ def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, side_s
     def step(batch):
         img, cap = beside(lambda: images(batch), lambda: captions(batch), device, enabled=side_streams)
         loss, _ = contrastive_loss(img, cap, ids, ids, cfg=loss_cfg, step=10**9)
-        if not v.captured:  # a captured backward writes (not accumulates) the same buffers
-            model.zero_grad(set_to_none=True)
         loss.backward()
         update()
         return loss
@@ -210,22 +212,20 @@ def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, side_s
     return step
 
 
-def capture_step(step, batch: dict[str, torch.Tensor], model: torch.nn.Module):
+def capture_step(step, batch: dict[str, torch.Tensor]):
     """The whole training step as one CUDA graph: one launch per step instead of ~1,500.
 
     Inputs are copied into the captured (static) batch before each replay; shapes must not change,
     which the reader guarantees for regions (padded to max_regions) and a fixed caption length.
-    The model's gradients are dropped before capture so backward allocates them in the graph's
-    pool (bf16w's fp32 master gradients are preallocated and stay)."""
+    Each step ends with its gradients dropped (torch's AdamW: backward allocates them in the
+    graph's pool) or zeroed (bf16w's flat buffers, outside the pool)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     # Warm-up allocates optimizer state and cuDNN workspaces, and runs torch.compile's compilation.
     with torch.cuda.stream(side):
         for _ in range(3):
-            model.zero_grad(set_to_none=True)
             step(batch)
     torch.cuda.current_stream().wait_stream(side)
-    model.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         loss = step(batch)
@@ -282,7 +282,7 @@ def build_bench(v: Variant, shape: Shape, device: torch.device, hf_path: str | N
     batches = [make_batch(shape, vocab, device, seq, feature_dtype(v)) for _ in range(3)]
     step = step_fn(model, update, LossConfig(), torch.arange(shape.batch, device=device), v, shape.side_streams)
     if v.captured:
-        step = capture_step(step, {k: t.clone() for k, t in batches[0].items()}, model)
+        step = capture_step(step, {k: t.clone() for k, t in batches[0].items()})
     return Bench(model, step, batches, cfg, seq)
 
 
@@ -377,7 +377,7 @@ def profile_variant(v: Variant, shape: Shape, device, hf_path, args) -> str:
     with profile(activities=acts) as prof:
         time_steps(bench.step, bench.batches[:1], device, 0, 5)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=25)
+    return prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90)
 
 
 def check_names(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[Variant]:

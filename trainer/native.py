@@ -135,18 +135,3 @@ class NativeEngine:
         self.global_steps, self.micro_steps = int(state["global_steps"]), int(state["micro_steps"])
         return str(path), {}
 
-
-def fp32_masters(module: nn.Module, params: list[nn.Parameter]) -> list[torch.Tensor]:
-    """fp32 copies of ``params``, taken before ``module`` is cast to bf16, each with a zero
-    gradient buffer (it stays zero for a parameter that gets no gradient in a step)."""
-    masters = [p.detach().float().clone() for p in params]
-    for m in masters:
-        m.grad = torch.zeros_like(m)
-    module.to(torch.bfloat16)
-    return masters
-
-
-def grads_to_masters(masters: list[torch.Tensor], params: list[nn.Parameter]) -> None:
-    """Copy the bf16 gradients up into the masters' fp32 buffers (parameters without one keep theirs)."""
-    pairs = [(m.grad, p.grad) for m, p in zip(masters, params) if p.grad is not None]
-    torch._foreach_copy_([m for m, _ in pairs], [g for _, g in pairs])
