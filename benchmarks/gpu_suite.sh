@@ -118,15 +118,15 @@ feed() {  # one GPU: what feeds and what bounds the trainer's step
   done | tee "$OUT/trainer.txt"
 }
 
-mfu() {  # one GPU: what raises the model step's MFU; MFU_ATTENTION="sdpa math" compares the kernels
+mfu() {  # one GPU: what raises the model step's MFU; MFU_ATTENTION="sdpa math" compares the kernels, MFU_FLAGS adds gpu_bench flags
   log "model step: MFU by precision, compile, attention and batch"
   for att in ${MFU_ATTENTION:-sdpa math}; do
-    python3 benchmarks/gpu_bench.py --iters 15 --warmup 3 --no-eval --attention $att --out "$OUT/mfu_${att}_b128.json" \
+    python3 benchmarks/gpu_bench.py --iters 15 --warmup 3 --no-eval --attention $att ${MFU_FLAGS:-} --out "$OUT/mfu_${att}_b128.json" \
       --profile "${MFU_PROFILE:-full-bert-bf16w}" \
       --only ${MFU_ONLY:-full-bert-bf16w-compile-graph,full-bigru-bf16w-compile-graph,region-gpo-bigru-fp32-graph,region-gpo-bigru-bf16w-graph,region-gpo-bigru-bf16w-compile-graph} \
       > "$OUT/mfu_${att}_b128.log" 2>&1; tail -8 "$OUT/mfu_${att}_b128.log"
     for b in ${MFU_BATCHES:-256 512}; do
-      python3 benchmarks/gpu_bench.py --iters 10 --warmup 3 --no-eval --attention $att --batch $b --out "$OUT/mfu_${att}_b$b.json" \
+      python3 benchmarks/gpu_bench.py --iters 10 --warmup 3 --no-eval --attention $att ${MFU_FLAGS:-} --batch $b --out "$OUT/mfu_${att}_b$b.json" \
         --only ${MFU_BIG:-full-bert-bf16w-compile-graph,full-bigru-bf16w-compile-graph} > "$OUT/mfu_${att}_b$b.log" 2>&1
       tail -3 "$OUT/mfu_${att}_b$b.log"
     done
