@@ -31,6 +31,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch._inductor.config
 
 from rgfusion.trainer.loss import LossConfig, contrastive_loss
 from rgfusion.trainer.metrics import evaluate_protocol
@@ -176,7 +177,7 @@ def make_update(model: torch.nn.Module, v: Variant, device: torch.device) -> Cal
         opt = FlatAdamW(groups, precision="bf16", lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                         weight_decay=optim.weight_decay, max_norm=optim.grad_clip)
         model.to(torch.bfloat16)  # buffers; the parameters are views into the flat bf16 weights
-        return opt.step  # it zeroes the flat gradients itself
+        return opt.step  # it drops the gradients itself
     fused = {"fused": True, "capturable": v.captured} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
 
@@ -217,8 +218,8 @@ def capture_step(step, batch: dict[str, torch.Tensor]):
 
     Inputs are copied into the captured (static) batch before each replay; shapes must not change,
     which the reader guarantees for regions (padded to max_regions) and a fixed caption length.
-    Each step ends with its gradients dropped (torch's AdamW: backward allocates them in the
-    graph's pool) or zeroed (bf16w's flat buffers, outside the pool)."""
+    Each step ends with its gradients dropped, so the captured backward allocates them in the
+    graph's pool and every replay writes them afresh."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     # Warm-up allocates optimizer state and cuDNN workspaces, and runs torch.compile's compilation.
@@ -399,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention", choices=("sdpa", "math"), default="sdpa", help="model.attention of every variant")
     p.add_argument("--side-streams", action="store_true",
                    help="run the caption tower beside the image tower on a side CUDA stream")
+    p.add_argument("--pad-shapes", action="store_true",
+                   help="inductor pads every matrix product to aligned sizes (the geometry MLP's 5 inputs, "
+                        "the box embedding's 7), compiled variants only")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-eval", action="store_true")
@@ -412,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         shape = dataclasses.replace(shape, batch=args.batch)
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 rows use TF32 tensor cores, as trainers do
     torch.backends.cudnn.allow_tf32 = True
+    torch._inductor.config.force_shape_pad = args.pad_shapes
     chosen = check_names(p, args)
     hf_path = bert_dir(shape, args.tiny) if any(v.text == "bert" for v in chosen) or args.profile else None
     rows = []

@@ -168,7 +168,7 @@ def flat_run(captured: bool, batches: list[SimpleNamespace]) -> tuple[list[torch
 
 
 def test_flat_adamw_steps_the_same_captured_as_eager():
-    """The compiled flat update (clip, AdamW, bf16 weights, zeroed gradients) replays in a CUDA
+    """The compiled flat update (clip, AdamW, bf16 weights) replays in a CUDA
     graph exactly as it runs eagerly, over several steps on new inputs."""
     batches = [batch(10 + i) for i in range(3)]
     eager_losses, eager_masters = flat_run(False, batches)

@@ -3,15 +3,16 @@
 A bf16 step of the native engine spent ~56 bytes of memory traffic per parameter and dozens of
 kernel launches on the optimizer alone: bf16 gradients copied up into fp32 master gradients, a
 foreach norm, a clip multiply, fused AdamW, the masters copied back down, the master gradients
-zeroed. Here each param group's parameters lie end to end in flat buffers. Backward adds straight
-into a flat gradient buffer (each ``param.grad`` is a view into it), and one pointwise pass per
-group reads the gradient and the fp32 master and moments, and writes master, moments, the bf16
-weights the model computes with (each ``param.data`` is a view into them) and a zeroed gradient:
-with the norm's read of the gradient, 32 bytes per parameter in bf16 (36 in fp32). On CUDA the
-clip and all updates are compiled as one graph: a norm reduction and one update kernel per group
-(on CPU, inductor's output has one loop per group storing all five buffers). Learning rate, step
-count, clip coefficient and the finite-norm flag live on the device, so a step never waits for
-the host and can be captured in a CUDA graph.
+zeroed. Here each param group's fp32 masters, moments and (in bf16) the weights the model
+computes with lie end to end in flat buffers; each ``param.data`` is a view into them. The
+gradients stay autograd's own tensors: backward hands its fresh gradient over without a copy,
+whereas accumulating into a preallocated flat buffer cost one add kernel per parameter (0.8 ms
+per step on an H100, benchmarks/RESULTS.md). The update gathers them into one flat gradient per
+group, takes the global norm, and one pointwise pass per group reads gradient, master and moments
+and writes master, moments and bf16 weights: 36 bytes per parameter in bf16. On CUDA the clip and
+all updates are compiled as one graph. Learning rate, step count, clip coefficient and the
+finite-norm flag live on the device, so a step never waits for the host and can be captured in
+a CUDA graph.
 """
 
 from __future__ import annotations
@@ -28,30 +29,29 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 @dataclass
 class FlatGroup:
-    """One param group's parameters laid end to end: ``master`` (fp32), ``grad`` (the parameters'
-    dtype) and, in bf16, ``weights``. Each parameter's data is a view into ``weights`` (in fp32,
-    into ``master``: the parameters are the masters) and its grad a view into ``grad``."""
+    """One param group's parameters laid end to end: ``master`` (fp32) and, in bf16, ``weights``.
+    Each parameter's data is a view into ``weights`` (in fp32, into ``master``: the parameters
+    are the masters)."""
 
     params: list[nn.Parameter]
     master: Tensor
-    grad: Tensor
     weights: Tensor | None
 
     @classmethod
     def build(cls, params: list[nn.Parameter], *, bf16: bool) -> FlatGroup:
         master = torch.cat([p.detach().reshape(-1).float() for p in params])
-        weights = master.bfloat16() if bf16 else None
-        data = master if weights is None else weights
-        flat = cls(params, master, torch.zeros_like(data), weights)
-        for p, d, g in zip(params, flat.views(data), flat.views(flat.grad)):
-            p.data = d  # before the grad, which must match the parameter's dtype
-            # Backward adds into an existing grad in place, so it accumulates in the flat buffer.
-            p.grad = g
+        flat = cls(params, master, master.bfloat16() if bf16 else None)
+        for p, d in zip(params, flat.views(master if flat.weights is None else flat.weights)):
+            p.data = d
         return flat
 
     def views(self, flat: Tensor) -> list[Tensor]:
         """``flat`` cut into this group's parameters' shapes, in order."""
         return [t.view(p.shape) for t, p in zip(flat.split([p.numel() for p in self.params]), self.params)]
+
+    def grads(self) -> list[Tensor]:
+        """The parameters' gradients; zeros for one that got none this step."""
+        return [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
 
 
 def adamw_update(grad: Tensor, master: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, weights: Tensor | None,
@@ -59,8 +59,8 @@ def adamw_update(grad: Tensor, master: Tensor, exp_avg: Tensor, exp_avg_sq: Tens
                  weight_decay: float) -> None:
     """torch.optim.AdamW's step over one group's flat buffers, in place, on the gradient times
     ``scale``; where ``ok`` is false, master and moments keep their values. ``step`` counts this
-    update already. Then the weights take the new master and the gradient is zeroed for the next
-    accumulation. Pointwise over equal-length buffers, so inductor fuses it into one kernel."""
+    update already. Then the weights take the new master. Pointwise over equal-length buffers,
+    so inductor fuses it into one kernel."""
     g = grad.float() * scale
     m = exp_avg.lerp(g, 1 - beta1)
     v = exp_avg_sq * beta2 + g * g * (1 - beta2)
@@ -71,20 +71,20 @@ def adamw_update(grad: Tensor, master: Tensor, exp_avg: Tensor, exp_avg_sq: Tens
     exp_avg_sq.copy_(torch.where(ok, v, exp_avg_sq))
     if weights is not None:
         weights.copy_(master)
-    grad.zero_()
 
 
-def clip_and_update(grads: list[Tensor], masters: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                    weights: list[Tensor | None], lrs: list[Tensor], steps: list[Tensor],
+def clip_and_update(grads: list[list[Tensor]], masters: list[Tensor], exp_avgs: list[Tensor],
+                    exp_avg_sqs: list[Tensor], weights: list[Tensor | None], lrs: list[Tensor], steps: list[Tensor],
                     hypers: list[tuple[float, float, float, float]], max_norm: float) -> Tensor:
-    """Clip by the global L2 norm of all groups' gradients as ``nn.utils.clip_grad_norm_`` does,
-    then ``adamw_update`` each group (``hypers``: beta1, beta2, eps, weight decay). A non-finite
-    norm skips the update and does not count the step, as fused AdamW with ``found_inf`` does.
-    Returns the norm before clipping."""
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
+    """Clip by the global L2 norm of all groups' gradients (``grads``: per group, per parameter)
+    as ``nn.utils.clip_grad_norm_`` does, then ``adamw_update`` each group (``hypers``: beta1,
+    beta2, eps, weight decay). A non-finite norm skips the update and does not count the step,
+    as fused AdamW with ``found_inf`` does. Returns the norm before clipping."""
+    flats = [torch.cat([g.reshape(-1) for g in group]) for group in grads]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in flats]))
     ok = norm.isfinite()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for grad, master, m, v, w, lr, step, hyper in zip(grads, masters, exp_avgs, exp_avg_sqs, weights, lrs, steps,
+    for grad, master, m, v, w, lr, step, hyper in zip(flats, masters, exp_avgs, exp_avg_sqs, weights, lrs, steps,
                                                        hypers):
         step.add_(ok)
         adamw_update(grad, master, m, v, w, scale, ok, lr, step, *hyper)
@@ -117,37 +117,30 @@ class FlatAdamW(torch.optim.Optimizer):
         self.max_norm = max_norm
         self.norm: Tensor | None = None
         compiled = device.type == "cuda" if compiled is None else compiled
-        if compiled:
-            # Zeroing the gradient reads nothing, so inductor fuses it into the update pass (saving
-            # a pass and a launch per group) only when told to fuse nodes that share no input.
-            self._update = torch.compile(clip_and_update, dynamic=True, fullgraph=True,
-                                         options={"aggressive_fusion": True})
-        else:
-            self._update = clip_and_update
+        # Static shapes: the parameters never change size, and one symbol per gradient dimension
+        # would slow compilation and every call's guards.
+        self._update = torch.compile(clip_and_update, fullgraph=True) if compiled else clip_and_update
 
     @torch.no_grad()
     def step(self) -> None:  # type: ignore[override]
-        """Clip, update every group and zero the gradients; ``norm`` is the norm before clipping."""
-        self._check_grads()
+        """Clip, update every group and drop the gradients; ``norm`` is the norm before clipping."""
         for lr, group in zip(self.lrs, self.param_groups):
             lr.fill_(group["lr"])  # the scheduler's value, without a host sync
         states = [self.state[f.master] for f in self.flats]
         self.norm = self._update(
-            [f.grad for f in self.flats], [f.master for f in self.flats], [s["exp_avg"] for s in states],
+            [f.grads() for f in self.flats], [f.master for f in self.flats], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [f.weights for f in self.flats], self.lrs, [s["step"] for s in states],
             [(*g["betas"], g["eps"], g["weight_decay"]) for g in self.param_groups], self.max_norm)
-
-    def _check_grads(self) -> None:
-        """A detached grad would collect the gradients where the update never looks."""
-        for f in self.flats:
-            grad = f.params[0].grad
-            if grad is None or grad.data_ptr() != f.grad.data_ptr():
-                raise RuntimeError("a parameter's .grad is no longer a view into FlatAdamW's gradient buffer "
-                                   "(zero_grad(set_to_none=True) on the model?): zero with FlatAdamW.zero_grad")
+        self.zero_grad()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradient buffers; the grads stay (as views into them) whatever ``set_to_none`` says."""
-        torch._foreach_zero_([f.grad for f in self.flats])
+        """Drop (or zero) the model parameters' gradients: the next backward hands over fresh ones."""
+        for f in self.flats:
+            for p in f.params:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
 
     def masters(self) -> list[Tensor]:
         """Per-parameter views of the fp32 masters, in group order."""

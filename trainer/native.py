@@ -4,9 +4,9 @@ DeepSpeed's engine does host work every step: per-parameter gradient hooks, and 
 check and gradient norm computed tensor by tensor in Python, ending in a host sync. On one H100
 its ZeRO-2 step took 93 ms of host time against 21 ms of GPU work (benchmarks/RESULTS.md). A
 ZeRO-0 step needs none of that. In bf16 this engine keeps the model's weights in bf16 and fp32
-master copies for AdamW, as DeepSpeed does. FlatAdamW (trainer/flat_adamw.py) holds weights,
-masters and gradients in flat per-group buffers and clips and steps them on the device, skipping
-the update itself when the norm is not finite. Across ranks, DDP all-reduces gradients in buckets
+master copies for AdamW, as DeepSpeed does. FlatAdamW (trainer/flat_adamw.py) holds weights
+and masters in flat per-group buffers and clips and steps them on the device, skipping the
+update itself when the norm is not finite. Across ranks, DDP all-reduces gradients in buckets
 during backward. Every rank holds the full state, so a checkpoint is one file that any world size
 can resume.
 
@@ -50,8 +50,6 @@ class NativeEngine:
             from torch.nn.parallel import DistributedDataParallel
 
             index = torch.device(device).index
-            # Without gradient_as_bucket_view (the default), DDP copies the reduced buckets into
-            # the existing grads: the flat buffers' views.
             self.wrapped = DistributedDataParallel(module, device_ids=None if index is None else [index])
         self.lr_scheduler = schedule(self.optimizer)
         self.accum = cfg.train.grad_accum
@@ -75,7 +73,7 @@ class NativeEngine:
         self.micro_steps += 1
         if self.micro_steps % self.accum:
             return
-        # Micro-steps have added up in the flat gradients, whose sum DDP all-reduced at the boundary.
+        # Micro-steps have added up in the gradients, whose sum DDP all-reduced at the boundary.
         self.optimizer.step()
         self.lr_scheduler.step()
         self.global_steps += 1
