@@ -427,16 +427,16 @@ def test_compile_refuses_zero3():
 
 
 @pytest.mark.parametrize(("overrides", "world_size", "device", "expected"), [
-    (["train.engine=native", "train.zero_stage=0"], 1, "cuda:0", True),
-    (["train.engine=native", "train.zero_stage=0", "train.compile=true"], 1, "cuda", True),
-    (["train.engine=native", "train.zero_stage=0", "train.side_streams=false"], 1, "cuda:0", False),
-    (["train.engine=native", "train.zero_stage=0"], 1, "cpu", False),
-    (["train.engine=native", "train.zero_stage=0"], 2, "cuda:0", False),
+    (["train.side_streams=true"], 1, "cuda:0", True),
+    (["train.side_streams=true", "train.compile=true"], 1, "cuda", True),
     ([], 1, "cuda:0", False),
-    (["train.engine=native", "train.zero_stage=0", "train.compile=true", "train.compile_mode=reduce-overhead"],
-     1, "cuda:0", False),
+    (["train.side_streams=true"], 1, "cpu", False),
+    (["train.side_streams=true"], 2, "cuda:0", False),
+    (["train.side_streams=true", "train.engine=deepspeed", "train.zero_stage=2"], 1, "cuda:0", False),
+    (["train.side_streams=true", "train.compile=true", "train.compile_mode=reduce-overhead"], 1, "cuda:0", False),
 ])
 def test_side_streams_apply_only_where_known_safe(overrides, world_size, device, expected):
     from rgfusion.trainer.loop import uses_side_streams
 
-    assert uses_side_streams(load_config(None, overrides), world_size, device) is expected
+    native = ["train.engine=native", "train.zero_stage=0"]
+    assert uses_side_streams(load_config(None, native + overrides), world_size, device) is expected

@@ -96,10 +96,12 @@ class TrainConfig:
     # native engine, one process only (under DDP on 4 H100s a rank died with SIGSEGV).
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     # Run the caption tower beside the image tower (and the BiGRU's two directions beside each
-    # other) on CUDA side streams. Applies only where that is known safe: CUDA, engine native,
-    # one process, compile_mode not reduce-overhead (its CUDA graph trees assume one stream;
-    # DDP's gradient hooks were never checked with side streams). Elsewhere it is ignored.
-    side_streams: bool = True
+    # other) on CUDA side streams: for steps bound by the GPU (the captured harness step gained
+    # 5-8%); the trainer's step on one H100 is bound by the host and gained nothing, hence off.
+    # Applies only where known safe: CUDA, engine native, one process, compile_mode not
+    # reduce-overhead (its CUDA graph trees assume one stream; DDP's gradient hooks were never
+    # checked with side streams). Elsewhere it is ignored.
+    side_streams: bool = False
     # Steps of the first epoch to run under the PyTorch profiler on rank 0 (after 5 warm-up
     # steps); writes <out_dir>/profile/{ops.txt,trace.json}. 0 = off.
     profile_steps: int = 0
