@@ -6,13 +6,15 @@ the end-to-end pairs/s and data-wait share). Run on a GPU machine:
 
     python benchmarks/gpu_bench.py --out results.json            # full-size matrix
     python benchmarks/gpu_bench.py --batch 256 --only full-bert-bf16w-graph
+    python benchmarks/gpu_bench.py --attention math --side-streams --pad-shapes --only full-bert-bf16w-compile-graph
     python benchmarks/gpu_bench.py --device cpu --tiny            # smoke test on a CPU
 
 Variants are ``<model>-<precision>[-<mode>]``. Precisions: ``fp32`` (TF32 matmuls), ``bf16``
-(autocast over fp32 parameters), ``bf16w`` (bf16 parameters with fp32 master weights, as
-DeepSpeed's bf16 mode). Modes: none (eager), ``default`` (torch.compile of the towers), ``graph``
-(the whole step captured as one CUDA graph), ``compile-graph`` (both), ``autotune-graph`` (inductor's
-max-autotune GEMM search, then the capture).
+(autocast over fp32 parameters), ``bf16w`` (bf16 parameters with fp32 master weights: the native
+engine's FlatAdamW with the recipe's parameter groups and gradient clip). Modes: none (eager),
+``default`` (torch.compile of the towers), ``graph`` (the whole step captured as one CUDA graph),
+``compile-graph`` (both), ``autotune-graph`` (inductor's max-autotune GEMM search, then the
+capture).
 
 Prints one table row per variant; ``--out`` also writes them as JSON.
 """

@@ -312,6 +312,9 @@ def _ddp_worker(rank: int, rendezvous: str, precision: str, out: str) -> None:
             engine.step()
     if rank == 0:
         torch.save([m.detach().clone() for m in engine.masters], out)
+    # Both ranks leave together: a rank tearing gloo down while its peer still talks to it was
+    # seen to abort ("terminate called without an active exception") in a full test run.
+    dist.barrier()
     dist.destroy_process_group()
 
 
