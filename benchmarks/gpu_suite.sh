@@ -7,6 +7,9 @@
 #   bash benchmarks/gpu_suite.sh setup mfu                                # 1 GPU: MFU by precision, compile, attention, batch
 #   bash benchmarks/gpu_suite.sh setup streams                            # 1 GPU: CUDA tests, towers on 1 vs 2 streams
 # Results (logs, JSON, the MLflow store as a tarball) land in $OUT.
+# `setup` installs from ./.whl, for machines without a network. Fill it on one with the network:
+#   pip download -d .whl webdataset mlflow-skinny hjson py-cpuinfo pytest   (and their dependencies)
+#   pip wheel --no-deps --no-build-isolation deepspeed -w .whl               (its sdist, built against torch)
 set -uo pipefail
 export MLFLOW_ALLOW_FILE_STORE=true PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/rgfusion-out}
