@@ -35,13 +35,13 @@ from dataclasses import dataclass
 import torch
 import torch._inductor.config
 
+from rgfusion.trainer.config import OptimConfig
+from rgfusion.trainer.engine import param_groups
+from rgfusion.trainer.flat_adamw import FlatAdamW
 from rgfusion.trainer.loss import LossConfig, contrastive_loss
 from rgfusion.trainer.metrics import evaluate_protocol
 from rgfusion.trainer.model import ModelConfig, TextConfig, build_model, count_parameters, flops_per_pair
 from rgfusion.trainer.model.streams import beside
-from rgfusion.trainer.config import OptimConfig
-from rgfusion.trainer.engine import param_groups
-from rgfusion.trainer.flat_adamw import FlatAdamW
 
 # H100 SXM dense bf16 tensor-core peak from the datasheet; MFU is quoted against it.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
