@@ -132,4 +132,3 @@ class NativeEngine:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.global_steps, self.micro_steps = int(state["global_steps"]), int(state["micro_steps"])
         return str(path), {}
-
