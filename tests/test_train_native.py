@@ -333,3 +333,18 @@ def test_ddp_with_accumulation_steps_as_one_process_on_the_whole_batch(tmp_path,
     tolerance = {"atol": 0.02, "rtol": 0.02} if precision == "bf16" else {}
     for a, b in zip(torch.load(out), single.masters):
         torch.testing.assert_close(a, b, **tolerance)
+
+
+def test_an_optimizer_state_of_another_layout_is_refused_in_one_line():
+    """A checkpoint from a model with other param groups must not load moments into the wrong
+    parameters."""
+    def opt(*sizes: tuple[int, ...]) -> FlatAdamW:
+        return FlatAdamW([{"params": [nn.Parameter(torch.ones(s)) for s in group], "lr": 1e-2} for group in sizes],
+                         precision="fp32", lr=1e-2)
+
+    saved = opt([(3,), (2, 2)]).state_dict()
+    with pytest.raises(ValueError, match="the saved optimizer has 1 param groups, this one 2"):
+        opt([(3,)], [(4,)]).load_state_dict(saved)
+    old = torch.optim.AdamW([nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(1))])
+    with pytest.raises(ValueError, match="saved param group 0 has 3 parameters, this one 2"):
+        opt([(3,), (2, 2)]).load_state_dict(old.state_dict())
