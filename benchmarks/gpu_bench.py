@@ -22,8 +22,12 @@ Prints one table row per variant; ``--out`` also writes them as JSON.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import gzip
 import json
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -371,6 +375,9 @@ def bench_eval(shape: Shape, device, args) -> dict:
             "rsum": round(float(metrics.get("rsum", float("nan"))), 2)}
 
 
+PROFILE_STEPS = 5
+
+
 def profile_variant(v: Variant, shape: Shape, device, hf_path, args) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -378,9 +385,25 @@ def profile_variant(v: Variant, shape: Shape, device, hf_path, args) -> str:
     time_steps(bench.step, bench.batches[:1], device, 3, 1)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        time_steps(bench.step, bench.batches[:1], device, 0, 5)
+        time_steps(bench.step, bench.batches[:1], device, 0, PROFILE_STEPS)
+    if args.trace:  # the timeline, for benchmarks/trace_summary.py or a trace viewer
+        tmp = args.trace.removesuffix(".gz")
+        prof.export_chrome_trace(tmp)
+        if args.trace.endswith(".gz"):
+            with open(tmp, "rb") as src, gzip.open(args.trace, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.remove(tmp)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90)
+
+
+def set_inductor(p: argparse.ArgumentParser, item: str) -> None:
+    key, _, value = item.partition("=")
+    try:
+        torch._inductor.config.__getattr__(key)
+        torch._inductor.config.__setattr__(key, ast.literal_eval(value))
+    except (AttributeError, ValueError, SyntaxError) as e:
+        p.error(f"--inductor {item}: {type(e).__name__}: {e}")
 
 
 def check_names(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[Variant]:
@@ -405,10 +428,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pad-shapes", action="store_true",
                    help="inductor pads every matrix product to aligned sizes (the geometry MLP's 5 inputs, "
                         "the box embedding's 7), compiled variants only")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="set torch._inductor.config.KEY (a Python literal), e.g. coordinate_descent_tuning=True")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--profile", default="", help="variant name to profile (table printed)")
+    p.add_argument("--trace", default="", help="with --profile: write its chrome trace here (.json or .json.gz)")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -419,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 rows use TF32 tensor cores, as trainers do
     torch.backends.cudnn.allow_tf32 = True
     torch._inductor.config.force_shape_pad = args.pad_shapes
+    for item in args.inductor:
+        set_inductor(p, item)
     chosen = check_names(p, args)
     hf_path = bert_dir(shape, args.tiny) if any(v.text == "bert" for v in chosen) or args.profile else None
     rows = []

@@ -1,0 +1,94 @@
+"""Where a profiled step's GPU time goes, from a PyTorch profiler chrome trace.
+
+``gpu_bench.py --profile VARIANT --trace FILE.json.gz`` writes the trace; this reads it back and
+prints, per step: the span from the first kernel to the last, how busy each CUDA stream was,
+how much the streams overlapped, the idle time, kernel time by kind, and the top kernels. Kernels
+replayed inside a CUDA graph appear in the trace too, so a captured step can be read this way.
+
+    python benchmarks/trace_summary.py trace.json.gz --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import sys
+from collections import defaultdict
+
+KINDS = (  # first match wins
+    ("matmul", re.compile(r"nvjet|gemm|cutlass|xmma|wgmma|cublas", re.I)),
+    ("triton reduction", re.compile(r"^triton_(red|per)_")),
+    ("triton pointwise", re.compile(r"^triton_")),
+    ("cuDNN RNN", re.compile(r"rnn|RNN|cudnn", re.I)),
+    ("torch reduction", re.compile(r"reduce_kernel|softmax|norm", re.I)),
+    ("torch elementwise", re.compile(r"elementwise|vectorized|unrolled|index|gather|scatter|cat", re.I)),
+    ("memcpy/memset", re.compile(r"^Memcpy|^Memset|memcpy|memset", re.I)),
+)
+
+
+def kind_of(name: str) -> str:
+    return next((k for k, rx in KINDS if rx.search(name)), "other")
+
+
+def load_kernels(path: str) -> list[dict]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    return [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by the intervals (µs), overlaps counted once."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
+
+
+def summarise(kernels: list[dict], steps: int, top: int) -> str:
+    if not kernels:
+        raise SystemExit("no GPU kernels in the trace: was it recorded with ProfilerActivity.CUDA?")
+    spans = [(float(k["ts"]), float(k["ts"]) + float(k["dur"])) for k in kernels]
+    span = max(e for _, e in spans) - min(s for s, _ in spans)
+    by_stream: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for k, iv in zip(kernels, spans):
+        by_stream[str(k.get("tid"))].append(iv)
+    busy = union_length(spans)
+    summed = sum(e - s for s, e in spans)
+    ms = lambda us: f"{us / steps / 1e3:7.3f} ms"  # noqa: E731 - a formatter, per step
+    lines = [f"per step, over {steps} steps: span {ms(span)}, GPU busy {ms(busy)}, idle {ms(span - busy)}, "
+             f"kernel time {ms(summed)} (streams overlapped {ms(summed - busy)})"]
+    for stream, ivs in sorted(by_stream.items(), key=lambda kv: -sum(e - s for s, e in kv[1])):
+        lines.append(f"  stream {stream:>6s}: {len(ivs) // steps:5d} kernels, {ms(sum(e - s for s, e in ivs))}")
+    kinds: dict[str, float] = defaultdict(float)
+    names: dict[str, list[float]] = defaultdict(list)
+    for k in kernels:
+        kinds[kind_of(k["name"])] += float(k["dur"])
+        names[k["name"]].append(float(k["dur"]))
+    lines.append("kernel time by kind:")
+    lines += [f"  {kind:18s} {ms(t)} {100 * t / summed:5.1f}%" for kind, t in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    lines.append(f"top {top} kernels (per step: time, calls, mean µs):")
+    ranked = sorted(names.items(), key=lambda kv: -sum(kv[1]))[:top]
+    lines += [f"  {ms(sum(d))} {len(d) // steps:4d} {sum(d) / len(d):8.1f}  {name[:110]}" for name, d in ranked]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("trace", help="chrome trace (.json or .json.gz) from torch.profiler")
+    p.add_argument("--steps", type=int, default=1, help="steps the trace holds (figures are per step)")
+    p.add_argument("--top", type=int, default=30)
+    args = p.parse_args(argv)
+    print(summarise(load_kernels(args.trace), max(args.steps, 1), args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
