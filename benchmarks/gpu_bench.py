@@ -63,6 +63,8 @@ class Shape:
     vocab: int = 10_000
     attention: str = "sdpa"  # ModelConfig.attention: the fused SDPA kernels or the math path
     side_streams: bool = False  # the caption tower (and BiGRU directions) on side CUDA streams
+    side_priority: str = "high"  # of the caption tower's side stream: "high" or "normal"
+    fused_bert: bool = True  # TextConfig.fused_bert: FusedBert or Hugging Face's BertModel
 
 
 @dataclass
@@ -130,7 +132,7 @@ def bert_dir(shape: Shape, tiny: bool) -> str:
 
 
 def model_config(v: Variant, shape: Shape, hf_path: str | None) -> ModelConfig:
-    text = TextConfig(encoder="hf", hf_path=hf_path) if v.text == "bert" else TextConfig()
+    text = TextConfig(encoder="hf", hf_path=hf_path, fused_bert=shape.fused_bert) if v.text == "bert" else TextConfig()
     return ModelConfig(
         width=shape.width, features=v.features, graph=v.graph, cgf=v.cgf, pooling=v.pooling, text=text,
         heads=8 if shape.width >= 64 else 2, attention=shape.attention,
@@ -194,7 +196,7 @@ def make_update(model: torch.nn.Module, v: Variant, device: torch.device) -> Cal
     return update
 
 
-def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, side_streams: bool):
+def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, shape: Shape):
     device = next(model.parameters()).device
     autocast = autocast_for(v, device)
 
@@ -210,7 +212,8 @@ def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, side_s
         images, captions = (torch.compile(f, mode=v.compile_mode) for f in (images, captions))
 
     def step(batch):
-        img, cap = beside(lambda: images(batch), lambda: captions(batch), device, enabled=side_streams)
+        img, cap = beside(lambda: images(batch), lambda: captions(batch), device, enabled=shape.side_streams,
+                          high_priority=shape.side_priority == "high")
         loss, _ = contrastive_loss(img, cap, ids, ids, cfg=loss_cfg, step=10**9)
         loss.backward()
         update()
@@ -287,7 +290,7 @@ def build_bench(v: Variant, shape: Shape, device: torch.device, hf_path: str | N
     seq = shape.words + 4 if v.text == "bert" else shape.words
     # Several input sets so repeated steps don't just re-read one batch from cache.
     batches = [make_batch(shape, vocab, device, seq, feature_dtype(v)) for _ in range(3)]
-    step = step_fn(model, update, LossConfig(), torch.arange(shape.batch, device=device), v, shape.side_streams)
+    step = step_fn(model, update, LossConfig(), torch.arange(shape.batch, device=device), v, shape)
     if v.captured:
         step = capture_step(step, {k: t.clone() for k, t in batches[0].items()})
     return Bench(model, step, batches, cfg, seq)
@@ -425,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention", choices=("sdpa", "math"), default="sdpa", help="model.attention of every variant")
     p.add_argument("--side-streams", action="store_true",
                    help="run the caption tower beside the image tower on a side CUDA stream")
+    p.add_argument("--side-priority", choices=("high", "normal"), default="high",
+                   help="priority of the caption tower's side stream (with --side-streams)")
+    p.add_argument("--fused-bert", choices=("on", "off"), default="on",
+                   help="BERT as rgfusion's FusedBert (one query-key-value product per layer) or Hugging Face's module")
     p.add_argument("--pad-shapes", action="store_true",
                    help="inductor pads every matrix product to aligned sizes (the geometry MLP's 5 inputs, "
                         "the box embedding's 7), compiled variants only")
@@ -439,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     shape = Shape(batch=8, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200) if args.tiny else Shape()
-    shape = dataclasses.replace(shape, attention=args.attention, side_streams=args.side_streams)
+    shape = dataclasses.replace(shape, attention=args.attention, side_streams=args.side_streams,
+                                side_priority=args.side_priority, fused_bert=args.fused_bert == "on")
     if args.batch is not None:
         shape = dataclasses.replace(shape, batch=args.batch)
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 rows use TF32 tensor cores, as trainers do

@@ -33,9 +33,9 @@ def bert_dir(tmp_path_factory):
     return path
 
 
-def hf_model(path, pooling="map", attention="sdpa"):
+def hf_model(path, pooling="map", attention="sdpa", fused=True):
     cfg = ModelConfig(width=16, heads=2, map_heads=2, pooling=pooling, attention=attention,
-                      text=TextConfig(encoder="hf", hf_path=str(path)))
+                      text=TextConfig(encoder="hf", hf_path=str(path), fused_bert=fused))
     torch.manual_seed(0)
     return cfg, build_model(cfg, region_dim=8, grid_dim=8, grid_size=(2, 2), vocab_size=0)
 
@@ -50,9 +50,10 @@ def tokenize(path, captions, pad_to=None):
 CAPTIONS = ["a dog runs on the grass", "a cat sits", "two men plays"]
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("pooling", ["map", "gpo", "mean", "max"])
-def test_hf_text_path_embeds_and_trains(bert_dir, pooling):
-    _, model = hf_model(bert_dir, pooling)
+def test_hf_text_path_embeds_and_trains(bert_dir, pooling, fused):
+    _, model = hf_model(bert_dir, pooling, fused=fused)
     model.train()
     tokens, lengths, mask = tokenize(bert_dir, CAPTIONS)
     cap = model.embed_captions(tokens, lengths, mask)
@@ -63,34 +64,39 @@ def test_hf_text_path_embeds_and_trains(bert_dir, pooling):
         assert p.grad is not None, f"no gradient reaches text.{name}"
 
 
-def test_hf_lr_multiplier_hint_names_the_transformer(bert_dir):
-    _, model = hf_model(bert_dir)
+@pytest.mark.parametrize("fused", [True, False])
+def test_hf_lr_multiplier_hint_names_the_transformer(bert_dir, fused):
+    _, model = hf_model(bert_dir, fused=fused)
     hint = model.param_groups_hint()
     assert hint == {"text.hf": 0.1}
     names = [n for n, _ in model.named_parameters()]
     inside = [n for n in names if n.startswith("text.hf.")]
-    assert any("encoder.layer.1" in n for n in inside)
+    assert any(("layers.1.qkv" if fused else "encoder.layer.1") in n for n in inside)
     assert not any(n.startswith("text.hf.") for n in names if n.startswith(("text.proj", "text.pool", "image.")))
 
 
-def test_hf_padding_changes_nothing(bert_dir):
-    _, model = hf_model(bert_dir)
+@pytest.mark.parametrize("fused", [True, False])
+def test_hf_padding_changes_nothing(bert_dir, fused):
+    _, model = hf_model(bert_dir, fused=fused)
     model.eval()
     ref = model.embed_captions(*tokenize(bert_dir, CAPTIONS))
     torch.testing.assert_close(model.embed_captions(*tokenize(bert_dir, CAPTIONS, pad_to=16)), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_hf_math_attention_gives_the_sdpa_embedding(bert_dir):
+@pytest.mark.parametrize("fused", [True, False])
+def test_hf_math_attention_gives_the_sdpa_embedding(bert_dir, fused):
     caps = {}
     for attention in ("sdpa", "math"):
-        _, model = hf_model(bert_dir, attention=attention)
-        assert model.text.hf.model.config._attn_implementation == ("eager" if attention == "math" else "sdpa")
+        _, model = hf_model(bert_dir, attention=attention, fused=fused)
+        if not fused:
+            assert model.text.hf.model.config._attn_implementation == ("eager" if attention == "math" else "sdpa")
         caps[attention] = model.eval().embed_captions(*tokenize(bert_dir, CAPTIONS, pad_to=12))
     torch.testing.assert_close(caps["math"], caps["sdpa"], atol=1e-5, rtol=1e-5)
 
 
-def test_hf_flops_match_flop_counter(bert_dir):
-    cfg, model = hf_model(bert_dir, "mean")
+@pytest.mark.parametrize("fused", [True, False])
+def test_hf_flops_match_flop_counter(bert_dir, fused):
+    cfg, model = hf_model(bert_dir, "mean", fused=fused)
     model.eval()
     tokens, lengths, mask = tokenize(bert_dir, CAPTIONS[:1])
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:

@@ -28,6 +28,11 @@ class TextConfig:
     # Learning-rate multiplier for the pretrained transformer: VSE∞ fine-tunes BERT at 0.1x so
     # the randomly initialised heads can catch up without destroying pretrained features.
     lr_mult: float = 0.1
+    # A BERT checkpoint runs as rgfusion's FusedBert (model/bert.py): the same function and
+    # weights with one query-key-value product per layer, fewer kernels on a GPU. Its parameter
+    # names differ from Hugging Face's, so checkpoints of one don't load into the other; false
+    # keeps Hugging Face's module. Other architectures always run as Hugging Face's.
+    fused_bert: bool = True
 
     def __post_init__(self) -> None:
         if self.encoder == "hf" and not self.hf_path:

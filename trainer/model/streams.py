@@ -6,6 +6,12 @@ and many of them (the GRU's time steps, BERT's 2,560-token matrix products) fill
 the GPU. On two streams the GPU runs them at the same time. Autograd runs each backward op on
 the stream of its forward op, so the backward passes overlap too, and a CUDA graph captured
 around the step keeps the two branches as parallel paths.
+
+Side streams have high priority. The branch put there is the caption tower: BERT's chain of
+hundreds of small kernels, latency-bound, while the image tower's large matrix products can
+fill any SM the chain leaves free. At normal priority the chain's kernels queued behind the image
+tower's blocks and it ended 1.8 ms after the image tower (an H100 trace, benchmarks/RESULTS.md,
+session 5).
 """
 
 from __future__ import annotations
@@ -18,21 +24,22 @@ from torch import Tensor
 
 A = TypeVar("A")
 
-_SIDE: dict[tuple[int, int], torch.cuda.Stream] = {}
+_SIDE: dict[tuple[int, int, bool], torch.cuda.Stream] = {}
 
 
-def side_stream(device: torch.device, slot: int) -> torch.cuda.Stream:
-    """One long-lived side stream per (device, slot): new streams per call would defeat the
-    caching allocator's per-stream pools and a captured graph's fixed stream set."""
+def side_stream(device: torch.device, slot: int, high_priority: bool = True) -> torch.cuda.Stream:
+    """One long-lived side stream per (device, slot, priority): new streams per call would defeat
+    the caching allocator's per-stream pools and a captured graph's fixed stream set."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, slot)
+    key = (index, slot, high_priority)
     if key not in _SIDE:
-        _SIDE[key] = torch.cuda.Stream(device=index)
+        # Lower numbers run first; torch clamps -1 into the device's range.
+        _SIDE[key] = torch.cuda.Stream(device=index, priority=-1 if high_priority else 0)
     return _SIDE[key]
 
 
 def beside(main: Callable[[], A], side: Callable[[], Tensor], device: torch.device, *, enabled: bool,
-           slot: int = 0) -> tuple[A, Tensor]:
+           slot: int = 0, high_priority: bool = True) -> tuple[A, Tensor]:
     """``(main(), side())`` with ``side`` on a side stream of ``device`` when ``enabled`` on CUDA.
 
     ``side`` is launched first: on a step bound by the host, its kernels then start while the
@@ -42,7 +49,7 @@ def beside(main: Callable[[], A], side: Callable[[], Tensor], device: torch.devi
     if not enabled or device.type != "cuda" or torch.compiler.is_compiling():
         return main(), side()
     current = torch.cuda.current_stream(device)
-    stream = side_stream(device, slot)
+    stream = side_stream(device, slot, high_priority)
     stream.wait_stream(current)
     with torch.cuda.stream(stream):
         out = side()

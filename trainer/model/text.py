@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import Attention
+from .bert import FusedBert
 from .config import ModelConfig, TextConfig
 from .pooling import build_pooling
 from .streams import beside
@@ -81,6 +82,13 @@ class HFWords(nn.Module):
         return self.model(input_ids=tokens, attention_mask=attention_mask.long()).last_hidden_state
 
 
+def transformer_words(path: str, attention: Attention, *, fused: bool) -> nn.Module:
+    """The pretrained transformer at ``path``: a :class:`FusedBert` when asked and the checkpoint
+    is one, else Hugging Face's own module."""
+    words = HFWords(path, attention)
+    return FusedBert.from_hf(words.model, attention) if fused and FusedBert.supports(words.model.config) else words
+
+
 class TextEncoder(nn.Module):
     """Tokens (C, T) to one (C, width) vector: word features, pooling, linear projection."""
 
@@ -92,7 +100,7 @@ class TextEncoder(nn.Module):
             self.gru = BiGRUWords(t, vocab_size, t.hidden or cfg.width)
             words = self.gru
         else:
-            self.hf = HFWords(t.hf_path, cfg.attention)
+            self.hf = transformer_words(t.hf_path, cfg.attention, fused=t.fused_bert)
             words = self.hf
         self.pool = build_pooling(cfg.pooling, words.out_dim, map_heads=cfg.map_heads, map_combine=cfg.map_combine,
                                   attention=cfg.attention)
