@@ -179,6 +179,10 @@ class Batch:
         """Page-locked copy; DataLoader(pin_memory=True) calls this in its pinning thread."""
         return self._map(lambda _, v: v.pin_memory())
 
+    def clone(self) -> "Batch":
+        """A copy with tensors of its own (a captured CUDA graph's static inputs)."""
+        return self._map(lambda _, v: v.clone())
+
     def _map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> "Batch":
         out = {}
         for f in fields(self):

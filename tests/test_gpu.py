@@ -176,3 +176,51 @@ def test_flat_adamw_steps_the_same_captured_as_eager():
     torch.testing.assert_close(torch.stack(graph_losses), torch.stack(eager_losses), rtol=1e-3, atol=1e-4)
     for g, e in zip(graph_masters, eager_masters):
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5)
+
+
+def train_batch(seed: int, words: int):
+    from rgfusion.datasets import Batch
+
+    b = batch(seed, words=words)
+    return Batch(regions=b.regions, boxes=b.boxes, region_mask=b.region_mask, grids=b.grids, grid_size=(3, 3),
+                 tokens=b.tokens, lengths=b.lengths, attention_mask=b.attention_mask,
+                 caption_image=torch.arange(len(b.tokens), device=DEVICE), image_ids=[str(i) for i in range(16)])
+
+
+def trainer_steps(encoder: str, hf_path: str | None, captured: bool, batches, lrs) -> tuple[list, list, int]:
+    from rgfusion.trainer.flat_adamw import FlatAdamW
+    from rgfusion.trainer.graphs import CapturedSteps
+    from rgfusion.trainer.loop import TrainModule
+    from rgfusion.trainer.loss import ContrastiveLoss, LossConfig
+
+    loss_cfg = LossConfig(warmup_steps=2, warmup_mode="gradual", ramp_steps=3)
+    module = TrainModule(model(encoder, hf_path), ContrastiveLoss(loss_cfg))
+    opt = FlatAdamW([{"params": list(module.parameters())}], precision="fp32", lr=1e-3, max_norm=1.0)
+    steps = CapturedSteps(module, opt, loss_cfg, "cuda", warmup=1)
+    ids = torch.arange(16, device=DEVICE)
+    losses = []
+    for i, (b, lr) in enumerate(zip(batches, lrs)):
+        opt.param_groups[0]["lr"] = lr  # a schedule's change, read at every replay
+        if captured:
+            loss, _ = steps(b, ids, i)
+        else:
+            loss, _ = module(b, ids, step=i, gather=None)
+            loss.backward()
+            opt.step()
+        losses.append(loss.clone())
+    return losses, [m.clone() for m in opt.masters()], len(steps.graphs)
+
+
+@pytest.mark.parametrize("encoder", ["bigru", "hf"])
+def test_captured_trainer_steps_equal_eager_steps(encoder, bert_dir):
+    """trainer/graphs.py: two caption lengths (two graphs sharing one pool, replayed in turn),
+    a changing learning rate and the loss's warm-up ramp; captions padded inside, not outside."""
+    words = [5, 5, 5, 12, 12, 12, 5, 12]
+    batches = [train_batch(20 + i, w) for i, w in enumerate(words)]
+    lrs = [1e-3 * (1 + i % 3) for i in range(len(words))]
+    eager_losses, eager_masters, _ = trainer_steps(encoder, bert_dir, False, batches, lrs)
+    graph_losses, graph_masters, graphs = trainer_steps(encoder, bert_dir, True, batches, lrs)
+    assert graphs == 2
+    torch.testing.assert_close(torch.stack(graph_losses), torch.stack(eager_losses), rtol=1e-4, atol=1e-5)
+    for g, e in zip(graph_masters, eager_masters):
+        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5)

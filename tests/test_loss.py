@@ -218,3 +218,20 @@ def test_loss_never_reads_data_on_the_host(cfg):
     loss, stats = contrastive_loss(img, img * 2, ids, ids, cfg=cfg, step=2)
     loss.backward()
     assert loss.device.type == "meta" and all(v.device.type == "meta" for v in stats.values())
+
+
+@pytest.mark.parametrize("kind", ["triplet", "infonce"])
+def test_weight_tensor_gives_the_step_s_loss_stats_and_gradients(kind):
+    # A captured step reads the hardest-negative weight from a device tensor.
+    cfg = LossConfig(kind=kind, warmup_steps=2, warmup_mode="gradual", ramp_steps=4)
+    for step in range(8):
+        img, cap = (t.requires_grad_() for t in embeddings())
+        ids = torch.arange(6)
+        ref, ref_stats = contrastive_loss(img, cap, ids, ids, cfg=cfg, step=step)
+        (g_img, g_cap) = torch.autograd.grad(ref, [img, cap])
+        weight = torch.tensor(hard_weight(cfg, step))
+        got, stats = contrastive_loss(img, cap, ids, ids, cfg=cfg, step=10**9, weight=weight)
+        torch.testing.assert_close(got, ref)
+        torch.testing.assert_close(torch.autograd.grad(got, [img, cap]), (g_img, g_cap))
+        for k, v in ref_stats.items():
+            torch.testing.assert_close(stats[k], v, equal_nan=True, msg=k)

@@ -285,6 +285,25 @@ def test_cuda_graph_compile_needs_the_native_engine():
         load_config(None, ["train.compile=true", "train.compile_mode=reduce-overhead"])
 
 
+@pytest.mark.parametrize("sets", [["train.cuda_graph=true"],
+                                  ["train.cuda_graph=true", "train.engine=native", "train.zero_stage=0",
+                                   "train.grad_accum=2"],
+                                  ["train.cuda_graph=true", "train.engine=native", "train.zero_stage=0",
+                                   "train.compile=true", "train.compile_mode=reduce-overhead"]])
+def test_cuda_graph_needs_native_one_micro_step_and_no_graphs_of_inductor(sets):
+    with pytest.raises(ConfigError, match="cuda_graph needs engine 'native', grad_accum 1"):
+        load_config(None, sets)
+
+
+def test_cuda_graph_is_refused_on_a_cpu_in_one_line(tmp_path):
+    from rgfusion.trainer import loop
+
+    cfg = load_config(None, ["train.cuda_graph=true", "train.engine=native", "train.zero_stage=0",
+                             "train.device=cpu", f"train.out_dir={tmp_path}", "tracking.enabled=false"])
+    with pytest.raises(ConfigError, match="train.cuda_graph runs one process on a CUDA device"):
+        loop.train(cfg)
+
+
 @pytest.mark.parametrize("override", ["train.zero_stage=2", "train.precision=fp16",
                                       "train.deepspeed=deepspeed/zero2.yaml"])
 def test_native_refuses_what_only_deepspeed_does(override):

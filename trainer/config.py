@@ -102,6 +102,12 @@ class TrainConfig:
     # reduce-overhead (its CUDA graph trees assume one stream; DDP's gradient hooks were never
     # checked with side streams). Elsewhere it is ignored.
     side_streams: bool = False
+    # Capture the whole step (forward, loss, backward, update) as CUDA graphs and replay one per
+    # step (trainer/graphs.py): a step bound by kernel launches becomes one launch. Engine
+    # native on CUDA, one process, grad_accum 1, compile_mode not reduce-overhead. Captions are
+    # padded to a multiple of 8 word slots (masked); the first steps of each caption length run
+    # uncaptured.
+    cuda_graph: bool = False
     # Steps of the first epoch to run under the PyTorch profiler on rank 0 (after 5 warm-up
     # steps); writes <out_dir>/profile/{ops.txt,trace.json}. 0 = off.
     profile_steps: int = 0
@@ -121,6 +127,10 @@ class TrainConfig:
         if self.compile_mode == "reduce-overhead" and self.engine != "native":
             raise ValueError("compile_mode 'reduce-overhead' needs engine 'native' (DeepSpeed's hooks and "
                              "CUDA graphs were never run together here)")
+        if self.cuda_graph and (self.engine != "native" or self.grad_accum != 1
+                                or (self.compile and self.compile_mode == "reduce-overhead")):
+            raise ValueError("cuda_graph needs engine 'native', grad_accum 1 and no compile_mode "
+                             "'reduce-overhead' (which records graphs of its own)")
         if self.profile_steps < 0:
             raise ValueError("profile_steps must be >= 0")
 

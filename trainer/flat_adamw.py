@@ -75,14 +75,15 @@ def adamw_update(grad: Tensor, master: Tensor, exp_avg: Tensor, exp_avg_sq: Tens
 
 def clip_and_update(grads: list[list[Tensor]], masters: list[Tensor], exp_avgs: list[Tensor],
                     exp_avg_sqs: list[Tensor], weights: list[Tensor | None], lrs: list[Tensor], steps: list[Tensor],
-                    hypers: list[tuple[float, float, float, float]], max_norm: float) -> Tensor:
+                    hypers: list[tuple[float, float, float, float]], max_norm: float, finite: Tensor) -> Tensor:
     """Clip by the global L2 norm of all groups' gradients (``grads``: per group, per parameter)
     as ``nn.utils.clip_grad_norm_`` does, then ``adamw_update`` each group (``hypers``: beta1,
-    beta2, eps, weight decay). A non-finite norm skips the update and does not count the step,
-    as fused AdamW with ``found_inf`` does. Returns the norm before clipping."""
+    beta2, eps, weight decay). A non-finite norm, or a false ``finite`` (0-d bool), skips the
+    update and does not count the step, as fused AdamW with ``found_inf`` does. Returns the norm
+    before clipping."""
     flats = [torch.cat([g.reshape(-1) for g in group]) for group in grads]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in flats]))
-    ok = norm.isfinite()
+    ok = norm.isfinite() & finite
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for grad, master, m, v, w, lr, step, hyper in zip(flats, masters, exp_avgs, exp_avg_sqs, weights, lrs, steps,
                                                        hypers):
@@ -114,6 +115,7 @@ class FlatAdamW(torch.optim.Optimizer):
                                     **{k: torch.zeros_like(f.master) for k in MOMENTS}}
         # The learning rates the update reads: a device tensor changes without a recompile.
         self.lrs = [torch.tensor(float(g["lr"]), device=device) for g in self.param_groups]
+        self._finite = torch.ones((), dtype=torch.bool, device=device)
         self.max_norm = max_norm
         self.norm: Tensor | None = None
         compiled = device.type == "cuda" if compiled is None else compiled
@@ -124,13 +126,27 @@ class FlatAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self) -> None:  # type: ignore[override]
         """Clip, update every group and drop the gradients; ``norm`` is the norm before clipping."""
+        self.load_lrs()
+        self.update()
+
+    def load_lrs(self) -> None:
+        """The groups' learning rates (the scheduler's values) into the device tensors ``update``
+        reads. Outside a captured graph: inside, the fill's value would be recorded once."""
         for lr, group in zip(self.lrs, self.param_groups):
-            lr.fill_(group["lr"])  # the scheduler's value, without a host sync
+            lr.fill_(group["lr"])  # no host sync
+
+    @torch.no_grad()
+    def update(self, finite: Tensor | None = None) -> None:
+        """``step`` without loading the learning rates: the part a CUDA graph can replay. A false
+        ``finite`` (a 0-d bool on the device, e.g. the loss's) skips the update like a
+        non-finite gradient norm does."""
         states = [self.state[f.master] for f in self.flats]
+        if finite is None:
+            finite = self._finite
         self.norm = self._update(
             [f.grads() for f in self.flats], [f.master for f in self.flats], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [f.weights for f in self.flats], self.lrs, [s["step"] for s in states],
-            [(*g["betas"], g["eps"], g["weight_decay"]) for g in self.param_groups], self.max_norm)
+            [(*g["betas"], g["eps"], g["weight_decay"]) for g in self.param_groups], self.max_norm, finite)
         self.zero_grad()
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -31,6 +31,7 @@ from rgfusion.trainer.distenv import DistEnv, broadcast_list
 from rgfusion.trainer.evaluate import evaluate_split, flat_metrics, format_table, primary, write_report
 from rgfusion.trainer.export import consolidated_state_dict, write_export
 from rgfusion.trainer.feed import DeviceFeed
+from rgfusion.trainer.graphs import CapturedSteps
 from rgfusion.trainer.loss import ContrastiveLoss
 from rgfusion.trainer.model import build_model
 from rgfusion.trainer.profiling import StepProfiler, phase
@@ -54,10 +55,10 @@ class TrainModule(nn.Module):
         self.model = model
         self.loss = loss
 
-    def forward(self, batch: Any, ids: torch.Tensor, *, step: int,
-                gather: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, dict]:
+    def forward(self, batch: Any, ids: torch.Tensor, *, step: int, gather: Callable[[torch.Tensor], torch.Tensor] | None,
+                weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         img, cap = self.model(batch)
-        return self.loss(img, cap, ids, ids, step=step, gather=gather)
+        return self.loss(img, cap, ids, ids, step=step, gather=gather, weight=weight)
 
     def param_groups_hint(self) -> dict[str, float]:
         return {f"model.{k}": v for k, v in self.model.param_groups_hint().items()}
@@ -128,6 +129,9 @@ class Run:
         if cfg.train.compile and cfg.train.compile_mode == "reduce-overhead" and env.world_size > 1:
             raise ConfigError(f"train.compile_mode=reduce-overhead runs one process only (world size here "
                               f"{env.world_size}): its CUDA graphs crashed under DDP; use compile_mode=default")
+        if cfg.train.cuda_graph and (env.world_size > 1 or not self.device.startswith("cuda")):
+            raise ConfigError(f"train.cuda_graph runs one process on a CUDA device (here {env.world_size} "
+                              f"process(es) on {self.device}); set train.cuda_graph=false")
         self.manifest = open_dataset(cfg.data, [cfg.eval.dev_split, cfg.eval.test_split, "train"])
         check_features(cfg, self.manifest)
         self.text = build_text_processor(cfg.data, self.manifest)
@@ -169,6 +173,8 @@ class Run:
                                            total_steps=self.total_steps)
         self.module: TrainModule = self.engine.module
         self.gather = eng.make_gather(env.world_size) if cfg.train.global_negatives else None
+        self.captured = (CapturedSteps(self.module, self.engine.optimizer, cfg.loss, self.device)
+                         if cfg.train.cuda_graph else None)
         if chosen is not None:
             folder = self.ckpt.prepare(chosen, universal=universal)
             self.state = self.ckpt.load(self.engine, chosen, folder)
@@ -224,8 +230,7 @@ class Run:
         try:
             for batch, ids in feed:
                 profiler.step()
-                with phase("forward"):
-                    loss, stats = self.engine(batch, ids, step=state.global_step, gather=self.gather)
+                loss, stats = self._forward(batch, ids)
                 bad, stop = self._check(loss)
                 state.batch_in_epoch += 1
                 bar.update(1)
@@ -234,10 +239,7 @@ class Run:
                     self._skip_bad_step(bad_in_row, epoch)
                     continue
                 bad_in_row = 0
-                with phase("backward"):
-                    self.engine.backward(loss)
-                with phase("optimizer_step"):
-                    self.engine.step()
+                self._update(loss)
                 window.add(loss.detach(), stats["collapsed_share"])
                 self.pairs += self.micro * env.world_size
                 stepped = self.engine.global_steps != state.global_step
@@ -259,6 +261,24 @@ class Run:
             self.wait_seconds += feed.wait_seconds
             self.edge_seconds += feed.edge_seconds
         return "ok"
+
+    def _forward(self, batch: Any, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Loss and stats of the step; a captured step (train.cuda_graph) has also updated."""
+        if self.captured is not None:
+            with phase("captured_step"):
+                return self.captured(batch, ids, self.state.global_step)
+        with phase("forward"):
+            return self.engine(batch, ids, step=self.state.global_step, gather=self.gather)
+
+    def _update(self, loss: torch.Tensor) -> None:
+        if self.captured is not None:
+            # The graph made the update (a non-finite loss skipped it there): count it.
+            self.engine.count_update()
+            return
+        with phase("backward"):
+            self.engine.backward(loss)
+        with phase("optimizer_step"):
+            self.engine.step()
 
     def _check(self, loss: torch.Tensor) -> tuple[bool, bool]:
         """(non-finite loss on any rank, SIGTERM on any rank): the step's one host sync

@@ -72,6 +72,7 @@ def contrastive_loss(
     step: int,
     gather: Gather | None = None,
     log_temperature: Tensor | None = None,
+    weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss over the local pairs and detached stats.
 
@@ -82,7 +83,10 @@ def contrastive_loss(
     negative — that covers the positive itself and the same image sampled twice.
     ``gather(t)`` must return the global tensor with gradient flowing back to the local slice.
 
-    Triplet: summed over anchors (VSE++), so a fully collapsed batch scores 2·B·margin.
+    Triplet: summed over anchors (VSE++), so a fully collapsed batch scores 2·B·margin. The
+    hardest-negative weight is ``hard_weight(cfg, step)``, or ``weight`` (a 0-d tensor) when
+    given: then both terms are always computed and blended on the device, so a captured CUDA
+    graph replays correctly at every step of the warm-up and ramp (``step`` is then unused).
     InfoNCE: mean over anchors, temperature ``exp(log_temperature)`` or ``cfg.temperature``.
     Stats (0-d tensors, no host sync): ``collapsed_share`` = share of the 2·B anchors that have
     a negative and whose hardest negative similarity is >= positive − 1e-4; ``pos_mean``,
@@ -100,11 +104,11 @@ def contrastive_loss(
     neg = torch.cat([img_ids[:, None] != all_cap_ids[None, :], cap_ids[:, None] != all_img_ids[None, :]])
     has_neg = neg.any(1)
     if cfg.kind == "triplet":
-        w = hard_weight(cfg, step)
+        w = hard_weight(cfg, step) if weight is None else weight
         loss = scores.new_zeros(())
-        if w < 1:
+        if weight is not None or w < 1:
             loss = loss + (1 - w) * ((cfg.margin + scores - pos[:, None]).clamp(min=0) * neg).sum()
-        if w > 0:
+        if weight is not None or w > 0:
             hardest = _hardest(scores, neg, has_neg, cfg.lse_temperature if cfg.max_mode == "lse" else None)
             loss = loss + w * ((cfg.margin + hardest - pos).clamp(min=0) * has_neg).sum()
         temperature = scores.new_full((), float("nan"))
@@ -129,7 +133,7 @@ def _hardest(scores: Tensor, neg: Tensor, has_neg: Tensor, lse_temperature: floa
 
 
 def _stats(
-    scores: Tensor, pos: Tensor, neg: Tensor, has_neg: Tensor, w: float, temperature: Tensor
+    scores: Tensor, pos: Tensor, neg: Tensor, has_neg: Tensor, w: float | Tensor, temperature: Tensor
 ) -> dict[str, Tensor]:
     hardest = _hardest(scores, neg, has_neg, None)
     collapsed = has_neg & (hardest >= pos - COLLAPSE_TOL)
@@ -139,7 +143,8 @@ def _stats(
         "pos_mean": pos.mean(),
         "neg_mean": (scores * negf).sum() / negf.sum().clamp(min=1),
         "hard_neg_mean": (hardest * has_neg).sum() / has_neg.sum().clamp(min=1),
-        "hard_weight": scores.new_full((), w),  # a fill kernel, not a host copy (CUDA graphs)
+        # A fill kernel, not a host copy (CUDA graphs).
+        "hard_weight": w.detach().to(scores.dtype) if isinstance(w, Tensor) else scores.new_full((), w),
         "temperature": temperature,
     }
 
@@ -157,11 +162,11 @@ class ContrastiveLoss(nn.Module):
         self.log_temperature = nn.Parameter(torch.tensor(math.log(cfg.temperature))) if learn else None
 
     def forward(
-        self, img: Tensor, cap: Tensor, img_ids: Tensor, cap_ids: Tensor, *, step: int, gather: Gather | None = None
+        self, img: Tensor, cap: Tensor, img_ids: Tensor, cap_ids: Tensor, *, step: int, gather: Gather | None = None,
+        weight: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        return contrastive_loss(
-            img, cap, img_ids, cap_ids, cfg=self.cfg, step=step, gather=gather, log_temperature=self.log_temperature
-        )
+        return contrastive_loss(img, cap, img_ids, cap_ids, cfg=self.cfg, step=step, gather=gather,
+                                log_temperature=self.log_temperature, weight=weight)
 
 
 def ids_to_tensor(image_ids: Sequence[str], device: torch.device | str | None = None) -> Tensor:

@@ -70,11 +70,17 @@ class NativeEngine:
         """Count a micro-step; at an accumulation boundary, clip and update. An update skipped for
         a non-finite norm still counts as a step, as the loop's loss check has already skipped
         the non-finite losses themselves."""
-        self.micro_steps += 1
-        if self.micro_steps % self.accum:
+        if (self.micro_steps + 1) % self.accum:
+            self.micro_steps += 1
             return
         # Micro-steps have added up in the gradients, whose sum DDP all-reduced at the boundary.
         self.optimizer.step()
+        self.count_update()
+
+    def count_update(self) -> None:
+        """Count an update the optimizer has made: the schedule and the step counters move on.
+        A captured step (trainer/graphs.py) updates on the device and calls only this."""
+        self.micro_steps += 1
         self.lr_scheduler.step()
         self.global_steps += 1
 
