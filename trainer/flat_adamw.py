@@ -148,6 +148,9 @@ class FlatAdamW(torch.optim.Optimizer):
             [s["exp_avg_sq"] for s in states], [f.weights for f in self.flats], self.lrs, [s["step"] for s in states],
             [(*g["betas"], g["eps"], g["weight_decay"]) for g in self.param_groups], self.max_norm, finite)
         self.zero_grad()
+        # What torch's LR schedulers check to warn of a schedule stepped before its optimizer;
+        # set here too, as a captured step calls only this part.
+        self._opt_called = True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop (or zero) the model parameters' gradients: the next backward hands over fresh ones."""
