@@ -14,6 +14,7 @@ optimizer's update are recorded once per batch shape and then replayed, one laun
   loss or gradient norm skips the update on the device, as the eager loop skips the step.
 - Memory. All graphs share one pool: nothing a replay leaves behind is read by a later one
   (gradients are consumed by the update inside the graph; loss and stats are copied out).
+- Capture is thread-local: other threads (the loader's pinning) may use CUDA meanwhile.
 """
 
 from __future__ import annotations
@@ -94,7 +95,9 @@ class CapturedSteps:
         static = batch.clone()
         static_ids = ids.clone()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the loader's pin-memory thread allocates pinned memory meanwhile, which
+        # the default mode counts against the capture (one run of four died of it on an H100).
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             loss, stats = self._step(static, static_ids)
         if self.pool is None:
             self.pool = graph.pool()
