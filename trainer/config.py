@@ -97,7 +97,8 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     # Run the caption tower beside the image tower (and the BiGRU's two directions beside each
     # other) on CUDA side streams: for steps bound by the GPU (the captured harness step gained
-    # 5-8%); the trainer's step on one H100 is bound by the host and gained nothing, hence off.
+    # 5-8%), i.e. with cuda_graph; without it the trainer's step on one H100 is bound by the
+    # host and gained nothing, hence off by default.
     # Applies only where known safe: CUDA, engine native, one process, compile_mode not
     # reduce-overhead (its CUDA graph trees assume one stream; DDP's gradient hooks were never
     # checked with side streams). Elsewhere it is ignored.
