@@ -1,9 +1,10 @@
 """The whole training step as one CUDA graph (``train.cuda_graph``).
 
 A compiled step of the full model still launches about 1,400 kernels from Python. On one H100
-the trainer ran at 3,700-4,700 pairs/s, bound by those launches, while the same step captured
-as one graph ran at 8,800 (benchmarks/RESULTS.md). Here the forward, loss, backward and the
-optimizer's update are recorded once per batch shape and then replayed, one launch per step.
+the trainer's BiGRU recipe ran at 3,300-4,700 pairs/s, bound by those launches, while the model
+step captured as one graph (benchmarks/gpu_bench.py) ran at 12,800 (benchmarks/RESULTS.md).
+Here the forward, loss, backward and the optimizer's update are recorded once per batch shape
+and then replayed, one launch per step.
 
 - Shapes. The reader pads regions to the recipe's maximum, so only the caption length varies;
   captions are padded to a multiple of 8 word slots (masked: the embeddings do not change),
@@ -96,7 +97,7 @@ class CapturedSteps:
         static_ids = ids.clone()
         graph = torch.cuda.CUDAGraph()
         # thread_local: the loader's pin-memory thread allocates pinned memory meanwhile, which
-        # the default mode counts against the capture (one run of four died of it on an H100).
+        # the default mode counts against the capture (a run on an H100 died of it).
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             loss, stats = self._step(static, static_ids)
         if self.pool is None:
