@@ -46,6 +46,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--shuffle-buffer", type=int, default=1000)
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float32")
     p.add_argument("--block-size", type=int, default=64 * 1024 * 1024, help="object-store read-ahead bytes")
+    p.add_argument("--pin", action="store_true", help="train mode: pin batches as a CUDA trainer does (needs CUDA)")
+    p.add_argument("--reuse-memory", action="store_true",
+                   help="train mode: workers reuse their batch memory (data.reuse_batch_memory); each batch is "
+                        "copied out, pinned with --pin, else cloned")
     add_storage_args(p)
     p.set_defaults(func=cmd_bench)
 
@@ -145,6 +149,8 @@ def _spread(n: int, k: int) -> list[int]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
     from rgfusion.datasets.reader import DataConfig, eval_loader, load_manifest, skip_stats, train_loader
     from rgfusion.datasets.schema import SchemaError
     from rgfusion.datasets.text import build_text_processor
@@ -162,14 +168,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         loader = eval_loader(cfg, m, text, split=args.split, batch_size=args.batch_size, rank=0, world_size=1)
         total = loader.num_samples
     else:
-        loader = train_loader(cfg, m, text, batch_size=args.batch_size, steps=args.steps, rank=0,
-                              world_size=1, seed=0, epoch=0)
+        loader = train_loader(cfg, m, text, batch_size=args.batch_size, steps=args.steps, rank=0, world_size=1,
+                              seed=0, epoch=0, pin_memory=args.pin, reuse_memory=args.reuse_memory)
         total = args.steps * args.batch_size
     n = nbytes = 0
     cpu_start = _cpu_seconds()
     start = time.perf_counter()
     with tqdm(total=total, unit="img", desc=f"bench {args.split} ({args.mode})") as bar:
         for batch in loader:
+            if batch.lease is not None:  # reused memory, not pinned: the copy hands it back
+                batch = batch.copy_out(torch.clone)
             n += len(batch)
             nbytes += _disk_bytes(batch, m)
             bar.update(len(batch))

@@ -39,7 +39,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -74,6 +74,11 @@ class DataConfig:
     block_size: int = 64 * 1024 * 1024
     retries: int = 4  # transient storage errors retried with backoff this many times
     prefetch_factor: int = 2  # batches each worker keeps ready
+    # A CUDA trainer's workers write batches into a few shared-memory buffers that the pinning
+    # thread hands back after its copy, instead of fresh memory per batch: the kernel's
+    # zero-filling page faults took as much CPU as the reading itself (benchmarks/RESULTS.md,
+    # session 5). Measured on a CPU, not yet on the GPU machines, hence off by default.
+    reuse_batch_memory: bool = False
 
 
 # -- skipped input ---------------------------------------------------------------------------
@@ -161,6 +166,8 @@ class Batch:
     # (B,) eval only: each image's index in its split. The split's order is the canonical one
     # (COCO's 5 test folds are consecutive 1K slices of it), whatever order ranks read shards in.
     positions: torch.Tensor | None = None
+    # Set on a batch written into a worker's reused memory: copy_out hands the memory back.
+    lease: Lease | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -177,7 +184,15 @@ class Batch:
 
     def pin_memory(self) -> "Batch":
         """Page-locked copy; DataLoader(pin_memory=True) calls this in its pinning thread."""
-        return self._map(lambda _, v: v.pin_memory())
+        return self.copy_out(torch.Tensor.pin_memory)
+
+    def copy_out(self, copy: Callable[[torch.Tensor], torch.Tensor]) -> "Batch":
+        """Each tensor copied by ``copy``; memory a worker reuses is handed back to it."""
+        out = self._map(lambda _, v: copy(v))
+        if self.lease is not None:
+            self.lease.release()
+            out.lease = None
+        return out
 
     def clone(self) -> "Batch":
         """A copy with tensors of its own (a captured CUDA graph's static inputs)."""
@@ -192,16 +207,23 @@ class Batch:
 
 
 def collate(samples: list[Sample], manifest: Manifest, text: TextProcessor, dtype: torch.dtype,
-            captions: list[list[str]], positions: list[int] | None = None) -> Batch:
-    """Pad to ``manifest.max_regions`` (static shapes) and tokenise ``captions[i]`` of image i."""
+            captions: list[list[str]], positions: list[int] | None = None,
+            buffers: WorkerBuffers | None = None) -> Batch:
+    """Pad to ``manifest.max_regions`` (static shapes) and tokenise ``captions[i]`` of image i.
+    With ``buffers`` the features go into reused memory (see :class:`WorkerBuffers`)."""
     b, r = len(samples), manifest.max_regions
-    regions = _zeros((b, r, manifest.region_dim), dtype)
-    grids = _zeros((b, manifest.grid_cells, manifest.grid_dim), dtype)
+    shapes = ((b, r, manifest.region_dim), (b, manifest.grid_cells, manifest.grid_dim))
+    if buffers is None:
+        (regions, grids), lease = [_zeros(shape, dtype) for shape in shapes], None
+    else:
+        (regions, grids), lease = buffers.acquire(shapes, dtype)
     boxes = np.zeros((b, r, 4), np.float32)
     mask = np.zeros((b, r), bool)
     for i, s in enumerate(samples):
         n = s.region.shape[0]
         _cast_into(regions[i, :n], s.region)
+        if lease is not None:
+            regions[i, n:] = 0  # reused memory holds the last batch's regions
         _cast_into(grids[i], s.grid)
         boxes[i, :n], mask[i, :n] = s.boxes, True
     flat = [c for cs in captions for c in cs]
@@ -209,7 +231,51 @@ def collate(samples: list[Sample], manifest: Manifest, text: TextProcessor, dtyp
     owner = torch.from_numpy(np.repeat(np.arange(b), [len(cs) for cs in captions]))
     return Batch(regions, torch.from_numpy(boxes), torch.from_numpy(mask), grids, tuple(manifest.grid_size),
                  tokens, lengths, attn, owner, [s.image_id for s in samples],
-                 None if positions is None else torch.tensor(positions, dtype=torch.long))
+                 None if positions is None else torch.tensor(positions, dtype=torch.long), lease)
+
+
+@dataclass
+class Lease:
+    """One of a worker's buffers, in use until the consumer's copy releases it."""
+
+    flags: torch.Tensor  # shared (workers, slots) int32: 1 = in use
+    worker: int
+    slot: int
+
+    def release(self) -> None:
+        self.flags[self.worker, self.slot] = 0
+
+
+class WorkerBuffers:
+    """A loader worker's reused batch memory: ``slots`` sets of shared feature tensors, taken
+    in turn. A slot is written again only after the consumer released it (``Batch.copy_out``,
+    which the pinning thread calls); the DataLoader keeps at most ``prefetch_factor`` batches
+    of a worker in flight, so with two more slots the worker never waits in practice."""
+
+    WAIT_S = 600.0
+
+    def __init__(self, flags: torch.Tensor, worker: int):
+        self.flags, self.worker = flags, worker
+        self.slots: list[list[torch.Tensor]] = []
+        self.turn = 0
+
+    def acquire(self, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype) -> tuple[list[torch.Tensor], Lease]:
+        slot = self.turn % self.flags.shape[1]
+        deadline = time.monotonic() + self.WAIT_S
+        while int(self.flags[self.worker, slot]):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"loader worker {self.worker}: batch buffer {slot} was not released in "
+                                   f"{self.WAIT_S:.0f} s; a consumer must copy each batch out (Batch.copy_out)")
+            time.sleep(0.0005)
+        if slot == len(self.slots):
+            self.slots.append([_zeros(shape, dtype) for shape in shapes])
+        tensors = self.slots[slot]
+        if [tuple(t.shape) for t in tensors] != list(shapes) or tensors[0].dtype != dtype:
+            raise ValueError(f"reused batch memory holds {[tuple(t.shape) for t in tensors]}, asked for {shapes}")
+        self.flags[self.worker, slot] = 1
+        self.turn += 1
+        return tensors, Lease(self.flags, self.worker, slot)
+
 
 
 # Elements per copy: casting float16 in small pieces stays on this thread; one large copy wakes
@@ -411,6 +477,7 @@ class _Plan:
     train: bool
     steps: int = 0  # training batches for this rank
     seed: tuple[int, ...] = ()  # (seed, epoch, start_step, rank); the worker id is appended
+    buffer_flags: torch.Tensor | None = None  # shared (workers, slots): WorkerBuffers in use
 
     def worker_items(self, worker: int, num_workers: int) -> Iterator[tuple[Batch | None, dict[str, int]]]:
         """(batch, skips since the previous item); a final (None, skips) reports the rest."""
@@ -447,10 +514,13 @@ class _Plan:
                     raise RuntimeError(f"no readable sample in {dry} consecutive shards of "
                                        f"{self.manifest.root} split {self.split!r}; see skip warnings")
 
+        buffers = None if self.buffer_flags is None else WorkerBuffers(self.buffer_flags, worker)
+
         def to_batches(src: Iterator[Sample]) -> Iterator[Batch]:
             while True:
                 chunk = [next(src) for _ in range(self.batch_size)]
-                yield collate(chunk, self.manifest, self.text, dtype, [[rng.choice(s.captions)] for s in chunk])
+                yield collate(chunk, self.manifest, self.text, dtype, [[rng.choice(s.captions)] for s in chunk],
+                              buffers=buffers)
 
         buf = max(self.cfg.shuffle_buffer, 1)
         initial = min(buf, self.batch_size)
@@ -514,10 +584,12 @@ class _WorkerStream(torch.utils.data.IterableDataset):
 class Loader:
     """Iterable of ``Batch``; merges the workers' skip counts into ``skip_stats()``."""
 
-    def __init__(self, plan: _Plan, num_workers: int, expected: int | None, pin_memory: bool = False):
+    def __init__(self, plan: _Plan, num_workers: int, expected: int | None, pin_memory: bool = False,
+                 reuse_memory: bool = False):
         self.plan = plan
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.reuse_memory = reuse_memory and num_workers > 0
         self.expected = expected  # exact batch count in training; None in evaluation
         self.num_samples = plan.slot_samples(max(num_workers, 1)) if not plan.train else None
 
@@ -527,8 +599,12 @@ class Loader:
         return self.expected
 
     def __iter__(self) -> Iterator[Batch]:
+        plan = self.plan
+        if self.reuse_memory:  # fresh flags per pass: the last pass's workers are gone
+            slots = plan.cfg.prefetch_factor + 2
+            plan = replace(plan, buffer_flags=torch.zeros(self.num_workers, slots, dtype=torch.int32).share_memory_())
         loader = torch.utils.data.DataLoader(
-            _WorkerStream(self.plan), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            _WorkerStream(plan), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
             prefetch_factor=self.plan.cfg.prefetch_factor if self.num_workers > 0 else None)
         yielded = 0
         for batch, skipped in loader:
@@ -543,16 +619,18 @@ class Loader:
 
 def train_loader(cfg: DataConfig, manifest: Manifest, text: TextProcessor, *, batch_size: int, steps: int,
                  rank: int, world_size: int, seed: int, epoch: int, start_step: int = 0,
-                 split: str = "train", pin_memory: bool = False) -> Loader:
+                 split: str = "train", pin_memory: bool = False, reuse_memory: bool = False) -> Loader:
     """Exactly ``steps - start_step`` training batches of ``batch_size`` images on every rank
     (one random caption per image), whatever the shard sizes. ``pin_memory`` (for a CUDA
-    trainer) pins batches in a background thread so host-to-device copies are asynchronous."""
+    trainer) pins batches in a background thread so host-to-device copies are asynchronous.
+    ``reuse_memory``: workers write into reused buffers, and the consumer must take each batch
+    with ``Batch.copy_out`` (pinning does) before the worker can write that buffer again."""
     _check_rank(rank, world_size, batch_size)
     if not 0 <= start_step <= steps:
         raise ValueError(f"start_step must be in [0, steps={steps}], got {start_step}")
     plan = _Plan(cfg, manifest, text, split, batch_size, rank, world_size, train=True,
                  steps=steps - start_step, seed=(seed, epoch, start_step, rank))
-    return Loader(plan, cfg.num_workers, steps - start_step, pin_memory)
+    return Loader(plan, cfg.num_workers, steps - start_step, pin_memory, reuse_memory)
 
 
 def eval_loader(cfg: DataConfig, manifest: Manifest, text: TextProcessor, *, split: str, batch_size: int,

@@ -39,6 +39,9 @@ def test_synth_inspect_bench(tmp_path, capsys):
     assert run(["data", "bench", root, "--mode", "train", "--steps", "3", "--batch-size", "4",
                 "--workers", "2"]) == 0
     assert "read 12 images" in capsys.readouterr().out
+    assert run(["data", "bench", root, "--mode", "train", "--steps", "9", "--batch-size", "4",
+                "--workers", "2", "--reuse-memory"]) == 0
+    assert "read 36 images" in capsys.readouterr().out
 
 
 def test_inspect_reports_a_bad_shard(tmp_path, capsys):

@@ -349,3 +349,39 @@ def test_transient_classification():
     assert not is_transient(OSError("bad bytes in s3://b/train-000503.tar"))
     assert not is_transient(FileNotFoundError("timed out"))  # missing stays missing
     assert not is_transient(PermissionError("Access Denied"))
+
+
+def test_reused_worker_memory_gives_the_batches_of_fresh_memory(tmp_path):
+    # 12 batches from 2 workers with 4 buffers each: every buffer is written three times,
+    # images with fewer regions after ones with more (their padding must be zero again).
+    write_dataset(str(tmp_path), UNEVEN)
+    cfg, m, text = open_dataset(tmp_path, prefetch_factor=2)
+    cfg.num_workers = 2
+    args = dict(batch_size=4, steps=12, rank=0, world_size=1, seed=3, epoch=0)
+    fresh = list(train_loader(cfg, m, text, **args))
+    reused = [b.copy_out(torch.clone) for b in train_loader(cfg, m, text, reuse_memory=True, **args)]
+    assert len(reused) == 12 and all(b.lease is None for b in reused)
+    for a, b in zip(fresh, reused):
+        assert a.image_ids == b.image_ids
+        for name in ("regions", "boxes", "region_mask", "grids", "tokens", "lengths"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_a_buffer_is_written_again_only_once_released(monkeypatch):
+    from rgfusion.datasets.reader import WorkerBuffers
+
+    flags = torch.zeros(2, 2, dtype=torch.int32)
+    buffers = WorkerBuffers(flags, worker=1)
+    shapes = ((2, 3, 4), (2, 5, 4))
+    (r0, _), lease0 = buffers.acquire(shapes, torch.float16)
+    (r1, _), lease1 = buffers.acquire(shapes, torch.float16)
+    assert flags.tolist() == [[0, 0], [1, 1]] and r0.data_ptr() != r1.data_ptr()
+    monkeypatch.setattr(WorkerBuffers, "WAIT_S", 0.05)
+    with pytest.raises(RuntimeError, match="batch buffer 0 was not released"):
+        buffers.acquire(shapes, torch.float16)
+    lease0.release()
+    (again, _), _ = buffers.acquire(shapes, torch.float16)
+    assert again.data_ptr() == r0.data_ptr() and flags.tolist() == [[0, 0], [1, 1]]
+    lease1.release()
+    with pytest.raises(ValueError, match="reused batch memory holds"):
+        buffers.acquire(((3, 3, 4), (3, 5, 4)), torch.float16)

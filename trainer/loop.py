@@ -218,7 +218,8 @@ class Run:
         loader = train_loader(cfg.data, self.manifest, self.text, batch_size=self.micro,
                               steps=self.micro_per_epoch, rank=env.rank, world_size=env.world_size,
                               seed=cfg.train.seed, epoch=epoch, start_step=start,
-                              pin_memory=self.device.startswith("cuda"))
+                              pin_memory=self.device.startswith("cuda"),
+                              reuse_memory=self.device.startswith("cuda") and cfg.data.reuse_batch_memory)
         bar = tqdm(total=self.micro_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    unit="batch", disable=not (env.is_main and cfg.train.progress), dynamic_ncols=True)
         profiler = StepProfiler(self.profile_steps, self.out / "profile", active=env.is_main)
