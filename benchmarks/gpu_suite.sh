@@ -6,6 +6,7 @@
 #   TRAIN_IMAGES=6000 bash benchmarks/gpu_suite.sh setup data feed     # 1 GPU: loader and trainer profile
 #   bash benchmarks/gpu_suite.sh setup mfu                                # 1 GPU: MFU by precision, compile, attention, batch
 #   bash benchmarks/gpu_suite.sh setup streams                            # 1 GPU: CUDA tests, towers on 1 vs 2 streams
+#   TRAIN_IMAGES=6000 bash benchmarks/gpu_suite.sh setup data graphs      # 1 GPU: train.cuda_graph, reused loader memory
 # Results (logs, JSON, the MLflow store as a tarball) land in $OUT.
 # `setup` installs from ./.whl, for machines without a network. Fill it on one with the network:
 #   pip download -d .whl webdataset mlflow-skinny hjson py-cpuinfo pytest   (and their dependencies)
@@ -145,6 +146,19 @@ streams() {  # one GPU: the CUDA-only tests, then the model step with the towers
       --only ${STREAMS_ONLY:-full-bigru-bf16w-graph,full-bigru-bf16w-compile-graph,full-bert-bf16w-compile-graph} \
       --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1; tail -4 "$OUT/$name.log"
   done
+}
+
+graphs() {  # one GPU: the CUDA tests, the loader with reused batch memory, the trainer as one CUDA graph
+  log "tests/test_gpu.py"
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -3
+  log "loader alone, pinned as the trainer does, fresh vs reused batch memory"
+  for reuse in "" --reuse-memory; do
+    echo "workers ${GRAPH_WORKERS:=14}${reuse:+ $reuse}: $($RG data bench $DATA --mode train --workers $GRAPH_WORKERS \
+      --steps 120 --batch-size 128 --dtype float16 --shuffle-buffer 2000 --pin $reuse 2>/dev/null | grep -E '^total')"
+  done | tee "$OUT/loader_reuse.txt"
+  local n="train.engine=native,train.zero_stage=0,data.num_workers=$GRAPH_WORKERS,train.compile=true"
+  n="$n,train.cuda_graph=true,train.side_streams=true"
+  FEED_STEPS=${FEED_STEPS:-300} LOADER_WORKERS="" FEED_RUNS="graph:$n graph_reuse:$n,data.reuse_batch_memory=true" feed
 }
 
 for part in "$@"; do "$part"; done
