@@ -401,10 +401,11 @@ def profile_variant(v: Variant, shape: Shape, device, hf_path, args) -> str:
 
 
 def set_inductor(p: argparse.ArgumentParser, item: str) -> None:
+    """``KEY=VALUE`` into torch._inductor.config; an unknown key or a bad literal is a usage error."""
     key, _, value = item.partition("=")
     try:
-        torch._inductor.config.__getattr__(key)
-        torch._inductor.config.__setattr__(key, ast.literal_eval(value))
+        getattr(torch._inductor.config, key)  # an unknown key raises here instead of being set
+        setattr(torch._inductor.config, key, ast.literal_eval(value))
     except (AttributeError, ValueError, SyntaxError) as e:
         p.error(f"--inductor {item}: {type(e).__name__}: {e}")
 

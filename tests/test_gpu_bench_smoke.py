@@ -50,3 +50,22 @@ def test_unknown_variant_is_an_error(capsys):
         load_bench().main(["--device", "cpu", "--tiny", "--no-eval", "--only", "full-bigru-fp32,no-such-variant"])
     assert exc.value.code == 2
     assert "no-such-variant" in capsys.readouterr().err
+
+
+def test_bad_inductor_option_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        load_bench().main(["--device", "cpu", "--tiny", "--no-eval", "--inductor", "no_such_option=1"])
+    assert exc.value.code == 2
+    assert "--inductor no_such_option=1" in capsys.readouterr().err
+
+
+def test_profile_writes_a_gzipped_chrome_trace(tmp_path):
+    import gzip
+
+    trace = tmp_path / "t.json.gz"
+    argv = ["--device", "cpu", "--tiny", "--no-eval", "--iters", "1", "--warmup", "1", "--batch", "4",
+            "--only", "full-bigru-fp32", "--profile", "full-bigru-fp32", "--trace", str(trace)]
+    assert load_bench().main(argv) == 0
+    with gzip.open(trace, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    assert any(e.get("name", "").startswith("aten::") for e in events)
