@@ -198,12 +198,12 @@ class Batch:
         """A copy with tensors of its own (a captured CUDA graph's static inputs)."""
         return self._map(lambda _, v: v.clone())
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that hold tensors (``positions`` only in evaluation), by name."""
+        return {f.name: v for f in fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)}
+
     def _map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> "Batch":
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = fn(f.name, v) if isinstance(v, torch.Tensor) else v
-        return Batch(**out)
+        return replace(self, **{name: fn(name, v) for name, v in self.tensors().items()})
 
 
 def collate(samples: list[Sample], manifest: Manifest, text: TextProcessor, dtype: torch.dtype,

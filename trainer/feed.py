@@ -44,7 +44,7 @@ class DeviceFeed:
             main = torch.cuda.current_stream()
             main.wait_stream(self.stream)
             # Memory allocated on the side stream must not be reused before the main stream is done.
-            for t in _tensors(item[0]) + [item[1]]:
+            for t in [*item[0].tensors().values(), item[1]]:
                 t.record_stream(main)
         self.pending = self._load()
         return item
@@ -63,7 +63,3 @@ class DeviceFeed:
     def _to_device(self, batch: Any) -> tuple[Any, torch.Tensor]:
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             return batch.to(self.device, self.dtype), ids_to_tensor(batch.image_ids, self.device)
-
-
-def _tensors(batch: Any) -> list[torch.Tensor]:
-    return [v for v in vars(batch).values() if isinstance(v, torch.Tensor)]

@@ -21,7 +21,7 @@ and then replayed, one launch per step.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -117,12 +117,10 @@ def pad_words(batch: Batch, multiple: int) -> Batch:
 
 def shape_key(batch: Batch) -> tuple:
     """What a recorded graph is specific to: every tensor's shape and dtype."""
-    return tuple((f.name, tuple(v.shape), v.dtype) for f in fields(batch)
-                 if isinstance(v := getattr(batch, f.name), Tensor))
+    return tuple((name, tuple(v.shape), v.dtype) for name, v in batch.tensors().items())
 
 
 def copy_into(static: Batch, batch: Batch) -> None:
-    for f in fields(batch):
-        value = getattr(batch, f.name)
-        if isinstance(value, Tensor):
-            getattr(static, f.name).copy_(value, non_blocking=True)
+    targets = static.tensors()
+    for name, value in batch.tensors().items():
+        targets[name].copy_(value, non_blocking=True)
