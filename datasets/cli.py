@@ -8,6 +8,7 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from tqdm import tqdm
@@ -46,10 +47,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--shuffle-buffer", type=int, default=1000)
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float32")
     p.add_argument("--block-size", type=int, default=64 * 1024 * 1024, help="object-store read-ahead bytes")
-    p.add_argument("--pin", action="store_true", help="train mode: pin batches as a CUDA trainer does (needs CUDA)")
+    p.add_argument("--pin", action="store_true",
+                   help="train mode: pin batches and copy them to the GPU as the CUDA trainer does (needs CUDA)")
     p.add_argument("--reuse-memory", action="store_true",
-                   help="train mode: workers reuse their batch memory (data.reuse_batch_memory); each batch is "
-                        "copied out, pinned with --pin, else cloned")
+                   help="train mode: workers reuse their batch memory (data.reuse_batch_memory); with --pin it "
+                        "is pinned in place, else each batch is cloned out")
     add_storage_args(p)
     p.set_defaults(func=cmd_bench)
 
@@ -155,6 +157,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rgfusion.datasets.schema import SchemaError
     from rgfusion.datasets.text import build_text_processor
 
+    if args.pin and not torch.cuda.is_available():
+        return _fail(RuntimeError("--pin copies batches to the GPU: this machine has no CUDA device"))
     opts = storage_options_from(args)
     try:
         m = load_manifest(args.url, opts)
@@ -175,12 +179,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cpu_start = _cpu_seconds()
     start = time.perf_counter()
     with tqdm(total=total, unit="img", desc=f"bench {args.split} ({args.mode})") as bar:
-        for batch in loader:
+        for batch in _to_gpu(loader, args.dtype) if args.pin else loader:
             if batch.lease is not None:  # reused memory, not pinned: the copy hands it back
                 batch = batch.copy_out(torch.clone)
             n += len(batch)
             nbytes += _disk_bytes(batch, m)
             bar.update(len(batch))
+    if args.pin:
+        torch.cuda.synchronize()
     secs = time.perf_counter() - start
     cpu = _cpu_seconds() - cpu_start
     workers = max(args.workers, 1)
@@ -197,6 +203,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if skip_stats().total:
         print(f"skipped: {skip_stats().as_dict()}")
     return 0
+
+
+def _to_gpu(loader: Any, dtype: str) -> Iterator[Any]:
+    """The trainer's feed: each batch copied to the GPU while the next is read."""
+    from rgfusion.datasets.reader import DTYPES
+    from rgfusion.trainer.feed import DeviceFeed
+
+    return (batch for batch, _ in DeviceFeed(iter(loader), "cuda", DTYPES[dtype]))
 
 
 def _cpu_seconds() -> float:

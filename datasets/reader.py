@@ -37,7 +37,7 @@ import random
 import tarfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
@@ -74,10 +74,10 @@ class DataConfig:
     block_size: int = 64 * 1024 * 1024
     retries: int = 4  # transient storage errors retried with backoff this many times
     prefetch_factor: int = 2  # batches each worker keeps ready
-    # A CUDA trainer's workers write batches into a few shared-memory buffers that the pinning
-    # thread hands back after its copy, instead of fresh memory per batch: the kernel's
-    # zero-filling page faults took as much CPU as the reading itself (benchmarks/RESULTS.md,
-    # session 5). Measured on a CPU, not yet on the GPU machines, hence off by default.
+    # A CUDA trainer's workers write batches into a few shared-memory buffers, page-locked in
+    # place and handed back once copied to the GPU, instead of fresh memory per batch: the
+    # kernel's zero-filling page faults took as much CPU as the reading itself, and the pinning
+    # thread's second copy bounds the loader (benchmarks/RESULTS.md, sessions 5 and 6).
     reuse_batch_memory: bool = False
 
 
@@ -249,8 +249,9 @@ class Lease:
 class WorkerBuffers:
     """A loader worker's reused batch memory: ``slots`` sets of shared feature tensors, taken
     in turn. A slot is written again only after the consumer released it (``Batch.copy_out``,
-    which the pinning thread calls); the DataLoader keeps at most ``prefetch_factor`` batches
-    of a worker in flight, so with two more slots the worker never waits in practice."""
+    or the device feed once its copy is done); the DataLoader keeps at most ``prefetch_factor``
+    batches of a worker in flight and the consumer holds at most one more while it waits for
+    the next, so with two more slots the worker never waits in practice."""
 
     WAIT_S = 600.0
 
@@ -276,6 +277,87 @@ class WorkerBuffers:
         self.turn += 1
         return tensors, Lease(self.flags, self.worker, slot)
 
+
+
+# The batch fields that live in a worker's reused buffers, in ``collate``'s order; the others
+# (boxes, masks, tokens) are a few hundred KB per batch and are allocated per batch.
+REUSED_FIELDS = ("regions", "grids")
+
+
+class InPlacePins:
+    """The training process's side of reused batch memory on a CUDA machine.
+
+    Pinning by copy moves every 45 MB full-size batch through the loader's one pinning thread
+    a second time, about 16 ms of a core per batch on the CPU dev machine: at most ~60
+    batches/s, below what the captured step takes. Here each worker buffer is page-locked
+    where it lies (``cudaHostRegister``) the first time it arrives and stays mapped: holding it
+    makes torch's shared-memory cache hand back the same mapping whenever the worker sends that
+    buffer again, so no page is faulted in twice. The host-to-device copy then reads the
+    worker's memory directly; the batch keeps its lease, which the consumer releases once that
+    copy has completed (:class:`LeasesInFlight`). The small fields are pinned by copy.
+
+    ``register(tensor) -> bool`` and ``unregister(tensor)`` page-lock a buffer; a failed
+    registration (a driver that refuses shared memory) falls back to pinning by copy."""
+
+    def __init__(self, register: Callable[[torch.Tensor], bool] | None = None,
+                 unregister: Callable[[torch.Tensor], None] | None = None,
+                 pin: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.pin_memory):
+        self.register, self.unregister = register or _cuda_register, unregister or _cuda_unregister
+        self.pin = pin
+        self.held: dict[int, torch.Tensor] = {}
+        self.failed = False
+
+    def __call__(self, batch: Batch) -> Batch:
+        if batch.lease is None or self.failed:
+            return batch.copy_out(self.pin)
+        for name in REUSED_FIELDS:
+            tensor = getattr(batch, name)
+            key = tensor.untyped_storage().data_ptr()
+            if key in self.held:
+                continue
+            if not self.register(tensor):
+                self.failed = True
+                log.warning("cudaHostRegister refused a loader buffer; pinning batches by copy instead")
+                return batch.copy_out(self.pin)
+            self.held[key] = tensor
+        return replace(batch, **{name: self.pin(v) for name, v in batch.tensors().items()
+                                 if name not in REUSED_FIELDS})
+
+    def close(self) -> None:
+        """Unlock and unmap every buffer; the device's copies from them must be complete."""
+        if self.held and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        for tensor in self.held.values():
+            self.unregister(tensor)
+        self.held.clear()
+
+
+def _cuda_register(tensor: torch.Tensor) -> bool:
+    storage = tensor.untyped_storage()
+    return int(torch.cuda.cudart().cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0)) == 0
+
+
+def _cuda_unregister(tensor: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(tensor.untyped_storage().data_ptr())
+
+
+class LeasesInFlight:
+    """Leases of batches whose host-to-device copies are queued on a stream: each goes back to
+    its worker once the copy's CUDA event has completed (``poll``)."""
+
+    def __init__(self) -> None:
+        self.queue: deque[tuple[Lease, Any]] = deque()
+
+    def add(self, lease: Lease, event: Any) -> None:
+        self.queue.append((lease, event))
+
+    def poll(self, keep: int = 1) -> None:
+        """Release every completed copy, and wait for all but the ``keep`` newest: a consumer
+        about to block on the loader must not hold a buffer its worker may be waiting for."""
+        while self.queue and (len(self.queue) > keep or self.queue[0][1].query()):
+            lease, event = self.queue.popleft()
+            event.synchronize()
+            lease.release()
 
 
 # Elements per copy: casting float16 in small pieces stays on this thread; one large copy wakes
@@ -603,16 +685,22 @@ class Loader:
         if self.reuse_memory:  # fresh flags per pass: the last pass's workers are gone
             slots = plan.cfg.prefetch_factor + 2
             plan = replace(plan, buffer_flags=torch.zeros(self.num_workers, slots, dtype=torch.int32).share_memory_())
+        pins = InPlacePins() if self.reuse_memory and self.pin_memory else None
         loader = torch.utils.data.DataLoader(
-            _WorkerStream(plan), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            _WorkerStream(plan), batch_size=None, num_workers=self.num_workers,
+            pin_memory=self.pin_memory and pins is None,
             prefetch_factor=self.plan.cfg.prefetch_factor if self.num_workers > 0 else None)
         yielded = 0
-        for batch, skipped in loader:
-            if skipped:
-                skip_stats().merge(skipped)
-            if batch is not None:
-                yielded += 1
-                yield batch
+        try:
+            for batch, skipped in loader:
+                if skipped:
+                    skip_stats().merge(skipped)
+                if batch is not None:
+                    yielded += 1
+                    yield batch if pins is None else pins(batch)
+        finally:
+            if pins is not None:
+                pins.close()
         if self.expected is not None and yielded != self.expected:
             raise RuntimeError(f"rank {self.plan.rank} yielded {yielded} batches, expected {self.expected}")
 
@@ -623,8 +711,10 @@ def train_loader(cfg: DataConfig, manifest: Manifest, text: TextProcessor, *, ba
     """Exactly ``steps - start_step`` training batches of ``batch_size`` images on every rank
     (one random caption per image), whatever the shard sizes. ``pin_memory`` (for a CUDA
     trainer) pins batches in a background thread so host-to-device copies are asynchronous.
-    ``reuse_memory``: workers write into reused buffers, and the consumer must take each batch
-    with ``Batch.copy_out`` (pinning does) before the worker can write that buffer again."""
+    ``reuse_memory``: workers write into reused buffers, and the consumer hands each batch's
+    ``lease`` back before the worker can write that buffer again: ``Batch.copy_out`` does
+    without ``pin_memory``; with it the buffers are pinned in place (:class:`InPlacePins`) and
+    the consumer releases the lease once its device copy is done (:class:`LeasesInFlight`)."""
     _check_rank(rank, world_size, batch_size)
     if not 0 <= start_step <= steps:
         raise ValueError(f"start_step must be in [0, steps={steps}], got {start_step}")

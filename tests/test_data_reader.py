@@ -385,3 +385,69 @@ def test_a_buffer_is_written_again_only_once_released(monkeypatch):
     lease1.release()
     with pytest.raises(ValueError, match="reused batch memory holds"):
         buffers.acquire(((3, 3, 4), (3, 5, 4)), torch.float16)
+
+
+def test_in_place_pins_register_each_worker_buffer_once(tmp_path):
+    # The held mapping is what makes torch's shared-memory cache return the same storage each
+    # time a worker sends a buffer again: 12 batches from 2 workers use 8 buffers of 2 fields.
+    from rgfusion.datasets.reader import InPlacePins
+
+    write_dataset(str(tmp_path), UNEVEN)
+    cfg, m, text = open_dataset(tmp_path, prefetch_factor=2)
+    cfg.num_workers = 2
+    args = dict(batch_size=4, steps=12, rank=0, world_size=1, seed=3, epoch=0)
+    fresh = list(train_loader(cfg, m, text, **args))
+    registered, unregistered = [], []
+    pins = InPlacePins(register=lambda t: registered.append(t.untyped_storage().data_ptr()) or True,
+                       unregister=lambda t: unregistered.append(t.untyped_storage().data_ptr()), pin=torch.clone)
+    reused = []
+    for batch in train_loader(cfg, m, text, reuse_memory=True, **args):
+        pinned = pins(batch)
+        assert pinned.lease is batch.lease and pinned.regions is batch.regions  # in place, still leased
+        assert pinned.tokens is not batch.tokens  # the small fields are copied
+        reused.append(pinned.copy_out(torch.clone))
+    assert len(registered) == len(set(registered)) == 16
+    pins.close()
+    assert sorted(unregistered) == sorted(registered) and not pins.held
+    for a, b in zip(fresh, reused, strict=True):
+        assert a.image_ids == b.image_ids and torch.equal(a.regions, b.regions) and torch.equal(a.grids, b.grids)
+
+
+def test_in_place_pins_fall_back_to_copies_when_registration_fails(tmp_path):
+    from rgfusion.datasets.reader import InPlacePins
+
+    write_dataset(str(tmp_path), UNEVEN)
+    cfg, m, text = open_dataset(tmp_path, prefetch_factor=2)
+    cfg.num_workers = 1
+    pins = InPlacePins(register=lambda t: False, unregister=lambda t: None, pin=torch.clone)
+    batches = [pins(b) for b in train_loader(cfg, m, text, reuse_memory=True, batch_size=4, steps=6,
+                                             rank=0, world_size=1, seed=3, epoch=0)]
+    assert pins.failed and all(b.lease is None for b in batches) and not pins.held
+
+
+def test_leases_go_back_once_their_copies_complete():
+    from rgfusion.datasets.reader import Lease, LeasesInFlight
+
+    class Event:  # stands in for torch.cuda.Event
+        def __init__(self):
+            self.done = self.waited = False
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            self.waited = self.done = True
+
+    flags = torch.ones(1, 3, dtype=torch.int32)
+    leases, events = LeasesInFlight(), [Event() for _ in range(3)]
+    for slot, event in enumerate(events):
+        leases.add(Lease(flags, 0, slot), event)
+    leases.poll()  # all but the newest are waited for: the consumer may block on the loader next
+    assert flags.tolist() == [[0, 0, 1]] and events[0].waited and not events[2].waited
+    events[2].done = True
+    leases.add(Lease(flags, 0, 0), Event())
+    flags[0, 0] = 1
+    leases.poll()
+    assert flags.tolist() == [[1, 0, 0]]
+    leases.poll(keep=0)
+    assert flags.tolist() == [[0, 0, 0]] and not leases.queue

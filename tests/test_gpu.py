@@ -230,3 +230,45 @@ def test_captured_trainer_steps_equal_uncaptured_ones(encoder, bert_dir):
     for g, e in zip(runs["captured"][1], runs["uncaptured"][1]):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(torch.stack(runs["captured"][0]), torch.stack(runs["plain"][0]), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reused_memory_pinned_in_place_feeds_the_batches_of_fresh_memory(tmp_path, workers):
+    # The loader registers each worker buffer with CUDA and the feed copies straight from it,
+    # handing the buffer back once the copy is done: a buffer released early would be
+    # overwritten by a later batch before its copy, and the batches would differ.
+    from rgfusion.datasets.reader import DataConfig, load_manifest, train_loader
+    from rgfusion.datasets.text import build_text_processor
+    from rgfusion.trainer.feed import DeviceFeed
+    from data_helpers import write_dataset
+
+    write_dataset(str(tmp_path), {"train": [7, 1, 13, 0, 3]})
+    m = load_manifest(str(tmp_path))
+    cfg = DataConfig(url=str(tmp_path), num_workers=workers, shuffle_buffer=8, dtype="float16", prefetch_factor=2)
+    text = build_text_processor(cfg, m)
+    args = dict(batch_size=4, steps=16, rank=0, world_size=1, seed=3, epoch=0, pin_memory=True)
+
+    def fed(reuse: bool) -> list:
+        loader = train_loader(cfg, m, text, reuse_memory=reuse, **args)
+        return [(b.image_ids, b.regions.cpu(), b.grids.cpu(), b.tokens.cpu())
+                for b, _ in DeviceFeed(iter(loader), "cuda", torch.bfloat16)]
+
+    fresh, reused = fed(False), fed(True)
+    assert len(reused) == 16
+    for a, b in zip(fresh, reused, strict=True):
+        assert a[0] == b[0] and all(torch.equal(x, y) for x, y in zip(a[1:], b[1:]))
+
+
+def test_in_place_pins_page_lock_the_worker_buffers(tmp_path):
+    from rgfusion.datasets.reader import DataConfig, load_manifest, train_loader
+    from rgfusion.datasets.text import build_text_processor
+    from data_helpers import write_dataset
+
+    write_dataset(str(tmp_path), {"train": [7, 1, 13, 0, 3]})
+    m = load_manifest(str(tmp_path))
+    cfg = DataConfig(url=str(tmp_path), num_workers=1, shuffle_buffer=8, dtype="float16")
+    text = build_text_processor(cfg, m)
+    for b in train_loader(cfg, m, text, batch_size=4, steps=3, rank=0, world_size=1, seed=3, epoch=0,
+                          pin_memory=True, reuse_memory=True):
+        assert b.lease is not None and b.regions.is_pinned() and b.grids.is_pinned() and b.tokens.is_pinned()
+        b.lease.release()

@@ -1,9 +1,10 @@
 """Batches handed to the step already on the device, the next one copied while this one trains.
 
-The loader pins batches in its own thread (``pin_memory``); here each pinned batch is copied
-on a side CUDA stream as soon as the previous one is handed out, so the host-to-device copy of
-45 MB of full-size features overlaps the step instead of sitting in it. On CPU it is a plain
-pass-through with the dtype cast.
+The loader pins batches (``pin_memory``); here each pinned batch is copied on a side CUDA
+stream as soon as the previous one is handed out, so the host-to-device copy of 45 MB of
+full-size features overlaps the step instead of sitting in it. A batch in a loader worker's
+reused memory (``data.reuse_batch_memory``, pinned in place) goes back to its worker once its
+copy has completed. On CPU it is a plain pass-through with the dtype cast.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from rgfusion.datasets.reader import LeasesInFlight
 from rgfusion.trainer.loss import ids_to_tensor
 from rgfusion.trainer.profiling import phase
 
@@ -31,6 +33,7 @@ class DeviceFeed:
         self.src, self.device, self.dtype = batches, device, dtype
         self.stream = torch.cuda.Stream(torch.device(device)) if device.startswith("cuda") else None
         self.wait_seconds = self.edge_seconds = 0.0
+        self.leases = LeasesInFlight()
         self.pending = self._load(edge=True)
 
     def __iter__(self) -> "DeviceFeed":
@@ -50,6 +53,7 @@ class DeviceFeed:
         return item
 
     def _load(self, edge: bool = False) -> tuple[Any, torch.Tensor] | None:
+        self.leases.poll()
         t0 = time.perf_counter()
         with phase("data_wait"):
             batch = next(self.src, None)
@@ -58,8 +62,19 @@ class DeviceFeed:
             self.edge_seconds += waited
         else:
             self.wait_seconds += waited
-        return None if batch is None else self._to_device(batch)
+        if batch is None:
+            self.leases.poll(keep=0)
+            return None
+        return self._to_device(batch)
 
     def _to_device(self, batch: Any) -> tuple[Any, torch.Tensor]:
+        if self.stream is None and batch.lease is not None:  # on CPU .to() would not copy
+            batch = batch.copy_out(torch.clone)
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            return batch.to(self.device, self.dtype), ids_to_tensor(batch.image_ids, self.device)
+            moved = batch.to(self.device, self.dtype)
+            if batch.lease is not None:
+                event = torch.cuda.Event()
+                event.record()
+                self.leases.add(batch.lease, event)
+                moved.lease = None
+            return moved, ids_to_tensor(batch.image_ids, self.device)
