@@ -151,14 +151,16 @@ streams() {  # one GPU: the CUDA-only tests, then the model step with the towers
 graphs() {  # one GPU: the CUDA tests, the loader with reused batch memory, the trainer as one CUDA graph
   log "tests/test_gpu.py"
   python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -3
-  log "loader alone, pinned as the trainer does, fresh vs reused batch memory"
+  log "loader alone, copied to the GPU as the trainer does, fresh vs reused batch memory ($(nproc) cores)"
   for reuse in "" --reuse-memory; do
     echo "workers ${GRAPH_WORKERS:=14}${reuse:+ $reuse}: $($RG data bench $DATA --mode train --workers $GRAPH_WORKERS \
       --steps 120 --batch-size 128 --dtype float16 --shuffle-buffer 2000 --pin $reuse 2>/dev/null | grep -E '^total')"
   done | tee "$OUT/loader_reuse.txt"
   local n="train.engine=native,train.zero_stage=0,data.num_workers=$GRAPH_WORKERS,train.compile=true"
   n="$n,train.cuda_graph=true,train.side_streams=true"
-  FEED_STEPS=${FEED_STEPS:-300} LOADER_WORKERS="" FEED_RUNS="graph:$n graph_reuse:$n,data.reuse_batch_memory=true" feed
+  local r="$n,data.reuse_batch_memory=true"
+  FEED_STEPS=${FEED_STEPS:-300} LOADER_WORKERS="" \
+    FEED_RUNS="${GRAPH_RUNS:-graph:$n graph_reuse:$r graph_reuse_math:$r,model.attention=math}" feed
 }
 
 for part in "$@"; do "$part"; done
