@@ -149,11 +149,12 @@ streams() {  # one GPU: the CUDA-only tests, then the model step with the towers
 }
 
 graphs() {  # one GPU: the CUDA tests, the loader with reused batch memory, the trainer as one CUDA graph
+  GRAPH_WORKERS=${GRAPH_WORKERS:-14}
   log "tests/test_gpu.py"
   python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -3
   log "loader alone, copied to the GPU as the trainer does, fresh vs reused batch memory ($(nproc) cores)"
   for reuse in "" --reuse-memory; do
-    echo "workers ${GRAPH_WORKERS:=14}${reuse:+ $reuse}: $($RG data bench $DATA --mode train --workers $GRAPH_WORKERS \
+    echo "workers $GRAPH_WORKERS${reuse:+ $reuse}: $($RG data bench $DATA --mode train --workers $GRAPH_WORKERS \
       --steps 120 --batch-size 128 --dtype float16 --shuffle-buffer 2000 --pin $reuse 2>/dev/null | grep -E '^total')"
   done | tee "$OUT/loader_reuse.txt"
   local n="train.engine=native,train.zero_stage=0,data.num_workers=$GRAPH_WORKERS,train.compile=true"

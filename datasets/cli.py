@@ -157,6 +157,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rgfusion.datasets.schema import SchemaError
     from rgfusion.datasets.text import build_text_processor
 
+    torch.set_num_threads(1)  # an OpenMP team in this process would take the workers' cores
     if args.pin and not torch.cuda.is_available():
         return _fail(RuntimeError("--pin copies batches to the GPU: this machine has no CUDA device"))
     opts = storage_options_from(args)

@@ -78,7 +78,7 @@ class DataConfig:
     # place and handed back once copied to the GPU, instead of fresh memory per batch: the
     # kernel's zero-filling page faults took as much CPU as the reading itself, and the pinning
     # thread's second copy bounds the loader (benchmarks/RESULTS.md, sessions 5 and 6).
-    reuse_batch_memory: bool = False
+    reuse_batch_memory: bool = True
 
 
 # -- skipped input ---------------------------------------------------------------------------

@@ -37,14 +37,16 @@ def resolve_device(cfg: RunConfig, env: DistEnv) -> str:
     return device
 
 
-def set_cpu_threads(cfg: RunConfig, env: DistEnv, device: str) -> int:
-    """Intra-op threads for a CPU rank: its share of the cores minus its reader processes.
+def set_cpu_threads(cfg: RunConfig, env: DistEnv) -> int:
+    """Intra-op threads for a rank: its share of the cores minus its reader processes.
 
     An OpenMP team larger than the cores it really gets spins against the data workers and
-    other ranks; on this project's 2-core machine 2 threads trained 12x slower than 1.
-    An explicit OMP_NUM_THREADS is respected.
+    other ranks. On this project's 2-core machine 2 threads trained 12x slower than 1. On a
+    16-core GPU machine, a 45 MB batch cloned in the training process woke 16 threads that took
+    the cores of 14 loader workers: 5,154 against 10,712 images/s (benchmarks/RESULTS.md,
+    session 6). An explicit OMP_NUM_THREADS is respected.
     """
-    if not device.startswith("cpu") or "OMP_NUM_THREADS" in os.environ:
+    if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // max(env.local_world_size, 1) - cfg.data.num_workers)

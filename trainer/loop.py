@@ -75,7 +75,7 @@ def train(config: RunConfig, *, on_eval: Callable[[dict[str, Any]], None] | None
     if not env.is_main:  # one voice: other ranks only warn
         logging.getLogger("rgfusion").setLevel(logging.WARNING)
     device = eng.resolve_device(config, env)
-    eng.set_cpu_threads(config, env, device)
+    eng.set_cpu_threads(config, env)
     eng.init_distributed(env, device)
     run = Run(config, env, device, on_eval)
     with _sigterm_flag() as stop:
