@@ -397,6 +397,18 @@ def test_device_feed_casts_counts_waits_and_ends():
     assert torch.equal(got[0][1], ids_to_tensor(["a1", "b1"]))
     assert feed.edge_seconds > 0 and feed.wait_seconds >= 0
 
+    # The loop prefetches after launching a step; the next batch is taken from the loader once.
+    taken = []
+    source = (taken.append(i) or batch(i) for i in range(1, 4))
+    feed = DeviceFeed(source, "cpu", torch.float32)
+    first = next(feed)
+    feed.prefetch()
+    feed.prefetch()
+    assert taken == [1, 2] and float(first[0].regions.max()) == 1
+    assert [float(b.regions.max()) for b, _ in feed] == [2, 3] and taken == [1, 2, 3]
+    feed.prefetch()
+    assert list(feed) == []
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", [[], ["train.engine=native", "train.zero_stage=0",

@@ -1,10 +1,11 @@
 """Batches handed to the step already on the device, the next one copied while this one trains.
 
 The loader pins batches (``pin_memory``); here each pinned batch is copied on a side CUDA
-stream as soon as the previous one is handed out, so the host-to-device copy of 45 MB of
-full-size features overlaps the step instead of sitting in it. A batch in a loader worker's
-reused memory (``data.reuse_batch_memory``, pinned in place) goes back to its worker once its
-copy has completed. On CPU it is a plain pass-through with the dtype cast.
+stream once the step before it has been launched (``prefetch``), so the host-to-device copy
+of 45 MB of full-size features overlaps the step instead of sitting in it. A batch in a
+loader worker's reused memory (``data.reuse_batch_memory``, pinned in place) goes back to
+its worker once its copy has completed. On CPU it is a plain pass-through with the dtype
+cast.
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ class DeviceFeed:
         self.stream = torch.cuda.Stream(torch.device(device)) if device.startswith("cuda") else None
         self.wait_seconds = self.edge_seconds = 0.0
         self.leases = LeasesInFlight()
+        self.done = False
         self.pending = self._load(edge=True)
 
     def __iter__(self) -> "DeviceFeed":
         return self
 
     def __next__(self) -> tuple[Any, torch.Tensor]:
-        item = self.pending
+        self.prefetch()
+        item, self.pending = self.pending, None
         if item is None:
             raise StopIteration
         if self.stream is not None:
@@ -49,8 +52,16 @@ class DeviceFeed:
             # Memory allocated on the side stream must not be reused before the main stream is done.
             for t in [*item[0].tensors().values(), item[1]]:
                 t.record_stream(main)
-        self.pending = self._load()
         return item
+
+    def prefetch(self) -> None:
+        """Take the next batch from the loader and start its copy. The loop calls this once it
+        has launched the step: the host work (unpickling, pinning, enqueueing the copies) then
+        runs while the GPU computes, not in the gap before the launch. ``next`` calls it if
+        the loop did not."""
+        if self.pending is None and not self.done:
+            self.pending = self._load()
+            self.done = self.pending is None
 
     def _load(self, edge: bool = False) -> tuple[Any, torch.Tensor] | None:
         self.leases.poll()

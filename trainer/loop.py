@@ -232,6 +232,7 @@ class Run:
             for batch, ids in feed:
                 profiler.step()
                 loss, stats = self._forward(batch, ids)
+                feed.prefetch()
                 bad, stop = self._check(loss)
                 state.batch_in_epoch += 1
                 bar.update(1)
