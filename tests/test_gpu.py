@@ -272,3 +272,24 @@ def test_in_place_pins_page_lock_the_worker_buffers(tmp_path):
                           pin_memory=True, reuse_memory=True):
         assert b.lease is not None and b.regions.is_pinned() and b.grids.is_pinned() and b.tokens.is_pinned()
         b.lease.release()
+
+
+def test_the_feed_counts_only_the_waits_the_gpu_did_not_hide():
+    import time
+
+    from rgfusion.trainer.feed import DeviceFeed
+
+    def slow(n: int):
+        for _ in range(n):
+            time.sleep(0.05)
+            yield SimpleNamespace(to=lambda device, dtype: SimpleNamespace(tensors=dict), lease=None, image_ids=["a"])
+
+    feed = DeviceFeed(slow(3), "cuda", torch.float32)
+    next(feed)
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU work queued: the next wait is hidden
+    feed.prefetch()
+    assert feed.wait_seconds == 0.0
+    torch.cuda.synchronize()
+    next(feed)
+    feed.prefetch()  # nothing queued: the GPU idles while the loader reads
+    assert feed.wait_seconds >= 0.04

@@ -28,7 +28,9 @@ class DeviceFeed:
     ``edge_seconds``: the waits for the first batch (loader processes starting and reading) and
     for the end of the stream (workers shutting down): once per epoch, not per step.
     ``wait_seconds``: the time blocked on the loader in between, the copies' enqueueing
-    excluded: the data wait of the steps."""
+    excluded: the data wait of the steps. On a GPU a wait counts only if the GPU had run out of
+    queued work by the time the batch came: waits the GPU hid are not stalls, and a counted one
+    is an upper bound of the GPU's idle time."""
 
     def __init__(self, batches: Iterator[Any], device: str, dtype: torch.dtype):
         self.src, self.device, self.dtype = batches, device, dtype
@@ -60,10 +62,14 @@ class DeviceFeed:
         runs while the GPU computes, not in the gap before the launch. ``next`` calls it if
         the loop did not."""
         if self.pending is None and not self.done:
-            self.pending = self._load()
+            launched = None
+            if self.stream is not None:
+                launched = torch.cuda.Event()
+                launched.record()
+            self.pending = self._load(launched=launched)
             self.done = self.pending is None
 
-    def _load(self, edge: bool = False) -> tuple[Any, torch.Tensor] | None:
+    def _load(self, edge: bool = False, launched: Any = None) -> tuple[Any, torch.Tensor] | None:
         self.leases.poll()
         t0 = time.perf_counter()
         with phase("data_wait"):
@@ -71,7 +77,7 @@ class DeviceFeed:
         waited = time.perf_counter() - t0
         if edge or batch is None:
             self.edge_seconds += waited
-        else:
+        elif launched is None or launched.query():
             self.wait_seconds += waited
         if batch is None:
             self.leases.poll(keep=0)
