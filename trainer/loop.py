@@ -232,7 +232,8 @@ class Run:
             for batch, ids in feed:
                 profiler.step()
                 loss, stats = self._forward(batch, ids)
-                feed.prefetch()
+                if self.captured is not None:  # the whole step is queued: read the next batch meanwhile
+                    feed.prefetch()
                 bad, stop = self._check(loss)
                 state.batch_in_epoch += 1
                 bar.update(1)
@@ -242,6 +243,7 @@ class Run:
                     continue
                 bad_in_row = 0
                 self._update(loss)
+                feed.prefetch()  # after the backward and the update are queued
                 window.add(loss.detach(), stats["collapsed_share"])
                 self.pairs += self.micro * env.world_size
                 stepped = self.engine.global_steps != state.global_step
