@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import random
 import tarfile
 import threading
@@ -249,9 +250,10 @@ class Lease:
 class WorkerBuffers:
     """A loader worker's reused batch memory: ``slots`` sets of shared feature tensors, taken
     in turn. A slot is written again only after the consumer released it (``Batch.copy_out``,
-    or the device feed once its copy is done); the DataLoader keeps at most ``prefetch_factor``
-    batches of a worker in flight and the consumer holds at most one more while it waits for
-    the next, so with two more slots the worker never waits in practice."""
+    or the device feed once its copy is done). The DataLoader keeps at most ``prefetch_factor``
+    batches of a worker in flight, and the consumer one more while it waits for the next, so
+    with two more slots a worker can always write; it waits only when the consumer's side
+    (pinned batches queued for the trainer) is full, which is back-pressure."""
 
     WAIT_S = 600.0
 
@@ -360,6 +362,53 @@ class LeasesInFlight:
             lease.release()
 
 
+def pinned_in_background(items: Iterator[tuple[Batch | None, Any]], pins: InPlacePins, depth: int,
+                         release_all: Callable[[], None]) -> Iterator[tuple[Batch | None, Any]]:
+    """``items`` (the DataLoader's (batch, skips) pairs) with each batch pinned by ``pins`` in a
+    background thread, as the DataLoader's own pinning thread does for copies: receiving a
+    batch from its worker and registering it stay off the training thread, whose eager steps
+    are bound by the host. At most ``depth`` pinned batches wait.
+
+    A consumer that stops early leaves batches unreleased while the thread may be waiting for
+    a worker that waits for them: ``release_all`` hands every buffer back (nothing reads them
+    any more) until the thread has stopped. The buffers are unregistered after that."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for batch, skipped in items:
+                if not put((None if batch is None else pins(batch), skipped)):
+                    return
+            put(end)
+        except BaseException as e:  # re-raised in the consumer
+            put(e)
+
+    thread = threading.Thread(target=run, name="rgfusion-pin", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            release_all()
+            thread.join(timeout=0.05)
+        pins.close()
+
+
 # Elements per copy: casting float16 in small pieces stays on this thread; one large copy wakes
 # torch's OpenMP team, which costs 3x the CPU time on busy cores (benchmarks/RESULTS.md).
 _CAST_CHUNK = 32768
@@ -380,6 +429,9 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 def _cast_into(dst: torch.Tensor, src: np.ndarray) -> None:
     """``dst[...] = src`` with dtype conversion; ``dst`` is a contiguous slice of a batch."""
+    if dst.dtype == torch.float16 and src.dtype == np.float16:  # a plain copy: one numpy call
+        np.copyto(dst.numpy(), src.reshape(dst.shape))
+        return
     out, flat = dst.view(-1), torch.from_numpy(src).reshape(-1)
     for j in range(0, flat.numel(), _CAST_CHUNK):
         out[j: j + _CAST_CHUNK].copy_(flat[j: j + _CAST_CHUNK])
@@ -681,28 +733,31 @@ class Loader:
         return self.expected
 
     def __iter__(self) -> Iterator[Batch]:
-        plan = self.plan
-        if self.reuse_memory:  # fresh flags per pass: the last pass's workers are gone
-            slots = plan.cfg.prefetch_factor + 2
-            plan = replace(plan, buffer_flags=torch.zeros(self.num_workers, slots, dtype=torch.int32).share_memory_())
-        pins = InPlacePins() if self.reuse_memory and self.pin_memory else None
-        loader = torch.utils.data.DataLoader(
-            _WorkerStream(plan), batch_size=None, num_workers=self.num_workers,
-            pin_memory=self.pin_memory and pins is None,
-            prefetch_factor=self.plan.cfg.prefetch_factor if self.num_workers > 0 else None)
+        in_place = self.reuse_memory and self.pin_memory
+        plan, items = self.worker_items(pin_memory=self.pin_memory and not in_place)
+        if in_place:
+            items = pinned_in_background(items, InPlacePins(), depth=plan.cfg.prefetch_factor,
+                                         release_all=plan.buffer_flags.zero_)
         yielded = 0
-        try:
-            for batch, skipped in loader:
-                if skipped:
-                    skip_stats().merge(skipped)
-                if batch is not None:
-                    yielded += 1
-                    yield batch if pins is None else pins(batch)
-        finally:
-            if pins is not None:
-                pins.close()
+        for batch, skipped in items:
+            if skipped:
+                skip_stats().merge(skipped)
+            if batch is not None:
+                yielded += 1
+                yield batch
         if self.expected is not None and yielded != self.expected:
             raise RuntimeError(f"rank {self.plan.rank} yielded {yielded} batches, expected {self.expected}")
+
+    def worker_items(self, pin_memory: bool) -> tuple[_Plan, Iterator[tuple[Batch | None, Any]]]:
+        """One pass's (batch, skips) pairs from the DataLoader, and the plan its workers follow
+        (with reused memory: fresh buffer flags, since the last pass's workers are gone)."""
+        plan = self.plan
+        if self.reuse_memory:
+            slots = plan.cfg.prefetch_factor + 2
+            plan = replace(plan, buffer_flags=torch.zeros(self.num_workers, slots, dtype=torch.int32).share_memory_())
+        return plan, iter(torch.utils.data.DataLoader(
+            _WorkerStream(plan), batch_size=None, num_workers=self.num_workers, pin_memory=pin_memory,
+            prefetch_factor=plan.cfg.prefetch_factor if self.num_workers > 0 else None))
 
 
 def train_loader(cfg: DataConfig, manifest: Manifest, text: TextProcessor, *, batch_size: int, steps: int,

@@ -6,6 +6,7 @@ import io
 import itertools
 import logging
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -387,30 +388,77 @@ def test_a_buffer_is_written_again_only_once_released(monkeypatch):
         buffers.acquire(((3, 3, 4), (3, 5, 4)), torch.float16)
 
 
+def _recording_pins():
+    from rgfusion.datasets.reader import InPlacePins
+
+    registered, unregistered = [], []
+    pins = InPlacePins(register=lambda t: registered.append(t.untyped_storage().data_ptr()) or True,
+                       unregister=lambda t: unregistered.append(t.untyped_storage().data_ptr()), pin=torch.clone)
+    return pins, registered, unregistered
+
+
+def _worker_batches(cfg, m, text, steps=12):
+    """The DataLoader's (batch, skips) pairs of a reused-memory pass, and its buffer flags."""
+    loader = train_loader(cfg, m, text, reuse_memory=True, batch_size=4, steps=steps, rank=0, world_size=1, seed=3,
+                          epoch=0)
+    plan, items = loader.worker_items(pin_memory=False)
+    return items, plan.buffer_flags
+
+
 def test_in_place_pins_register_each_worker_buffer_once(tmp_path):
     # The held mapping is what makes torch's shared-memory cache return the same storage each
     # time a worker sends a buffer again: 12 batches from 2 workers use 8 buffers of 2 fields.
-    from rgfusion.datasets.reader import InPlacePins
+    from rgfusion.datasets.reader import pinned_in_background
 
     write_dataset(str(tmp_path), UNEVEN)
     cfg, m, text = open_dataset(tmp_path, prefetch_factor=2)
     cfg.num_workers = 2
-    args = dict(batch_size=4, steps=12, rank=0, world_size=1, seed=3, epoch=0)
-    fresh = list(train_loader(cfg, m, text, **args))
-    registered, unregistered = [], []
-    pins = InPlacePins(register=lambda t: registered.append(t.untyped_storage().data_ptr()) or True,
-                       unregister=lambda t: unregistered.append(t.untyped_storage().data_ptr()), pin=torch.clone)
+    fresh = list(train_loader(cfg, m, text, batch_size=4, steps=12, rank=0, world_size=1, seed=3, epoch=0))
+    pins, registered, unregistered = _recording_pins()
+    items, flags = _worker_batches(cfg, m, text)
     reused = []
-    for batch in train_loader(cfg, m, text, reuse_memory=True, **args):
-        pinned = pins(batch)
-        assert pinned.lease is batch.lease and pinned.regions is batch.regions  # in place, still leased
-        assert pinned.tokens is not batch.tokens  # the small fields are copied
-        reused.append(pinned.copy_out(torch.clone))
+    for batch, _ in pinned_in_background(items, pins, depth=2, release_all=flags.zero_):
+        if batch is None:  # a worker's skip counts alone
+            continue
+        assert batch.lease is not None and batch.regions.untyped_storage().data_ptr() in pins.held
+        reused.append(batch.copy_out(torch.clone))
     assert len(registered) == len(set(registered)) == 16
-    pins.close()
     assert sorted(unregistered) == sorted(registered) and not pins.held
     for a, b in zip(fresh, reused, strict=True):
         assert a.image_ids == b.image_ids and torch.equal(a.regions, b.regions) and torch.equal(a.grids, b.grids)
+
+
+def test_a_consumer_stopping_early_does_not_wait_for_its_workers(tmp_path):
+    # The consumer keeps every batch unreleased (as a feed with copies in flight would) and
+    # stops after 3: the worker is stuck waiting for a buffer, and closing must not wait 600 s.
+    from rgfusion.datasets.reader import pinned_in_background
+
+    write_dataset(str(tmp_path), UNEVEN)
+    cfg, m, text = open_dataset(tmp_path, prefetch_factor=2)
+    cfg.num_workers = 1
+    pins, registered, unregistered = _recording_pins()
+    items, flags = _worker_batches(cfg, m, text, steps=40)
+    stream = pinned_in_background(items, pins, depth=2, release_all=flags.zero_)
+    kept = [next(stream) for _ in range(3)]
+    time.sleep(0.5)  # the worker fills its 4 buffers and waits
+    start = time.monotonic()
+    stream.close()
+    assert time.monotonic() - start < 10 and len(kept) == 3
+    assert sorted(unregistered) == sorted(registered) and registered
+
+
+def test_pinning_thread_errors_reach_the_consumer():
+    from rgfusion.datasets.reader import InPlacePins, pinned_in_background
+
+    def broken():
+        yield None, None
+        raise OSError("shard gone")
+
+    stream = pinned_in_background(broken(), InPlacePins(register=lambda t: True, unregister=lambda t: None),
+                                  depth=2, release_all=lambda: None)
+    assert next(stream) == (None, None)
+    with pytest.raises(OSError, match="shard gone"):
+        next(stream)
 
 
 def test_in_place_pins_fall_back_to_copies_when_registration_fails(tmp_path):
