@@ -293,3 +293,38 @@ def test_the_feed_counts_only_the_waits_the_gpu_did_not_hide():
     next(feed)
     feed.prefetch()  # nothing queued: the GPU idles while the loader reads
     assert feed.wait_seconds >= 0.04
+
+
+def test_captured_loop_counts_skipped_steps_and_stops_a_diverged_run(tmp_path, monkeypatch):
+    # From the 5th step on every loss is NaN, decided on the device (a counter the graph
+    # increments), as a real divergence would be: the host never reads a loss per step, so it
+    # learns of them at the next log line (every 2 steps) and stops after 3 in a row.
+    import json
+
+    from rgfusion.datasets.synth import SynthConfig, write_synthetic
+    from rgfusion.trainer import loop
+    from rgfusion.trainer.config import load_config
+
+    data = tmp_path / "data"
+    write_synthetic(SynthConfig(train_images=96, dev_images=12, test_images=12, samples_per_shard=24, region_dim=8,
+                                grid_dim=8, grid_size=(2, 2), max_regions=4), str(data), progress=False)
+    calls = torch.zeros((), device=DEVICE)
+    real = loop.TrainModule.forward
+
+    def diverging(self, *args, **kwargs):
+        loss, stats = real(self, *args, **kwargs)
+        calls.add_(1)
+        return loss * torch.where(calls >= 5, float("nan"), 1.0), stats
+
+    monkeypatch.setattr(loop.TrainModule, "forward", diverging)
+    cfg = load_config(None, [f"data.url={data}", f"train.out_dir={tmp_path}/run", "train.batch_size=8",
+                             "train.steps_per_epoch=12", "train.max_bad_steps=3", "train.log_every=2",
+                             "tracking.enabled=false", "train.progress=false", "data.num_workers=1",
+                             "model.width=16", "model.heads=2", "model.map_heads=2", "model.text.word_dim=16",
+                             "checkpoint.every_steps=0", "train.engine=native", "train.zero_stage=0",
+                             "train.cuda_graph=true"])
+    with pytest.raises(loop.TrainingStopped, match="non-finite losses in a row by step 8"):
+        loop.train(cfg)
+    root = tmp_path / "run" / "checkpoints"
+    state = json.loads((root / (root / "latest").read_text() / "meta.json").read_text())["state"]
+    assert state["global_step"] == 8 and state["skipped_steps"] == 4

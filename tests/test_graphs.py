@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rgfusion.datasets import Batch
-from rgfusion.trainer.graphs import pad_words, shape_key
+from rgfusion.trainer.graphs import count_bad, pad_words, shape_key, take_bad
 from rgfusion.trainer.model import ModelConfig, TextConfig, build_model
 
 torch.set_num_threads(1)
@@ -53,3 +53,25 @@ def test_lengths_on_a_multiple_are_left_alone_and_keys_follow_shapes():
     assert pad_words(batch, 8) is batch
     assert shape_key(pad_words(caption_batch(11), 8)) == shape_key(pad_words(caption_batch(13), 8))
     assert shape_key(pad_words(caption_batch(11), 8)) != shape_key(batch)
+
+
+def test_bad_step_counters_match_a_brute_force_count():
+    # Random non-finite steps, read back at random points: each read gives the steps since the
+    # last read and the longest run in a row that ended or is going on in that stretch.
+    rng = torch.Generator().manual_seed(0)
+    bad = (torch.rand(300, generator=rng) < 0.3).tolist()
+    reads = sorted(set(torch.randint(1, 300, (25,), generator=rng).tolist())) + [300]
+    counters = torch.zeros(3, dtype=torch.int64)
+    start = 0
+    for stop in reads:
+        for flag in bad[start:stop]:
+            count_bad(counters, torch.tensor(flag))
+        run_start = start
+        while run_start > 0 and bad[run_start - 1]:  # a run carried over from the last stretch
+            run_start -= 1
+        runs, n = [], 0
+        for flag in bad[run_start:stop]:
+            n = n + 1 if flag else 0
+            runs.append(n)
+        assert take_bad(counters) == (sum(bad[start:stop]), max(runs, default=0))
+        start = stop

@@ -452,3 +452,12 @@ def test_side_streams_apply_only_where_known_safe(overrides, world_size, device,
 
     native = ["train.engine=native", "train.zero_stage=0"]
     assert uses_side_streams(load_config(None, native + overrides), world_size, device) is expected
+
+
+def test_log_window_leaves_non_finite_losses_out_of_its_means():
+    from rgfusion.trainer.loop import Window
+
+    window = Window("cpu", 0.0)
+    for loss, collapsed in [(2.0, 0.5), (float("nan"), 0.9), (4.0, 0.1), (float("inf"), 0.0)]:
+        window.add(torch.tensor(loss), torch.tensor(collapsed))
+    assert window.n == 4 and window.sums.tolist() == pytest.approx([6.0, 0.6, 2.0])

@@ -107,7 +107,8 @@ class TrainConfig:
     # step (trainer/graphs.py): a step bound by kernel launches becomes one launch. Engine
     # native on CUDA, one process, grad_accum 1, compile_mode not reduce-overhead. Captions are
     # padded to a multiple of 8 word slots (masked); the first steps of each caption length run
-    # uncaptured.
+    # uncaptured. The host reads no loss per step: a non-finite step, skipped on the device,
+    # still counts as a step of the schedule and is counted at the next log line.
     cuda_graph: bool = False
     # Steps of the first epoch to run under the PyTorch profiler on rank 0 (after 5 warm-up
     # steps); writes <out_dir>/profile/{ops.txt,trace.json}. 0 = off.

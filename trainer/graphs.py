@@ -13,6 +13,11 @@ and then replayed, one launch per step.
 - State that changes between steps is read from device tensors filled before each replay: the
   learning rates (``FlatAdamW.load_lrs``) and the loss's hardest-negative weight. A non-finite
   loss or gradient norm skips the update on the device, as the eager loop skips the step.
+- No host sync per step. The eager loop reads each loss back to decide whether to update; here
+  the device decides, and counts non-finite steps (in all, and the longest run in a row) for
+  the loop to read at its log lines and checkpoints (``take_bad``). The host launches step t+1
+  once step t-1 has finished, so the GPU always has a step queued while the host prepares the
+  next. Unlike the eager loop, a skipped step still counts as a step of the schedule.
 - Memory. All graphs share one pool: nothing a replay leaves behind is read by a later one
   (gradients are consumed by the update inside the graph; loss and stats are copied out).
 - Capture is thread-local: other threads (the loader's pinning) may use CUDA meanwhile.
@@ -20,7 +25,7 @@ and then replayed, one launch per step.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,6 +36,7 @@ from rgfusion.datasets import Batch
 from rgfusion.trainer.loss import LossConfig, hard_weight
 
 WORDS_MULTIPLE = 8
+AHEAD = 2  # steps queued on the GPU at most: the one running and the one just launched
 
 
 @dataclass
@@ -54,6 +60,9 @@ class CapturedSteps:
     def __init__(self, module: nn.Module, optimizer: Any, loss_cfg: LossConfig, device: str, warmup: int = 2):
         self.module, self.optimizer, self.loss_cfg, self.warmup = module, optimizer, loss_cfg, warmup
         self.weight = torch.zeros((), device=device)
+        # Non-finite steps: in all, in a row now, and the longest row since the last take_bad.
+        self.bad = torch.zeros(3, dtype=torch.int64, device=device)
+        self.launched: deque[torch.cuda.Event] = deque()
         self.graphs: dict[tuple, Captured] = {}
         self.eager_runs: Counter[tuple] = Counter()
         self.pool: Any = None
@@ -70,17 +79,27 @@ class CapturedSteps:
                 self.eager_runs[key] += 1
                 return self._on_side_stream(batch, ids)
             captured = self.graphs[key] = self._capture(batch, ids)
+        while len(self.launched) >= AHEAD:
+            self.launched.popleft().synchronize()
         copy_into(captured.batch, batch)
         captured.ids.copy_(ids)
         captured.graph.replay()
+        self.launched.append(torch.cuda.Event())
+        self.launched[-1].record()
         self.optimizer.norm = captured.norm
         # Copies: the next replay of this graph overwrites its outputs.
         return captured.loss.clone(), {k: v.clone() for k, v in captured.stats.items()}
 
+    def take_bad(self) -> tuple[int, int]:
+        """(non-finite steps, the longest run of them in a row) since the last call: one sync."""
+        return take_bad(self.bad)
+
     def _step(self, batch: Batch, ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         loss, stats = self.module(batch, ids, step=0, gather=None, weight=self.weight)
         loss.backward()
-        self.optimizer.update(finite=loss.detach().isfinite())
+        finite = loss.detach().isfinite()
+        self.optimizer.update(finite=finite)
+        count_bad(self.bad, ~finite)
         return loss.detach(), {k: v.detach() for k, v in stats.items()}
 
     def _on_side_stream(self, batch: Batch, ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -103,6 +122,24 @@ class CapturedSteps:
         if self.pool is None:
             self.pool = graph.pool()
         return Captured(graph, static, static_ids, loss, stats, self.optimizer.norm)
+
+
+def count_bad(counters: Tensor, bad: Tensor) -> None:
+    """Add one step to ``counters`` (int64: non-finite steps, the current run of them, the
+    longest run), on the device: ``bad`` is a 0-d bool tensor, never read by the host."""
+    total, run, longest = counters.unbind()
+    total.add_(bad)
+    run.add_(1).mul_(bad)
+    longest.copy_(torch.maximum(longest, run))
+
+
+def take_bad(counters: Tensor) -> tuple[int, int]:
+    """(non-finite steps, longest run) counted since the last take; a run still going on
+    carries over into the next take's longest."""
+    total, _, longest = counters.tolist()
+    counters[0] = 0
+    counters[2] = counters[1]
+    return total, longest
 
 
 def pad_words(batch: Batch, multiple: int) -> Batch:

@@ -239,7 +239,7 @@ class Run:
                 bar.update(1)
                 if bad:
                     bad_in_row += 1
-                    self._skip_bad_step(bad_in_row, epoch)
+                    self._skip_bad_step(bad_in_row)
                     continue
                 bad_in_row = 0
                 self._update(loss)
@@ -264,6 +264,7 @@ class Run:
             self.train_seconds += time.perf_counter() - t_start
             self.wait_seconds += feed.wait_seconds
             self.edge_seconds += feed.edge_seconds
+        self._settle_captured()
         return "ok"
 
     def _forward(self, batch: Any, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -286,28 +287,46 @@ class Run:
 
     def _check(self, loss: torch.Tensor) -> tuple[bool, bool]:
         """(non-finite loss on any rank, SIGTERM on any rank): the step's one host sync
-        (DeepSpeed adds its own for the gradient norm)."""
+        (DeepSpeed adds its own for the gradient norm). A captured step (one process) needs
+        none: the device skipped a non-finite update and counted it (``_settle_captured``)."""
+        if self.captured is not None:
+            return False, bool(self.stop_flag[0])
         with phase("loss_check"):
             flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
                                  torch.full((), float(self.stop_flag[0]), device=loss.device)])
             bad, stop = eng.all_ranks_any(flags)
         return bad, stop
 
-    def _skip_bad_step(self, bad_in_row: int, epoch: int) -> None:
+    def _skip_bad_step(self, bad_in_row: int) -> None:
         """Count a skipped step; too many in a row checkpoint and stop the run."""
         self.state.skipped_steps += 1
         if bad_in_row >= self.cfg.train.max_bad_steps:
             self._checkpoint()
-            raise TrainingStopped(
-                f"{bad_in_row} non-finite losses in a row at step {self.state.global_step} (epoch "
-                f"{epoch + 1}): the run diverged; lower optim.lr or check the data. "
-                f"Checkpoint saved under {self.cfg.checkpoint_dir}")
+            raise self._diverged(bad_in_row, "at")
+
+    def _settle_captured(self) -> None:
+        """Count the non-finite steps the captured graphs skipped since the last call (one
+        sync, at log lines, checkpoints and epoch ends); a long run of them stops the run."""
+        if self.captured is None:
+            return
+        bad, longest = self.captured.take_bad()
+        self.state.skipped_steps += bad
+        if longest >= self.cfg.train.max_bad_steps:
+            self.ckpt.save(self.engine, self.state, config=self.resolved)
+            raise self._diverged(longest, "by")
+
+    def _diverged(self, in_row: int, when: str) -> TrainingStopped:
+        return TrainingStopped(
+            f"{in_row} non-finite losses in a row {when} step {self.state.global_step} (epoch "
+            f"{self.state.epoch + 1}): the run diverged; lower optim.lr or check the data. "
+            f"Checkpoint saved under {self.cfg.checkpoint_dir}")
 
     def _log_window(self, window: "Window", bar: tqdm, wait_now: float) -> None:
         """All-reduce the window's sums so the logged numbers cover every rank."""
         import torch.distributed as dist
 
-        extra = torch.tensor([window.n, float(skip_stats().total)], dtype=torch.float64, device=self.device)
+        self._settle_captured()
+        extra = torch.tensor([float(skip_stats().total)], dtype=torch.float64, device=self.device)
         sums = torch.cat([window.sums, extra])
         if dist.is_initialized() and self.env.world_size > 1:
             dist.all_reduce(sums)
@@ -368,6 +387,7 @@ class Run:
                               world_size=self.env.world_size, device=self.device, dtype=self.dtype)
 
     def _checkpoint(self, best: bool = False) -> None:
+        self._settle_captured()
         self.ckpt.save(self.engine, self.state, config=self.resolved, best=best)
 
     def _export(self, dest: Path) -> None:
@@ -411,16 +431,21 @@ class Run:
 
 
 class Window:
-    """Sums over the steps since the last log, kept on the device: adding them costs no sync."""
+    """Sums over the steps since the last log, kept on the device: adding them costs no sync.
+    A non-finite loss (a captured step the device skipped) is left out of the means."""
 
     def __init__(self, device: str, wait0: float) -> None:
         self.t0 = time.perf_counter()
         self.wait0 = wait0  # the feed's cumulative data wait when the window opened
-        self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, collapsed share
+        # loss, collapsed share, finite steps
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.n = 0
 
     def add(self, loss: torch.Tensor, collapsed: torch.Tensor) -> None:
-        self.sums += torch.stack([loss.double(), collapsed.double()])
+        finite = loss.isfinite()
+        zero = loss.new_zeros(())
+        self.sums += torch.stack([torch.where(finite, loss, zero).double(),
+                                  torch.where(finite, collapsed, zero).double(), finite.double()])
         self.n += 1
 
 
