@@ -280,7 +280,6 @@ class WorkerBuffers:
         return tensors, Lease(self.flags, self.worker, slot)
 
 
-
 # The batch fields that live in a worker's reused buffers, in ``collate``'s order; the others
 # (boxes, masks, tokens) are a few hundred KB per batch and are allocated per batch.
 REUSED_FIELDS = ("regions", "grids")
