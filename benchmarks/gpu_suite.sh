@@ -6,7 +6,7 @@
 #   TRAIN_IMAGES=6000 bash benchmarks/gpu_suite.sh setup data feed     # 1 GPU: loader and trainer profile
 #   bash benchmarks/gpu_suite.sh setup mfu                                # 1 GPU: MFU by precision, compile, attention, batch
 #   bash benchmarks/gpu_suite.sh setup streams                            # 1 GPU: CUDA tests, towers on 1 vs 2 streams
-#   TRAIN_IMAGES=6000 bash benchmarks/gpu_suite.sh setup data graphs      # 1 GPU: train.cuda_graph, reused loader memory
+#   TRAIN_IMAGES=6000 bash benchmarks/gpu_suite.sh setup data graphs      # 1 GPU: loader memory, trainer captured or not
 # Results (logs, JSON, the MLflow store as a tarball) land in $OUT.
 # `setup` installs from ./.whl, for machines without a network. Fill it on one with the network:
 #   pip download -d .whl webdataset mlflow-skinny hjson py-cpuinfo pytest   (and their dependencies)
@@ -148,20 +148,21 @@ streams() {  # one GPU: the CUDA-only tests, then the model step with the towers
   done
 }
 
-graphs() {  # one GPU: the CUDA tests, the loader with reused batch memory, the trainer as one CUDA graph
+graphs() {  # one GPU: the CUDA tests, the loader with reused batch memory, the trainer captured and not
   GRAPH_WORKERS=${GRAPH_WORKERS:-14}
   log "tests/test_gpu.py"
   python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -3
+  # 300 steps and a small shuffle buffer: past the buffers' filling, which halves a worker's rate.
   log "loader alone, copied to the GPU as the trainer does, fresh vs reused batch memory ($(nproc) cores)"
   for reuse in "" --reuse-memory; do
     echo "workers $GRAPH_WORKERS${reuse:+ $reuse}: $($RG data bench $DATA --mode train --workers $GRAPH_WORKERS \
-      --steps 120 --batch-size 128 --dtype float16 --shuffle-buffer 2000 --pin $reuse 2>/dev/null | grep -E '^total')"
+      --steps 300 --batch-size 128 --dtype float16 --shuffle-buffer 128 --pin $reuse 2>/dev/null | grep -E '^(total|cpu)' | tr '\n' ' ')"
   done | tee "$OUT/loader_reuse.txt"
   local n="train.engine=native,train.zero_stage=0,data.num_workers=$GRAPH_WORKERS,train.compile=true"
-  n="$n,train.cuda_graph=true,train.side_streams=true"
-  local r="$n,data.reuse_batch_memory=true"
-  FEED_STEPS=${FEED_STEPS:-300} LOADER_WORKERS="" \
-    FEED_RUNS="${GRAPH_RUNS:-graph:$n graph_reuse:$r graph_reuse_math:$r,model.attention=math}" feed
+  local g="$n,train.cuda_graph=true,train.side_streams=true"
+  # 700 steps: the shuffle buffers (2,000 per worker) fill during the first ~220.
+  FEED_STEPS=${FEED_STEPS:-700} LOADER_WORKERS="" \
+    FEED_RUNS="${GRAPH_RUNS:-captured:$g captured_fresh:$g,data.reuse_batch_memory=false eager:$n}" feed
 }
 
 for part in "$@"; do "$part"; done
