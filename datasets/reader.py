@@ -333,9 +333,13 @@ class InPlacePins:
         self.held.clear()
 
 
+_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every CUDA context
+
+
 def _cuda_register(tensor: torch.Tensor) -> bool:
     storage = tensor.untyped_storage()
-    return int(torch.cuda.cudart().cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0)) == 0
+    flags = _HOST_REGISTER_PORTABLE
+    return int(torch.cuda.cudart().cudaHostRegister(storage.data_ptr(), storage.nbytes(), flags)) == 0
 
 
 def _cuda_unregister(tensor: torch.Tensor) -> None:
@@ -362,7 +366,8 @@ class LeasesInFlight:
 
 
 def pinned_in_background(items: Iterator[tuple[Batch | None, Any]], pins: InPlacePins, depth: int,
-                         release_all: Callable[[], None]) -> Iterator[tuple[Batch | None, Any]]:
+                         release_all: Callable[[], None],
+                         device: int | None = None) -> Iterator[tuple[Batch | None, Any]]:
     """``items`` (the DataLoader's (batch, skips) pairs) with each batch pinned by ``pins`` in a
     background thread, as the DataLoader's own pinning thread does for copies: receiving a
     batch from its worker and registering it stay off the training thread, whose eager steps
@@ -370,7 +375,10 @@ def pinned_in_background(items: Iterator[tuple[Batch | None, Any]], pins: InPlac
 
     A consumer that stops early leaves batches unreleased while the thread may be waiting for
     a worker that waits for them: ``release_all`` hands every buffer back (nothing reads them
-    any more) until the thread has stopped. The buffers are unregistered after that."""
+    any more) until the thread has stopped. The buffers are unregistered after that.
+
+    ``device``: the rank's CUDA device, made current in the thread (a new thread starts on
+    device 0, where each rank would open a context of its own), as in DataLoader's thread."""
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     end = object()
@@ -385,6 +393,9 @@ def pinned_in_background(items: Iterator[tuple[Batch | None, Any]], pins: InPlac
         return False
 
     def run() -> None:
+        torch.set_num_threads(1)  # this thread's copies are small
+        if device is not None:
+            torch.cuda.set_device(device)
         try:
             for batch, skipped in items:
                 if not put((None if batch is None else pins(batch), skipped)):
@@ -736,7 +747,7 @@ class Loader:
         plan, items = self.worker_items(pin_memory=self.pin_memory and not in_place)
         if in_place:
             items = pinned_in_background(items, InPlacePins(), depth=plan.cfg.prefetch_factor,
-                                         release_all=plan.buffer_flags.zero_)
+                                         release_all=plan.buffer_flags.zero_, device=torch.cuda.current_device())
         yielded = 0
         for batch, skipped in items:
             if skipped:
