@@ -232,8 +232,6 @@ class Run:
             for batch, ids in feed:
                 profiler.step()
                 loss, stats = self._forward(batch, ids)
-                if self.captured is not None:  # the whole step is queued: read the next batch meanwhile
-                    feed.prefetch()
                 bad, stop = self._check(loss)
                 state.batch_in_epoch += 1
                 bar.update(1)
@@ -243,7 +241,8 @@ class Run:
                     continue
                 bad_in_row = 0
                 self._update(loss)
-                feed.prefetch()  # after the backward and the update are queued
+                # The whole step is queued (a captured one reads no loss): read the next batch meanwhile.
+                feed.prefetch()
                 window.add(loss.detach(), stats["collapsed_share"])
                 self.pairs += self.micro * env.world_size
                 stepped = self.engine.global_steps != state.global_step
