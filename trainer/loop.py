@@ -442,9 +442,8 @@ class Window:
 
     def add(self, loss: torch.Tensor, collapsed: torch.Tensor) -> None:
         finite = loss.isfinite()
-        zero = loss.new_zeros(())
-        self.sums += torch.stack([torch.where(finite, loss, zero).double(),
-                                  torch.where(finite, collapsed, zero).double(), finite.double()])
+        self.sums += torch.stack([torch.where(finite, loss, 0.0).double(),
+                                  torch.where(finite, collapsed, 0.0).double(), finite.double()])
         self.n += 1
 
 
