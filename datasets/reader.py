@@ -268,7 +268,8 @@ class WorkerBuffers:
         while int(self.flags[self.worker, slot]):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"loader worker {self.worker}: batch buffer {slot} was not released in "
-                                   f"{self.WAIT_S:.0f} s; a consumer must copy each batch out (Batch.copy_out)")
+                                   f"{self.WAIT_S:.0f} s; a consumer must hand each batch's lease back "
+                                   f"(Batch.copy_out, or the device feed after its copy)")
             time.sleep(0.0005)
         if slot == len(self.slots):
             self.slots.append([_zeros(shape, dtype) for shape in shapes])
