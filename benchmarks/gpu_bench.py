@@ -64,6 +64,7 @@ class Shape:
     attention: str = "sdpa"  # ModelConfig.attention: the fused SDPA kernels or the math path
     side_streams: bool = False  # the caption tower (and BiGRU directions) on side CUDA streams
     side_priority: str = "high"  # of the caption tower's side stream: "high" or "normal"
+    side_first: bool = True  # the caption tower's kernels launched (or captured) before the image tower's
     fused_bert: bool = True  # TextConfig.fused_bert: FusedBert or Hugging Face's BertModel
 
 
@@ -213,7 +214,7 @@ def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, shape:
 
     def step(batch):
         img, cap = beside(lambda: images(batch), lambda: captions(batch), device, enabled=shape.side_streams,
-                          high_priority=shape.side_priority == "high")
+                          high_priority=shape.side_priority == "high", side_first=shape.side_first)
         loss, _ = contrastive_loss(img, cap, ids, ids, cfg=loss_cfg, step=10**9)
         loss.backward()
         update()
@@ -254,10 +255,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(step, batches, device, warmup: int, iters: int) -> list[float]:
+def time_steps(step, batches, device, warmup: int, iters: int, *, back_to_back: bool = True) -> list[float]:
+    """Seconds per step. Back to back (CUDA only), steps are launched as a training loop launches
+    them and timed by CUDA events between their starts, with one sync at the end. Otherwise the
+    host waits for each step, which adds the next step's launch to every step: the figure that
+    sessions 1-6 reported."""
     for i in range(warmup):
         step(batches[i % len(batches)])
     sync(device)
+    if back_to_back and device.type == "cuda":
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
+        for i in range(iters):
+            marks[i].record()
+            step(batches[i % len(batches)])
+        marks[-1].record()
+        sync(device)
+        return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
     times = []
     for i in range(iters):
         t0 = time.perf_counter()
@@ -299,6 +312,7 @@ def build_bench(v: Variant, shape: Shape, device: torch.device, hf_path: str | N
 def bench_variant(v: Variant, shape: Shape, device, hf_path, args) -> dict:
     bench = build_bench(v, shape, device, hf_path, args.tiny)
     times = time_steps(bench.step, bench.batches, device, args.warmup, args.iters)
+    synced = time_steps(bench.step, bench.batches, device, 0, args.iters, back_to_back=False)
     med = statistics.median(times)
     flops = flops_per_pair(bench.cfg, shape.region_dim, shape.grid_dim, shape.grid, shape.regions, bench.seq)
     pairs = shape.batch / med
@@ -309,6 +323,7 @@ def bench_variant(v: Variant, shape: Shape, device, hf_path, args) -> dict:
         "params": count_parameters(bench.model),
         "step_ms": round(med * 1e3, 2),
         "step_ms_spread": round((max(times) - min(times)) * 1e3, 2),
+        "step_ms_synced": round(statistics.median(synced) * 1e3, 2),
         "pairs_per_s": round(pairs, 1),
         "train_flops_per_pair": 3 * flops,
         "mfu_bf16_peak": round(3 * flops * pairs / peak, 4) if peak else None,
@@ -431,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the caption tower beside the image tower on a side CUDA stream")
     p.add_argument("--side-priority", choices=("high", "normal"), default="high",
                    help="priority of the caption tower's side stream (with --side-streams)")
+    p.add_argument("--launch-order", choices=("side", "main"), default="side",
+                   help="with --side-streams: launch (or capture) the caption tower first, or the image tower")
     p.add_argument("--fused-bert", choices=("on", "off"), default="on",
                    help="BERT as rgfusion's FusedBert (one query-key-value product per layer) or Hugging Face's module")
     p.add_argument("--pad-shapes", action="store_true",
@@ -448,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     shape = Shape(batch=8, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200) if args.tiny else Shape()
     shape = dataclasses.replace(shape, attention=args.attention, side_streams=args.side_streams,
-                                side_priority=args.side_priority, fused_bert=args.fused_bert == "on")
+                                side_priority=args.side_priority,
+                                side_first=args.launch_order == "side", fused_bert=args.fused_bert == "on")
     if args.batch is not None:
         shape = dataclasses.replace(shape, batch=args.batch)
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 rows use TF32 tensor cores, as trainers do

@@ -39,21 +39,25 @@ def side_stream(device: torch.device, slot: int, high_priority: bool = True) -> 
 
 
 def beside(main: Callable[[], A], side: Callable[[], Tensor], device: torch.device, *, enabled: bool,
-           slot: int = 0, high_priority: bool = True) -> tuple[A, Tensor]:
+           slot: int = 0, high_priority: bool = True, side_first: bool = True) -> tuple[A, Tensor]:
     """``(main(), side())`` with ``side`` on a side stream of ``device`` when ``enabled`` on CUDA.
 
-    ``side`` is launched first: on a step bound by the host, its kernels then start while the
-    host is still launching ``main``'s. Nested calls need distinct slots. Inside torch.compile
-    both run on the current stream (dynamo would have to trace the stream switches).
+    ``side`` is launched first unless ``side_first`` is false: on a step bound by the host, its
+    kernels then start while the host is still launching ``main``'s. Nested calls need distinct
+    slots. Inside torch.compile both run on the current stream (dynamo would have to trace the
+    stream switches).
     """
     if not enabled or device.type != "cuda" or torch.compiler.is_compiling():
         return main(), side()
     current = torch.cuda.current_stream(device)
     stream = side_stream(device, slot, high_priority)
     stream.wait_stream(current)
+    if not side_first:
+        result = main()
     with torch.cuda.stream(stream):
         out = side()
-    result = main()
+    if side_first:
+        result = main()
     current.wait_stream(stream)
     # Allocated on the side stream, used and freed on this one: the allocator must not hand
     # the block to the side stream again before this stream is done with it.
