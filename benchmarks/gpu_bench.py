@@ -332,6 +332,11 @@ def bench_variant(v: Variant, shape: Shape, device, hf_path, args) -> dict:
     if v.text == "bigru" and v.compile == "":
         row.update(split_text_image(bench.model, bench.batches[0], v, device, args))
     del bench
+    # Every variant's step closes over the same functions: without a reset, each later variant
+    # recompiles them against guards piled up by the earlier ones, and past dynamo's cache limit
+    # runs them uncompiled. (A BERT row after a BiGRU row in one process did not finish within
+    # 7 minutes, session 7; alone it took 2.)
+    torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

@@ -51,10 +51,10 @@ def test_bad_config_is_one_clear_error(override, needle):
 
 @pytest.mark.parametrize("recipe", ["default", "flickr30k_bigru", "flickr30k_bert", "coco_bigru", "coco_bert",
                                     "ablations/region_only", "ablations/grid_only", "bench/paper_dims",
-                                    "bench/paper_dims_native"])
+                                    "bench/paper_dims_native", "bench/paper_dims_graph"])
 def test_shipped_recipes_load(recipe):
     cfg = load_config(recipe)
-    assert cfg.train.engine == ("native" if recipe.endswith("native") else "deepspeed")
+    assert cfg.train.engine == ("native" if recipe.endswith(("native", "graph")) else "deepspeed")
     ds = eng.deepspeed_config(cfg, 1, "cpu")
     assert ds["train_batch_size"] == cfg.train.batch_size
 
