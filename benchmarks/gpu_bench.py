@@ -18,7 +18,7 @@ capture).
 
 Steps are launched back to back, as the trainer launches them, and timed on the GPU; the step
 time and MFU come from that. ``step_ms_synced`` also times each step with the host waiting for
-it, which adds the next launch (0.15-0.3 ms per captured step on an H100); rows before session 7
+it, which adds the next launch (0.04-0.32 ms per captured step on an H100); rows before session 7
 reported that figure. Each variant runs in a fresh compile state. Prints one table row per
 variant; ``--out`` also writes them as JSON.
 """
