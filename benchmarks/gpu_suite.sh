@@ -5,6 +5,8 @@
 #   RUNS="2:1 2:8 3:8" bash benchmarks/gpu_suite.sh setup data scale   # any stage:GPU-count pairs
 #   TRAIN_IMAGES=6000 bash benchmarks/gpu_suite.sh setup data feed     # 1 GPU: loader and trainer profile
 #   bash benchmarks/gpu_suite.sh setup mfu                                # 1 GPU: MFU by precision, compile, attention, batch
+#   MFU_ATTENTION=math MFU_BATCHES= MFU_ONLY=full-bert-bf16w-compile-graph MFU_FLAGS="--side-streams --pad-shapes --launch-order main" \
+#     bash benchmarks/gpu_suite.sh setup mfu                              # 1 GPU: one row and its trace
 #   bash benchmarks/gpu_suite.sh setup streams                            # 1 GPU: CUDA tests, towers on 1 vs 2 streams
 #   TRAIN_IMAGES=6000 bash benchmarks/gpu_suite.sh setup data graphs      # 1 GPU: loader memory, trainer captured or not
 # Results (logs, JSON, the MLflow store as a tarball) land in $OUT.
@@ -122,19 +124,26 @@ feed() {  # one GPU: what feeds and what bounds the trainer's step
   done | tee "$OUT/trainer.txt"
 }
 
-mfu() {  # one GPU: what raises the model step's MFU; MFU_ATTENTION="sdpa math" compares the kernels, MFU_FLAGS adds gpu_bench flags
-  log "model step: MFU by precision, compile, attention and batch"
+mfu() {  # one GPU: MFU rows, each variant in a process of its own; MFU_ATTENTION="sdpa math" compares the kernels, MFU_FLAGS adds gpu_bench flags
+  # One process per variant: a BERT row compiled after a BiGRU row in one process did not finish in 7 min (session 7).
+  log "model step: MFU by variant, attention and batch"
+  local row='python3 benchmarks/gpu_bench.py --iters 15 --warmup 3 --no-eval'
   for att in ${MFU_ATTENTION:-sdpa math}; do
-    python3 benchmarks/gpu_bench.py --iters 15 --warmup 3 --no-eval --attention $att ${MFU_FLAGS:-} --out "$OUT/mfu_${att}_b128.json" \
-      --profile "${MFU_PROFILE:-full-bert-bf16w}" \
-      --only ${MFU_ONLY:-full-bert-bf16w-compile-graph,full-bigru-bf16w-compile-graph,region-gpo-bigru-fp32-graph,region-gpo-bigru-bf16w-graph,region-gpo-bigru-bf16w-compile-graph} \
-      > "$OUT/mfu_${att}_b128.log" 2>&1; tail -8 "$OUT/mfu_${att}_b128.log"
-    for b in ${MFU_BATCHES:-256 512}; do
-      python3 benchmarks/gpu_bench.py --iters 10 --warmup 3 --no-eval --attention $att ${MFU_FLAGS:-} --batch $b --out "$OUT/mfu_${att}_b$b.json" \
-        --only ${MFU_BIG:-full-bert-bf16w-compile-graph,full-bigru-bf16w-compile-graph} > "$OUT/mfu_${att}_b$b.log" 2>&1
-      tail -3 "$OUT/mfu_${att}_b$b.log"
+    for b in 128 ${MFU_BATCHES-256 512}; do
+      local only=${MFU_ONLY:-full-bert-bf16w-compile-graph,full-bigru-bf16w-compile-graph,region-gpo-bigru-fp32-graph,region-gpo-bigru-bf16w-graph,region-gpo-bigru-bf16w-compile-graph}
+      [ "$b" = 128 ] || only=${MFU_BIG:-full-bert-bf16w-compile-graph,full-bigru-bf16w-compile-graph}
+      for v in ${only//,/ }; do
+        local name=mfu_${att}_b${b}_$v
+        $row --attention "$att" --batch "$b" ${MFU_FLAGS:-} --only "$v" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+        local got; got=$(grep -E '^\{' "$OUT/$name.log" | tail -1)
+        echo "$name: ${got:-$(tail -2 "$OUT/$name.log")}"
+      done
     done
-  done
+    [ -n "${MFU_PROFILE-full-bert-bf16w-compile-graph}" ] || continue
+    $row --attention "$att" ${MFU_FLAGS:-} --only "${MFU_PROFILE:-full-bert-bf16w-compile-graph}" \
+      --profile "${MFU_PROFILE:-full-bert-bf16w-compile-graph}" --trace "$OUT/trace_$att.json.gz" > "$OUT/profile_$att.log" 2>&1
+    python3 benchmarks/trace_summary.py "$OUT/trace_$att.json.gz" --steps 5 > "$OUT/trace_$att.txt" 2>&1; head -4 "$OUT/trace_$att.txt"
+  done | tee "$OUT/mfu.txt"
 }
 
 streams() {  # one GPU: the CUDA-only tests, then the model step with the towers on one stream and on two
