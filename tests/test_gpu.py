@@ -83,6 +83,18 @@ def test_side_streams_give_the_same_loss_and_gradients(encoder, bert_dir):
         torch.testing.assert_close(grads_two[name], grads_one[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("side_first", [True, False])
+def test_beside_gives_both_results_in_either_launch_order(side_first):
+    from rgfusion.trainer.model.streams import beside
+
+    x = torch.rand(256, 256, device=DEVICE)
+    chain = lambda t: (t @ t).softmax(-1) @ t  # noqa: E731 - the same work on each stream
+    main, side = beside(lambda: chain(x), lambda: chain(x.T.contiguous()), x.device, enabled=True,
+                        side_first=side_first)
+    torch.testing.assert_close(main, chain(x))
+    torch.testing.assert_close(side, chain(x.T.contiguous()))
+
+
 def test_a_captured_step_with_side_streams_replays_new_inputs(bert_dir):
     """The branches on two streams are captured as parallel paths of one CUDA graph; replaying
     it on new inputs gives what an eager one-stream step gives on them."""
