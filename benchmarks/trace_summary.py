@@ -5,7 +5,7 @@ prints, per step: the span from the first kernel to the last, how busy each CUDA
 how much the streams overlapped, the idle time, kernel time by kind, and the top kernels. Kernels
 replayed inside a CUDA graph appear in the trace too, so a captured step can be read this way.
 
-    python benchmarks/trace_summary.py trace.json.gz --steps 5
+    python benchmarks/trace_summary.py trace.json.gz --steps 5 [--timeline 500]
 """
 
 from __future__ import annotations
@@ -80,13 +80,47 @@ def summarise(kernels: list[dict], steps: int, top: int) -> str:
     return "\n".join(lines)
 
 
+def timeline(kernels: list[dict], steps: int, bucket_us: float, name_width: int = 36) -> str:
+    """The first step cut into ``bucket_us`` slices: per slice and CUDA stream, the kernel time
+    inside it and the kernel that took most of it. Shows when each stream starts, where one
+    waits on the other and what runs alone at the end (e.g. the optimizer)."""
+    t0 = min(float(k["ts"]) for k in kernels)
+    end = t0 + (max(float(k["ts"]) + float(k["dur"]) for k in kernels) - t0) / steps
+    streams = sorted({str(k.get("tid")) for k in kernels})
+    firsts = {s: min(float(k["ts"]) for k in kernels if str(k.get("tid")) == s) - t0 for s in streams}
+    head = " | ".join(f"stream {s} (first kernel at {firsts[s]:.0f} µs)".ljust(name_width + 8) for s in streams)
+    lines = [f"timeline of the first step, {bucket_us:g} µs slices (per stream: kernel µs, top kernel):",
+             f"  start µs | {head}"]
+    lo = t0
+    while lo < end:
+        hi = min(lo + bucket_us, end)  # the next step's kernels stay out of the last slice
+        cells = []
+        for s in streams:
+            time_by_name: dict[str, float] = defaultdict(float)
+            for k in kernels:
+                if str(k.get("tid")) == s:
+                    inside = min(float(k["ts"]) + float(k["dur"]), hi) - max(float(k["ts"]), lo)
+                    if inside > 0:
+                        time_by_name[k["name"]] += inside
+            top = max(time_by_name, key=time_by_name.get, default="")
+            cells.append(f"{sum(time_by_name.values()):6.0f} {top[:name_width]:{name_width}s}")
+        lines.append(f"  {lo - t0:8.0f} | " + " | ".join(cells))
+        lo += bucket_us
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("trace", help="chrome trace (.json or .json.gz) from torch.profiler")
     p.add_argument("--steps", type=int, default=1, help="steps the trace holds (figures are per step)")
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--timeline", type=float, default=0, metavar="US",
+                   help="also print the first step in slices of US microseconds, per stream")
     args = p.parse_args(argv)
-    print(summarise(load_kernels(args.trace), max(args.steps, 1), args.top))
+    kernels = load_kernels(args.trace)
+    print(summarise(kernels, max(args.steps, 1), args.top))
+    if args.timeline > 0:
+        print(timeline(kernels, max(args.steps, 1), args.timeline))
     return 0
 
 

@@ -51,3 +51,20 @@ def test_two_streams_read_back_per_step(tmp_path, capsys):
     assert "span   0.100 ms, GPU busy   0.095 ms, idle   0.005 ms, kernel time   0.125 ms (streams overlapped   0.030 ms)" in out
     assert "matmul" in out and "triton pointwise" in out
     assert "stream      7:" in out and "stream      9:" in out
+
+
+def test_timeline_slices_the_first_step_per_stream(tmp_path, capsys):
+    events = []
+    for step in range(2):
+        t0 = 100 * step
+        events += [kernel("nvjet_gemm", t0, 60, 7), kernel("triton_poi_add", t0 + 70, 10, 7),
+                   kernel("cutlass_wmma", t0 + 40, 50, 9)]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    assert load().main([str(path), "--steps", "2", "--timeline", "60"]) == 0
+    rows = capsys.readouterr().out.split("timeline of the first step")[1].splitlines()
+    assert "stream 7 (first kernel at 0 µs)" in rows[1] and "stream 9 (first kernel at 40 µs)" in rows[1]
+    # A step spans 95 µs. Slice 0-60: the GEMM on stream 7, 20 µs of the other on 9. Slice 60-95
+    # ends with the step: without the cut, the second step's GEMM (100-160) would fall in it.
+    assert [r.split() for r in rows[2:]] == [["0", "|", "60", "nvjet_gemm", "|", "20", "cutlass_wmma"],
+                                             ["60", "|", "10", "triton_poi_add", "|", "30", "cutlass_wmma"]]
