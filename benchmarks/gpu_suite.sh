@@ -139,9 +139,10 @@ mfu() {  # one GPU: MFU rows, each variant in a process of its own; MFU_ATTENTIO
         echo "$name: ${got:-$(tail -2 "$OUT/$name.log")}"
       done
     done
-    [ -n "${MFU_PROFILE-full-bert-bf16w-compile-graph}" ] || continue
-    $row --attention "$att" ${MFU_FLAGS:-} --only "${MFU_PROFILE:-full-bert-bf16w-compile-graph}" \
-      --profile "${MFU_PROFILE:-full-bert-bf16w-compile-graph}" --trace "$OUT/trace_$att.json.gz" > "$OUT/profile_$att.log" 2>&1
+    local profiled=${MFU_PROFILE-full-bert-bf16w-compile-graph}  # MFU_PROFILE= profiles nothing
+    [ -n "$profiled" ] || continue
+    $row --attention "$att" ${MFU_FLAGS:-} --only "$profiled" --profile "$profiled" \
+      --trace "$OUT/trace_$att.json.gz" > "$OUT/profile_$att.log" 2>&1
     python3 benchmarks/trace_summary.py "$OUT/trace_$att.json.gz" --steps 5 --timeline 500 > "$OUT/trace_$att.txt" 2>&1; head -4 "$OUT/trace_$att.txt"
   done | tee "$OUT/mfu.txt"
 }

@@ -86,9 +86,13 @@ def timeline(kernels: list[dict], steps: int, bucket_us: float, name_width: int 
     waits on the other and what runs alone at the end (e.g. the optimizer)."""
     t0 = min(float(k["ts"]) for k in kernels)
     end = t0 + (max(float(k["ts"]) + float(k["dur"]) for k in kernels) - t0) / steps
-    streams = sorted({str(k.get("tid")) for k in kernels})
-    firsts = {s: min(float(k["ts"]) for k in kernels if str(k.get("tid")) == s) - t0 for s in streams}
-    head = " | ".join(f"stream {s} (first kernel at {firsts[s]:.0f} µs)".ljust(name_width + 8) for s in streams)
+    by_stream: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
+    for k in kernels:
+        if float(k["ts"]) < end:
+            by_stream[str(k.get("tid"))].append((float(k["ts"]), float(k["ts"]) + float(k["dur"]), k["name"]))
+    streams = sorted(by_stream)
+    head = " | ".join(f"stream {s} (first kernel at {min(iv[0] for iv in by_stream[s]) - t0:.0f} µs)"
+                      .ljust(name_width + 8) for s in streams)
     lines = [f"timeline of the first step, {bucket_us:g} µs slices (per stream: kernel µs, top kernel):",
              f"  start µs | {head}"]
     lo = t0
@@ -97,11 +101,9 @@ def timeline(kernels: list[dict], steps: int, bucket_us: float, name_width: int 
         cells = []
         for s in streams:
             time_by_name: dict[str, float] = defaultdict(float)
-            for k in kernels:
-                if str(k.get("tid")) == s:
-                    inside = min(float(k["ts"]) + float(k["dur"]), hi) - max(float(k["ts"]), lo)
-                    if inside > 0:
-                        time_by_name[k["name"]] += inside
+            for start, stop, name in by_stream[s]:
+                if min(stop, hi) > max(start, lo):
+                    time_by_name[name] += min(stop, hi) - max(start, lo)
             top = max(time_by_name, key=time_by_name.get, default="")
             cells.append(f"{sum(time_by_name.values()):6.0f} {top[:name_width]:{name_width}s}")
         lines.append(f"  {lo - t0:8.0f} | " + " | ".join(cells))
