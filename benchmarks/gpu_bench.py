@@ -66,7 +66,6 @@ class Shape:
     words: int = 16  # mean COCO/Flickr caption length in words; BERT sees ~20 word pieces
     vocab: int = 10_000
     attention: str = "sdpa"  # ModelConfig.attention: the fused SDPA kernels or the math path
-    text_attention: str | None = None  # TextConfig.attention: the caption tower's own; None = attention
     side_streams: bool = False  # the caption tower (and BiGRU directions) on side CUDA streams
     side_priority: str = "high"  # of the caption tower's side stream: "high" or "normal"
     side_first: bool = True  # the caption tower's kernels launched (or captured) before the image tower's
@@ -138,8 +137,7 @@ def bert_dir(shape: Shape, tiny: bool) -> str:
 
 
 def model_config(v: Variant, shape: Shape, hf_path: str | None) -> ModelConfig:
-    bert = {"encoder": "hf", "hf_path": hf_path, "fused_bert": shape.fused_bert} if v.text == "bert" else {}
-    text = TextConfig(attention=shape.text_attention, **bert)
+    text = TextConfig(encoder="hf", hf_path=hf_path, fused_bert=shape.fused_bert) if v.text == "bert" else TextConfig()
     return ModelConfig(
         width=shape.width, features=v.features, graph=v.graph, cgf=v.cgf, pooling=v.pooling, text=text,
         heads=8 if shape.width >= 64 else 2, attention=shape.attention,
@@ -453,8 +451,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
     p.add_argument("--batch", type=int, default=None, help="pairs per step (default 128, 8 with --tiny)")
     p.add_argument("--attention", choices=("sdpa", "math"), default="sdpa", help="model.attention of every variant")
-    p.add_argument("--text-attention", choices=("sdpa", "math"), default=None,
-                   help="text.attention of every variant: the caption tower's kernels (default: --attention)")
     p.add_argument("--side-streams", action="store_true",
                    help="run the caption tower beside the image tower on a side CUDA stream")
     p.add_argument("--side-priority", choices=("high", "normal"), default="high",
@@ -477,8 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     shape = Shape(batch=8, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200) if args.tiny else Shape()
-    shape = dataclasses.replace(shape, attention=args.attention, text_attention=args.text_attention,
-                                side_streams=args.side_streams,
+    shape = dataclasses.replace(shape, attention=args.attention, side_streams=args.side_streams,
                                 side_priority=args.side_priority,
                                 side_first=args.launch_order == "side", fused_bert=args.fused_bert == "on")
     if args.batch is not None:

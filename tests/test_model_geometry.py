@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from rgfusion.trainer.model.geometry import (
     cell_neighbours,
@@ -14,7 +13,6 @@ from rgfusion.trainer.model.geometry import (
     node_boxes,
     relative_geometry,
 )
-from rgfusion.trainer.model.image import edge_bias
 
 
 def _inter(a, b):
@@ -132,7 +130,7 @@ def test_relative_geometry_matches_brute_force():
     gen = torch.Generator().manual_seed(2)
     boxes = node_boxes(random_boxes(2, 3, gen), (2, 3))
     geo = relative_geometry(boxes)
-    assert geo.shape == (2, 5, 9, 9)
+    assert geo.shape == (2, 9, 9, 5)
     for b in range(2):
         bx = boxes[b].tolist()
         for i in range(9):
@@ -149,22 +147,9 @@ def test_relative_geometry_matches_brute_force():
                     math.log(hj / hi),
                     inter / union,
                 ]
-                assert geo[b, :, i, j].tolist() == pytest.approx(want, abs=1e-5)
+                assert geo[b, i, j].tolist() == pytest.approx(want, abs=1e-5)
 
 
 def test_relative_geometry_degenerate_boxes_are_finite():
     boxes = torch.zeros(1, 3, 4)
     assert torch.isfinite(relative_geometry(boxes)).all()
-
-
-def test_edge_bias_is_the_mlp_on_each_edge_heads_first():
-    gen = torch.Generator().manual_seed(3)
-    geo = relative_geometry(node_boxes(random_boxes(2, 3, gen), (2, 3)))
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
-    bias = edge_bias(geo, mlp)
-    assert bias.shape == (2, 3, 9, 9) and bias.is_contiguous()
-    for b in range(2):
-        for i in range(9):
-            for j in range(9):
-                torch.testing.assert_close(bias[b, :, i, j], mlp(geo[b, :, i, j]))

@@ -94,19 +94,6 @@ def test_hf_math_attention_gives_the_sdpa_embedding(bert_dir, fused):
     torch.testing.assert_close(caps["math"], caps["sdpa"], atol=1e-5, rtol=1e-5)
 
 
-def test_text_attention_picks_the_caption_towers_kernels_alone(bert_dir):
-    cfg = ModelConfig(width=16, heads=2, map_heads=2, attention="math",
-                      text=TextConfig(encoder="hf", hf_path=str(bert_dir), attention="sdpa"))
-    model = build_model(cfg, region_dim=8, grid_dim=8, grid_size=(2, 2), vocab_size=0)
-    assert {layer.attention for layer in model.text.hf.layers} == {"sdpa"}
-    assert model.text.pool.attention == "sdpa"
-    assert model.image.pool.attention == "math"
-    assert {layer.attention for layer in model.image.graph.layers} == {"math"}
-    assert ModelConfig(attention="math").text_attention == "math"
-    with pytest.raises(ValueError, match="text.attention"):
-        TextConfig(attention="flash")
-
-
 @pytest.mark.parametrize("fused", [True, False])
 def test_hf_flops_match_flop_counter(bert_dir, fused):
     cfg, model = hf_model(bert_dir, "mean", fused=fused)

@@ -33,15 +33,8 @@ class TextConfig:
     # names differ from Hugging Face's, so checkpoints of one don't load into the other; false
     # keeps Hugging Face's module. Other architectures always run as Hugging Face's.
     fused_bert: bool = True
-    # Attention kernels of the transformer and the word pooling; None = model.attention. A
-    # caption's key mask needs no gradient and its q, k and v are strided views of one product:
-    # PyTorch's memory-efficient kernel reads those in place, where the math path copies them
-    # (benchmarks/RESULTS.md, session 8).
-    attention: Attention | None = None
 
     def __post_init__(self) -> None:
-        if self.attention not in (None, "sdpa", "math"):
-            raise ValueError(f"text.attention must be 'sdpa', 'math' or null, got {self.attention!r}")
         if self.encoder == "hf" and not self.hf_path:
             raise ValueError("text.encoder 'hf' needs text.hf_path (a local model directory)")
         if self.layers < 1 or self.word_dim < 1:
@@ -99,10 +92,6 @@ class ModelConfig:
             raise ValueError("dropout must lie in [0, 1)")
         if self.attention not in ("sdpa", "math"):
             raise ValueError(f"attention must be 'sdpa' or 'math', got {self.attention!r}")
-
-    @property
-    def text_attention(self) -> Attention:
-        return self.text.attention or self.attention
 
     @property
     def uses_regions(self) -> bool:

@@ -107,12 +107,11 @@ def node_boxes(boxes: Tensor, grid_size: tuple[int, int]) -> Tensor:
 
 
 def relative_geometry(boxes: Tensor) -> Tensor:
-    """(B, 5, N, N) edge features of node j seen from node i, channels first.
+    """(B, N, N, 5) edge features of node j seen from node i.
 
     ``(dx, dy, log(w_j/w_i), log(h_j/h_i), IoU)`` with centre offsets in image-normalised units:
     bounded in [-1, 1] (unlike offsets divided by the box size, which explode for tiny boxes),
-    which keeps the bias MLP's input well scaled. Channels lead so that the per-head biases made
-    from them come out (B, heads, N, N), the layout the attention scores have.
+    which keeps the bias MLP's input well scaled.
     """
     boxes = boxes.float()
     centre = (boxes[..., :2] + boxes[..., 2:]) / 2
@@ -120,4 +119,4 @@ def relative_geometry(boxes: Tensor) -> Tensor:
     offset = centre[:, None, :, :] - centre[:, :, None, :]
     log_ratio = size.log()[:, None, :, :] - size.log()[:, :, None, :]
     iou = pairwise_iou(boxes, boxes)[..., None]
-    return torch.cat([offset, log_ratio, iou], dim=-1).permute(0, 3, 1, 2).contiguous()
+    return torch.cat([offset, log_ratio, iou], dim=-1)

@@ -34,22 +34,6 @@ def box_features(boxes: Tensor) -> Tensor:
     return torch.cat([boxes, wh, wh.prod(-1, keepdim=True)], dim=-1)
 
 
-def edge_bias(geometry: Tensor, mlp: nn.Sequential) -> Tensor:
-    """(B, heads, N, N) attention biases: ``mlp`` (Linear, ReLU, Linear) applied to each edge's
-    features in ``geometry`` (B, 5, N, N), computed channels first.
-
-    Applied to the last dim and then permuted, the bias lay heads-last. The softmax that adds it
-    reads each score row along j, which then strode 16 bytes per element and spent 10 times the
-    bandwidth of the scores themselves (150 µs per layer at batch 128 on an H100,
-    benchmarks/RESULTS.md, sessions 7 and 8).
-    """
-    first, _, last = mlp
-    b, c, n, _ = geometry.shape
-    flat = geometry.reshape(b, c, n * n).to(first.weight.dtype)
-    hidden = torch.relu(torch.baddbmm(first.bias[:, None], first.weight.expand(b, -1, -1), flat))
-    return torch.baddbmm(last.bias[:, None], last.weight.expand(b, -1, -1), hidden).view(b, -1, n, n)
-
-
 class GraphAttentionLayer(nn.Module):
     """Masked multi-head attention over the joint graph with a learned geometry bias per head.
 
@@ -72,7 +56,7 @@ class GraphAttentionLayer(nn.Module):
 
     def forward(self, x: Tensor, geometry: Tensor, adj: Tensor, valid: Tensor) -> Tensor:
         b, n, d = x.shape
-        bias = edge_bias(geometry, self.geometry)
+        bias = self.geometry(geometry.to(x.dtype)).permute(0, 3, 1, 2)
         # The bias's own dtype (bf16 under autocast): finfo(x.dtype).min would overflow to -inf
         # there. Every row keeps its self loop, so no row is fully masked.
         bias = bias.masked_fill(~adj[:, None], torch.finfo(bias.dtype).min)

@@ -100,10 +100,10 @@ class TextEncoder(nn.Module):
             self.gru = BiGRUWords(t, vocab_size, t.hidden or cfg.width)
             words = self.gru
         else:
-            self.hf = transformer_words(t.hf_path, cfg.text_attention, fused=t.fused_bert)
+            self.hf = transformer_words(t.hf_path, cfg.attention, fused=t.fused_bert)
             words = self.hf
         self.pool = build_pooling(cfg.pooling, words.out_dim, map_heads=cfg.map_heads, map_combine=cfg.map_combine,
-                                  attention=cfg.text_attention)
+                                  attention=cfg.attention)
         self.proj = nn.Linear(words.out_dim, cfg.width)
 
     def forward(self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor) -> Tensor:
