@@ -70,7 +70,6 @@ class Shape:
     side_priority: str = "high"  # of the caption tower's side stream: "high" or "normal"
     side_first: bool = True  # the caption tower's kernels launched (or captured) before the image tower's
     fused_bert: bool = True  # TextConfig.fused_bert: FusedBert or Hugging Face's BertModel
-    defer_update: bool = False  # bf16w: each tower's AdamW update just before its next forward
 
 
 @dataclass
@@ -177,44 +176,21 @@ def autocast_for(v: Variant, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if v.precision == "bf16" else nullcontext()
 
 
-@dataclass
-class Update:
-    """The optimizer's part of a step: ``after_backward`` always; with a deferred update the
-    two ``before_*`` apply the last step's staged update to each tower's groups on its stream."""
-
-    after_backward: Callable[[], None]
-    before_images: Callable[[], None] = lambda: None
-    before_captions: Callable[[], None] = lambda: None
-
-
-def make_update(model: torch.nn.Module, v: Variant, device: torch.device, deferred: bool = False) -> Update:
-    """Builds the optimizer and returns the update around the step: it steps and leaves the
+def make_update(model: torch.nn.Module, v: Variant, device: torch.device) -> Callable[[], None]:
+    """Builds the optimizer and returns the update that follows backward: it steps and leaves the
     gradients ready for the next backward. bf16w also casts the model.
 
     bf16w is the native engine's optimizer (trainer/flat_adamw.py) over the trainer's param
     groups: fp32 masters in flat buffers, the recipe's global-norm clip, a skipped non-finite
-    update, the bf16 weights written in the same pass. ``deferred`` (bf16w only) splits each
-    group by tower, stages the clipped update after backward and applies each tower's part just
-    before its next forward. The others are torch's fused AdamW. No host syncs either way: the
-    update is CUDA-graph capturable."""
+    update, the bf16 weights written in the same pass. The others are torch's fused AdamW. No
+    host syncs either way: the update is CUDA-graph capturable."""
     if v.precision == "bf16w":
         optim = OptimConfig()
         groups = param_groups(model, optim, model.param_groups_hint())
-        text = {id(p) for p in model.text.parameters()}
-        if deferred:
-            groups = [{**g, "params": ps} for g in groups
-                      for ps in ([p for p in g["params"] if id(p) in text], [p for p in g["params"] if id(p) not in text])
-                      if ps]
         opt = FlatAdamW(groups, precision="bf16", lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                         weight_decay=optim.weight_decay, max_norm=optim.grad_clip)
         model.to(torch.bfloat16)  # buffers; the parameters are views into the flat bf16 weights
-        if not deferred:
-            return Update(opt.step)  # it drops the gradients itself
-        is_text = [id(g["params"][0]) in text for g in groups]
-        return Update(opt.stage, lambda: opt.apply_staged([i for i, t in enumerate(is_text) if not t]),
-                      lambda: opt.apply_staged([i for i, t in enumerate(is_text) if t]))
-    if deferred:
-        raise ValueError("a deferred update needs precision bf16w (FlatAdamW)")
+        return opt.step  # it drops the gradients itself
     fused = {"fused": True, "capturable": v.captured} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
 
@@ -222,10 +198,10 @@ def make_update(model: torch.nn.Module, v: Variant, device: torch.device, deferr
         opt.step()
         opt.zero_grad(set_to_none=True)  # captured, the next replay re-allocates them in place
 
-    return Update(update)
+    return update
 
 
-def step_fn(model, update: Update, loss_cfg, ids, v: Variant, shape: Shape):
+def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, shape: Shape):
     device = next(model.parameters()).device
     autocast = autocast_for(v, device)
 
@@ -241,19 +217,11 @@ def step_fn(model, update: Update, loss_cfg, ids, v: Variant, shape: Shape):
         images, captions = (torch.compile(f, mode=v.compile_mode) for f in (images, captions))
 
     def step(batch):
-        def image_tower():
-            update.before_images()
-            return images(batch)
-
-        def caption_tower():
-            update.before_captions()
-            return captions(batch)
-
-        img, cap = beside(image_tower, caption_tower, device, enabled=shape.side_streams,
+        img, cap = beside(lambda: images(batch), lambda: captions(batch), device, enabled=shape.side_streams,
                           high_priority=shape.side_priority == "high", side_first=shape.side_first)
         loss, _ = contrastive_loss(img, cap, ids, ids, cfg=loss_cfg, step=10**9)
         loss.backward()
-        update.after_backward()
+        update()
         return loss
 
     return step
@@ -335,7 +303,7 @@ def build_bench(v: Variant, shape: Shape, device: torch.device, hf_path: str | N
         cfg, region_dim=shape.region_dim, grid_dim=shape.grid_dim, grid_size=shape.grid, vocab_size=vocab
     ).to(device)
     model.use_side_streams(shape.side_streams)
-    update = make_update(model, v, device, shape.defer_update)
+    update = make_update(model, v, device)
     seq = shape.words + 4 if v.text == "bert" else shape.words
     # Several input sets so repeated steps don't just re-read one batch from cache.
     batches = [make_batch(shape, vocab, device, seq, feature_dtype(v)) for _ in range(3)]
@@ -491,9 +459,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --side-streams: launch (or capture) the caption tower first, or the image tower")
     p.add_argument("--fused-bert", choices=("on", "off"), default="on",
                    help="BERT as rgfusion's FusedBert (one query-key-value product per layer) or Hugging Face's module")
-    p.add_argument("--defer-update", action="store_true",
-                   help="bf16w variants: stage the clipped update after backward and apply each tower's part "
-                        "on its stream just before its next forward (FlatAdamW.stage / apply_staged)")
     p.add_argument("--pad-shapes", action="store_true",
                    help="inductor pads every matrix product to aligned sizes (the geometry MLP's 5 inputs, "
                         "the box embedding's 7), compiled variants only")
@@ -510,8 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = Shape(batch=8, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200) if args.tiny else Shape()
     shape = dataclasses.replace(shape, attention=args.attention, side_streams=args.side_streams,
                                 side_priority=args.side_priority,
-                                side_first=args.launch_order == "side", fused_bert=args.fused_bert == "on",
-                                defer_update=args.defer_update)
+                                side_first=args.launch_order == "side", fused_bert=args.fused_bert == "on")
     if args.batch is not None:
         shape = dataclasses.replace(shape, batch=args.batch)
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 rows use TF32 tensor cores, as trainers do

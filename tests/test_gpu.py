@@ -125,11 +125,9 @@ def test_a_captured_step_with_side_streams_replays_new_inputs(bert_dir):
         torch.testing.assert_close(captured[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def flat_run(captured: bool, batches: list[SimpleNamespace],
-             deferred: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def flat_run(captured: bool, batches: list[SimpleNamespace]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Train the small model (bf16 weights, fp32 masters in FlatAdamW, compiled update) on
-    ``batches``, eagerly or by replaying one captured step; the losses and final masters.
-    ``deferred``: each step applies the last one's staged update before its forward."""
+    ``batches``, eagerly or by replaying one captured step; the losses and final masters."""
     from rgfusion.trainer.flat_adamw import FlatAdamW
 
     m = model("bigru", None)
@@ -146,30 +144,23 @@ def flat_run(captured: bool, batches: list[SimpleNamespace],
         setattr(static, name, getattr(static, name).to(dtype))
 
     def step() -> torch.Tensor:
-        if deferred:
-            opt.apply_staged()
         loss = loss_of(*(e.float() for e in m(static)))
         loss.backward()
-        opt.stage() if deferred else opt.step()
+        opt.step()
         return loss.detach()
-
-    def masters() -> list[torch.Tensor]:
-        opt.apply_staged()
-        return [t.clone() for t in opt.masters()]
 
     losses = []
     if not captured:
         for b in batches:
             load(b)
             losses.append(step().clone())
-        return losses, masters()
+        return losses, [t.clone() for t in opt.masters()]
     # Warm up (compiles the update) on a scratch copy of the state, then restore it.
     state = {k: v.clone() for k, v in m.state_dict().items()}, [t.clone() for t in opt.masters()]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         step()
-        opt.apply_staged()  # the warm-up's own staged update, before the state is restored
     torch.cuda.current_stream().wait_stream(side)
     with torch.no_grad():
         for t, saved in zip(opt.masters(), state[1]):
@@ -185,7 +176,7 @@ def flat_run(captured: bool, batches: list[SimpleNamespace],
         load(b)
         graph.replay()
         losses.append(loss.clone())
-    return losses, masters()
+    return losses, [t.clone() for t in opt.masters()]
 
 
 def test_flat_adamw_steps_the_same_captured_as_eager():
@@ -194,17 +185,6 @@ def test_flat_adamw_steps_the_same_captured_as_eager():
     batches = [batch(10 + i) for i in range(3)]
     eager_losses, eager_masters = flat_run(False, batches)
     graph_losses, graph_masters = flat_run(True, batches)
-    torch.testing.assert_close(torch.stack(graph_losses), torch.stack(eager_losses), rtol=1e-3, atol=1e-4)
-    for g, e in zip(graph_masters, eager_masters):
-        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5)
-
-
-def test_a_deferred_update_replays_as_the_immediate_one_runs():
-    """FlatAdamW.stage and apply_staged captured in the step's graph: the same losses and masters
-    as the eager immediate update."""
-    batches = [batch(10 + i) for i in range(3)]
-    eager_losses, eager_masters = flat_run(False, batches)
-    graph_losses, graph_masters = flat_run(True, batches, deferred=True)
     torch.testing.assert_close(torch.stack(graph_losses), torch.stack(eager_losses), rtol=1e-3, atol=1e-4)
     for g, e in zip(graph_masters, eager_masters):
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5)

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
 
@@ -70,27 +69,3 @@ def test_profile_writes_a_gzipped_chrome_trace(tmp_path):
     with gzip.open(trace, "rt") as f:
         events = json.load(f)["traceEvents"]
     assert any(e.get("name", "").startswith("aten::") for e in events)
-
-
-def test_a_deferred_update_trains_the_weights_an_immediate_one_does():
-    """--defer-update: each tower's groups on their own, the staged update applied before the
-    tower's next forward. After the last step's update is applied the weights are the same."""
-    gb = load_bench()
-    shape = gb.Shape(batch=6, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200)
-    v = gb.Variant("full-bigru-bf16w", precision="bf16w")
-    device = torch.device("cpu")
-    batches = [gb.make_batch(shape, shape.vocab, device, shape.words, torch.bfloat16) for _ in range(3)]
-    weights = {}
-    for deferred in (False, True):
-        torch.manual_seed(0)
-        model = gb.build_model(gb.model_config(v, shape, None), region_dim=32, grid_dim=32, grid_size=(3, 3),
-                               vocab_size=shape.vocab)
-        update = gb.make_update(model, v, device, deferred)
-        step = gb.step_fn(model, update, gb.LossConfig(), torch.arange(shape.batch), v, shape)
-        for batch in batches:
-            step(batch)
-        update.before_images()
-        update.before_captions()
-        weights[deferred] = {k: t.clone() for k, t in model.state_dict().items()}
-    for k, t in weights[False].items():
-        torch.testing.assert_close(weights[True][k], t, rtol=0, atol=0, msg=k)

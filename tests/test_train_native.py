@@ -238,41 +238,6 @@ def test_compiled_step_matches_the_eager_one_without_recompiling():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-@pytest.mark.parametrize("compiled", [False, True])
-def test_a_staged_update_is_the_immediate_one_applied_before_the_next_forward(compiled):
-    """``stage`` then ``apply_staged`` (group by group, at the staging step's rate, skipped after
-    a non-finite loss, a no-op when repeated) gives every step the weights ``step`` gives it."""
-    def build() -> tuple[Mean, FlatAdamW]:
-        model = Mean()
-        groups = eng.param_groups(model, load_config(None, []).optim, {})
-        return model, FlatAdamW(groups, precision="fp32", lr=1e-2, weight_decay=0.1, max_norm=0.5, compiled=compiled)
-
-    (now, opt_now), (later, opt_later) = build(), build()
-    assert len(opt_later.flats) == 2
-    for i, (x, y) in enumerate(data(4)):
-        for opt in (opt_now, opt_later):
-            for group in opt.param_groups:
-                group["lr"] = 1e-2 / (i + 1)
-        opt_later.load_lrs()
-        opt_later.apply_staged([1])
-        opt_later.apply_staged()
-        scale = math.nan if i == 2 else 1.0
-        (now(x, y) * scale).backward()
-        (later(x, y) * scale).backward()
-        opt_now.step()
-        opt_later.stage()
-        assert float(opt_later.norm) == pytest.approx(float(opt_now.norm), nan_ok=True)
-    opt_later.apply_staged()
-    opt_later.apply_staged()
-    for a, b in zip(now.parameters(), later.parameters()):
-        torch.testing.assert_close(a, b, **({} if compiled else {"rtol": 0, "atol": 0}))
-    for f_now, f_later in zip(opt_now.flats, opt_later.flats):
-        s_now, s_later = opt_now.state[f_now.master], opt_later.state[f_later.master]
-        assert s_now["step"] == s_later["step"] == 3
-        torch.testing.assert_close(s_now["exp_avg_sq"], s_later["exp_avg_sq"])
-
-
 def test_loads_the_optimizer_state_of_the_engine_before_flat_buffers(tmp_path):
     """Its checkpoints hold torch.optim.AdamW's state, one entry per parameter in group order."""
     cfg = load_config(None, NATIVE)

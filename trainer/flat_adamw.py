@@ -73,55 +73,23 @@ def adamw_update(grad: Tensor, master: Tensor, exp_avg: Tensor, exp_avg_sq: Tens
         weights.copy_(master)
 
 
-def global_clip(grads: list[list[Tensor]], max_norm: float, finite: Tensor) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
-    """Each group's gradients (``grads``: per group, per parameter) laid end to end, their global
-    L2 norm, whether to update (the norm is finite and so is ``finite``, a 0-d bool) and the
-    clip scale ``nn.utils.clip_grad_norm_`` would apply."""
-    flats = [torch.cat([g.reshape(-1) for g in group]) for group in grads]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in flats]))
-    return flats, norm, norm.isfinite() & finite, (max_norm / (norm + 1e-6)).clamp(max=1.0)
-
-
 def clip_and_update(grads: list[list[Tensor]], masters: list[Tensor], exp_avgs: list[Tensor],
                     exp_avg_sqs: list[Tensor], weights: list[Tensor | None], lrs: list[Tensor], steps: list[Tensor],
                     hypers: list[tuple[float, float, float, float]], max_norm: float, finite: Tensor) -> Tensor:
-    """Clip by the global norm (``global_clip``), then ``adamw_update`` each group (``hypers``:
-    beta1, beta2, eps, weight decay). A non-finite norm, or a false ``finite``, skips the update
-    and does not count the step, as fused AdamW with ``found_inf`` does. Returns the norm before
-    clipping."""
-    flats, norm, ok, scale = global_clip(grads, max_norm, finite)
+    """Clip by the global L2 norm of all groups' gradients (``grads``: per group, per parameter)
+    as ``nn.utils.clip_grad_norm_`` does, then ``adamw_update`` each group (``hypers``: beta1,
+    beta2, eps, weight decay). A non-finite norm, or a false ``finite`` (0-d bool), skips the
+    update and does not count the step, as fused AdamW with ``found_inf`` does. Returns the norm
+    before clipping."""
+    flats = [torch.cat([g.reshape(-1) for g in group]) for group in grads]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in flats]))
+    ok = norm.isfinite() & finite
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for grad, master, m, v, w, lr, step, hyper in zip(flats, masters, exp_avgs, exp_avg_sqs, weights, lrs, steps,
                                                        hypers):
         step.add_(ok)
         adamw_update(grad, master, m, v, w, scale, ok, lr, step, *hyper)
     return norm
-
-
-def stage_update(grads: list[list[Tensor]], staged: list[Tensor], lrs: list[Tensor], staged_lrs: list[Tensor],
-                 pending: list[Tensor], scale: Tensor, max_norm: float, finite: Tensor) -> Tensor:
-    """The first half of a deferred step: ``global_clip`` into the persistent buffers ``staged``
-    (gradients), ``staged_lrs`` (this step's rates), ``pending`` (each group's update flag) and
-    ``scale``. Returns the norm before clipping."""
-    flats, norm, ok, clip = global_clip(grads, max_norm, finite)
-    for buffer, flat in zip(staged, flats):
-        buffer.copy_(flat)
-    for buffer, lr in zip(staged_lrs, lrs):
-        buffer.copy_(lr)
-    for flag in pending:
-        flag.copy_(ok)
-    scale.copy_(clip)
-    return norm
-
-
-def apply_staged(groups: list[tuple[Tensor, ...]], hypers: list[tuple[float, float, float, float]],
-                 scale: Tensor) -> None:
-    """The second half: ``adamw_update`` of each group in ``groups`` (staged gradient, master,
-    moments, weights, staged rate, step count, pending flag) whose flag is set; then clears the
-    flags, so a second call changes nothing."""
-    for (grad, master, m, v, w, lr, step, flag), hyper in zip(groups, hypers):
-        step.add_(flag)
-        adamw_update(grad, master, m, v, w, scale, flag, lr, step, *hyper)
-        flag.copy_(torch.zeros_like(flag))
 
 
 class FlatAdamW(torch.optim.Optimizer):
@@ -153,10 +121,7 @@ class FlatAdamW(torch.optim.Optimizer):
         compiled = device.type == "cuda" if compiled is None else compiled
         # Static shapes: the parameters never change size, and one symbol per gradient dimension
         # would slow compilation and every call's guards.
-        self._update, self._stage, self._apply = (torch.compile(f, fullgraph=True) if compiled else f
-                                                  for f in (clip_and_update, stage_update, apply_staged))
-        self._staged: dict[str, list[Tensor]] | None = None
-        self._scale = torch.ones((), device=device)
+        self._update = torch.compile(clip_and_update, fullgraph=True) if compiled else clip_and_update
 
     @torch.no_grad()
     def step(self) -> None:  # type: ignore[override]
@@ -186,43 +151,6 @@ class FlatAdamW(torch.optim.Optimizer):
         # What torch's LR schedulers check to warn of a schedule stepped before its optimizer;
         # set here too, as a captured step calls only this part.
         self._opt_called = True
-
-    @torch.no_grad()
-    def stage(self, finite: Tensor | None = None) -> None:
-        """``update`` deferred: clip now, keep the clipped step's inputs on the device, drop the
-        gradients. ``apply_staged`` then updates, group by group, where the caller wants: each
-        tower's groups just before that tower's next forward, on its stream, so the memory-bound
-        update runs beside the other tower's work instead of alone at the end of the step.
-        Capturable like ``update``; the first call allocates the buffers."""
-        if self._staged is None:
-            grads = [f.grads() for f in self.flats]
-            self._staged = {
-                "grads": [torch.empty(sum(g.numel() for g in group), dtype=group[0].dtype, device=self._scale.device)
-                          for group in grads],
-                "lrs": [torch.zeros_like(lr) for lr in self.lrs],
-                "pending": [torch.zeros((), dtype=torch.bool, device=self._scale.device) for _ in self.flats]}
-        staged = self._staged
-        self.norm = self._stage([f.grads() for f in self.flats], staged["grads"], self.lrs, staged["lrs"],
-                                staged["pending"], self._scale, self.max_norm,
-                                self._finite if finite is None else finite)
-        self.zero_grad()
-        self._opt_called = True
-
-    @torch.no_grad()
-    def apply_staged(self, groups: list[int] | None = None) -> None:
-        """The staged update of ``groups`` (indices; default all) at the rates of the step that
-        staged it. A group with nothing staged, or already applied, is left as it is, so this
-        also serves to flush every pending update before weights are read or saved."""
-        if self._staged is None:
-            return
-        indices = range(len(self.flats)) if groups is None else groups
-        s = self._staged
-        items = [(s["grads"][i], self.flats[i].master, *(self.state[self.flats[i].master][k] for k in MOMENTS),
-                  self.flats[i].weights, s["lrs"][i], self.state[self.flats[i].master]["step"], s["pending"][i])
-                 for i in indices]
-        hypers = [(*self.param_groups[i]["betas"], self.param_groups[i]["eps"], self.param_groups[i]["weight_decay"])
-                  for i in indices]
-        self._apply(items, hypers, self._scale)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop (or zero) the model parameters' gradients: the next backward hands over fresh ones."""
