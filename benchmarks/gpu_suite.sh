@@ -10,9 +10,9 @@
 #   bash benchmarks/gpu_suite.sh setup streams                            # 1 GPU: CUDA tests, towers on 1 vs 2 streams
 #   TRAIN_IMAGES=6000 bash benchmarks/gpu_suite.sh setup data graphs      # 1 GPU: loader memory, trainer captured or not
 # Results (logs, JSON, the MLflow store as a tarball) land in $OUT.
-# `setup` installs from ./.whl, for machines without a network. Fill it on one with the network:
-#   pip download -d .whl webdataset mlflow-skinny hjson py-cpuinfo pytest   (and their dependencies)
-#   pip wheel --no-deps --no-build-isolation deepspeed -w .whl               (its sdist, built against torch)
+# `setup` installs from ./.whl, for machines without a network. Fill it on one with the network,
+# from the repo root after `make venv`: `bash benchmarks/gpu_suite.sh wheels` (the device's Python,
+# 3.12 in December 2026, is set by DEVICE_PYTHON; wheels built for another one fail to install there).
 set -uo pipefail
 export MLFLOW_ALLOW_FILE_STORE=true PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/rgfusion-out}
@@ -24,6 +24,15 @@ log() { echo "[$(date +%T)] $*"; }
 RG="python3 -m rgfusion.trainer.cli"  # the console script may not be on a bare image's PATH
 # The harness rows recorded in benchmarks/RESULTS.md (all 18 take twice as long).
 BENCH_ONLY=full-bigru-fp32,full-bigru-bf16,full-bigru-bf16-default,full-bigru-bf16-graph,full-bert-fp32,full-bert-bf16,full-bert-bf16-default,full-bert-bf16-graph,region-gpo-bigru-fp32,region-gpo-bigru-fp32-graph,region-gpo-bigru-bf16,region-gpo-bigru-bf16-graph
+
+wheels() {  # on the CPU machine: the wheels `setup` needs, for the device's Python, into .whl (under 64 MiB)
+  local platforms="--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64"
+  python3 -m pip download -q -d .whl --python-version "${DEVICE_PYTHON:-3.12}" --only-binary=:all: $platforms \
+    webdataset mlflow-skinny hjson py-cpuinfo pytest pydantic 2>&1 | grep -v "^WARNING: Location" | tail -3
+  rm -f .whl/numpy-*  # the device's torch was built against its own numpy
+  .venv/bin/pip wheel -q --no-deps --no-build-isolation deepspeed -w .whl 2>&1 | grep -v "^WARNING: Location" | tail -3
+  du -sh .whl
+}
 
 setup() {
   python3 -m pip install -q --no-index --find-links .whl webdataset deepspeed mlflow-skinny hjson py-cpuinfo pytest 2>&1 | tail -2
