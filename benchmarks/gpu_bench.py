@@ -8,6 +8,10 @@ the end-to-end pairs/s and data-wait share). Run on a GPU machine:
     python benchmarks/gpu_bench.py --batch 256 --only full-bert-bf16w-graph
     python benchmarks/gpu_bench.py --attention math --side-streams --pad-shapes --only full-bert-bf16w-compile-graph
     python benchmarks/gpu_bench.py --device cpu --tiny            # smoke test on a CPU
+    # where a compiled (uncaptured) step's kernels come from: ops and Python frames per launch
+    python benchmarks/gpu_bench.py --attention math --side-streams --pad-shapes --only full-bert-bf16w-default \
+        --profile full-bert-bf16w-default --stack --trace t.json.gz --no-eval
+    python benchmarks/trace_summary.py t.json.gz --steps 5 --origins 'reduce_kernel'
 
 Variants are ``<model>-<precision>[-<mode>]``. Precisions: ``fp32`` (TF32 matmuls), ``bf16``
 (autocast over fp32 parameters), ``bf16w`` (bf16 parameters with fp32 master weights: the native
@@ -411,7 +415,7 @@ def profile_variant(v: Variant, shape: Shape, device, hf_path, args) -> str:
     bench = build_bench(v, shape, device, hf_path, args.tiny)
     time_steps(bench.step, bench.batches[:1], device, 3, 1)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, with_stack=args.stack) as prof:
         time_steps(bench.step, bench.batches[:1], device, 0, PROFILE_STEPS)
     if args.trace:  # the timeline, for benchmarks/trace_summary.py or a trace viewer
         tmp = args.trace.removesuffix(".gz")
@@ -469,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--profile", default="", help="variant name to profile (table printed)")
     p.add_argument("--trace", default="", help="with --profile: write its chrome trace here (.json or .json.gz)")
+    p.add_argument("--stack", action="store_true",
+                   help="with --profile: record Python stacks too (trace_summary.py --origins names the frames)")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     device = torch.device(args.device)

@@ -6,6 +6,11 @@ how much the streams overlapped, the idle time, kernel time by kind, and the top
 replayed inside a CUDA graph appear in the trace too, so a captured step can be read this way.
 
     python benchmarks/trace_summary.py trace.json.gz --steps 5 [--timeline 500]
+    python benchmarks/trace_summary.py trace.json.gz --steps 5 --origins 'reduce_kernel'
+
+``--origins REGEX`` says where the matching kernels were launched from: the CPU ops and, in a
+trace recorded with Python stacks (``gpu_bench.py --profile V --stack``), the Python frames
+around each launch. It needs an uncaptured step: a CUDA graph launches all its kernels at once.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import bisect
 import re
 import sys
 from collections import defaultdict
@@ -32,10 +38,13 @@ def kind_of(name: str) -> str:
     return next((k for k, rx in KINDS if rx.search(name)), "other")
 
 
-def load_kernels(path: str) -> list[dict]:
+def load_events(path: str) -> list[dict]:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
-        events = json.load(f)["traceEvents"]
+        return json.load(f)["traceEvents"]
+
+
+def gpu_kernels(events: list[dict]) -> list[dict]:
     return [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
 
 
@@ -111,6 +120,72 @@ def timeline(kernels: list[dict], steps: int, bucket_us: float, name_width: int 
     return "\n".join(lines)
 
 
+HOST_SPANS = ("cpu_op", "python_function", "user_annotation")
+
+
+class HostNesting:
+    """The CPU-side spans (ops, Python frames, annotations) of each thread, nested by time."""
+
+    def __init__(self, events: list[dict]) -> None:
+        by_thread: dict[tuple, list[dict]] = defaultdict(list)
+        for e in events:
+            if e.get("ph") == "X" and e.get("cat") in HOST_SPANS:
+                by_thread[(e.get("pid"), e.get("tid"))].append(e)
+        self.threads = {}
+        for thread, spans in by_thread.items():
+            spans.sort(key=lambda e: (float(e["ts"]), -float(e["dur"])))
+            self.threads[thread] = ([float(e["ts"]) for e in spans], spans, self._parents(spans))
+
+    @staticmethod
+    def _parents(spans: list[dict]) -> list[int]:
+        """Index of each span's innermost enclosing span (-1 for none); spans sorted by start."""
+        parents, open_ = [], []
+        for i, e in enumerate(spans):
+            while open_ and float(spans[open_[-1]]["ts"]) + float(spans[open_[-1]]["dur"]) < float(e["ts"]) + float(e["dur"]):
+                open_.pop()
+            parents.append(open_[-1] if open_ else -1)
+            open_.append(i)
+        return parents
+
+    def around(self, event: dict) -> list[str]:
+        """Names of the spans on ``event``'s thread that contain it, outermost first."""
+        starts, spans, parents = self.threads.get((event.get("pid"), event.get("tid")), ([], [], []))
+        end = float(event["ts"]) + float(event.get("dur", 0))
+        # The span starting last before the event; one that ends too early has no descendant
+        # holding the event either, so its parent is the next candidate.
+        i = bisect.bisect_right(starts, float(event["ts"])) - 1
+        while i >= 0 and float(spans[i]["ts"]) + float(spans[i]["dur"]) < end:
+            i = parents[i]
+        chain = []
+        while i >= 0:
+            chain.append(spans[i]["name"])
+            i = parents[i]
+        return chain[::-1]
+
+
+def origins(events: list[dict], pattern: str, steps: int, depth: int, top: int) -> str:
+    """Kernel time of the kernels matching ``pattern``, by the innermost ``depth`` host spans
+    around their launch (joined outermost first)."""
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    nesting = HostNesting(events)
+    rx = re.compile(pattern)
+    by_origin: dict[str, list[float]] = defaultdict(list)
+    for k in gpu_kernels(events):
+        if not rx.search(k["name"]):
+            continue
+        launch = launches.get(k.get("args", {}).get("correlation"))
+        chain = nesting.around(launch)[-depth:] if launch else []
+        by_origin[" > ".join(chain) or f"({launch['name'] if launch else 'no launch'} outside any op)"].append(
+            float(k["dur"]))
+    if not by_origin:
+        return f"no kernel matches {pattern!r}"
+    lines = [f"kernels matching {pattern!r} by where they were launched (per step: time, calls; spans outermost first):"]
+    for chain, durs in sorted(by_origin.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        lines.append(f"  {sum(durs) / steps / 1e3:7.3f} ms {len(durs) // steps:4d}  {chain}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("trace", help="chrome trace (.json or .json.gz) from torch.profiler")
@@ -118,11 +193,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--timeline", type=float, default=0, metavar="US",
                    help="also print the first step in slices of US microseconds, per stream")
+    p.add_argument("--origins", default="", metavar="REGEX",
+                   help="also print where the kernels whose name matches REGEX were launched from")
+    p.add_argument("--depth", type=int, default=4, help="with --origins: host spans shown per launch, innermost")
     args = p.parse_args(argv)
-    kernels = load_kernels(args.trace)
-    print(summarise(kernels, max(args.steps, 1), args.top))
+    events = load_events(args.trace)
+    kernels = gpu_kernels(events)
+    steps = max(args.steps, 1)
+    print(summarise(kernels, steps, args.top))
     if args.timeline > 0:
-        print(timeline(kernels, max(args.steps, 1), args.timeline))
+        print(timeline(kernels, steps, args.timeline))
+    if args.origins:
+        print(origins(events, args.origins, steps, max(args.depth, 1), args.top))
     return 0
 
 

@@ -68,3 +68,39 @@ def test_timeline_slices_the_first_step_per_stream(tmp_path, capsys):
     # ends with the step: without the cut, the second step's GEMM (100-160) would fall in it.
     assert [r.split() for r in rows[2:]] == [["0", "|", "60", "nvjet_gemm", "|", "20", "cutlass_wmma"],
                                              ["60", "|", "10", "triton_poi_add", "|", "30", "cutlass_wmma"]]
+
+
+def host(cat, name, ts, dur, tid=1):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
+
+
+def launch(ts, correlation):
+    return {**host("cuda_runtime", "cudaLaunchKernel", ts, 1), "args": {"correlation": correlation}}
+
+
+def launched(name, ts, dur, correlation):
+    return {**kernel(name, ts, dur, 7), "args": {"correlation": correlation}}
+
+
+def test_origins_name_the_ops_and_frames_around_each_launch(tmp_path, capsys):
+    # step() calls loss() twice (each an aten::sum launching a reduction) and then a compiled
+    # graph launching a triton kernel; a sibling span that ended before a launch must not count.
+    events = [host("python_function", "gpu_bench.py(230): step", 0, 100),
+              host("python_function", "loss.py(40): contrastive_loss", 5, 30),
+              host("cpu_op", "aten::sum", 10, 5), launch(11, 1),
+              host("cpu_op", "aten::mul", 16, 2),
+              host("cpu_op", "aten::sum", 20, 5), launch(21, 2),
+              host("cpu_op", "CompiledFunction", 40, 30), launch(50, 3),
+              launch(90, 4),
+              launched("reduce_kernel<128, 4>", 200, 20, 1), launched("reduce_kernel<128, 4>", 230, 30, 2),
+              launched("triton_red_fused_sum_0", 300, 7, 3), launched("reduce_kernel<512, 1>", 320, 4, 4),
+              launched("reduce_kernel<128, 4>", 400, 9, 99)]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    assert load().main([str(path), "--origins", "reduce_kernel|triton_red", "--depth", "3"]) == 0
+    out = capsys.readouterr().out.split("by where they were launched")[1].splitlines()[1:]
+    assert [r.split(None, 2) for r in out] == [
+        ["0.050", "ms", "2  gpu_bench.py(230): step > loss.py(40): contrastive_loss > aten::sum"],
+        ["0.009", "ms", "1  (no launch outside any op)"],
+        ["0.007", "ms", "1  gpu_bench.py(230): step > CompiledFunction"],
+        ["0.004", "ms", "1  gpu_bench.py(230): step"]]
