@@ -19,7 +19,8 @@ json, missing member, wrong shape) is skipped, counted in ``skip_stats()`` by re
 reported by a rate-limited warning; transient storage errors reopen the shard with backoff
 and resume after the samples already yielded.
 
-Memory per worker process is bounded by the shuffle buffer, not the dataset:
+Memory per worker process is bounded by the shuffle buffer (``shuffle_buffer``, or a quarter of
+the worker's pass if that is smaller: ``shuffle_window``), not the dataset:
     resident ~= fixed overhead (interpreter + torch, ~0.3 GB)
                 + (shuffle_buffer + (prefetch_factor + 1) * batch_size) * sample_bytes
                 + block_size (one open shard's read-ahead, object stores only)
@@ -65,7 +66,9 @@ class DataConfig:
 
     url: str = "data/synthetic"  # dataset root (folder or s3://bucket/prefix) holding manifest.json
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec kwargs, e.g. client_kwargs.endpoint_url
-    shuffle_buffer: int = 1000  # samples per worker; bounds memory (see module docstring)
+    # Samples per worker; bounds memory (see module docstring). At most a quarter of what the
+    # worker yields in one epoch is used (reader.shuffle_window).
+    shuffle_buffer: int = 1000
     num_workers: int = 2  # DataLoader worker processes per rank; 0 reads in the training process
     max_words: int = 32  # captions are truncated to this many tokens incl. <start>/<end>
     tokenizer: str | None = None  # None: dataset vocab (BiGRU); else a local HF tokenizer directory
@@ -608,6 +611,19 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
+def shuffle_window(configured: int, samples: int) -> int:
+    """The shuffle buffer of a worker whose pass yields ``samples``: the configured size, but at
+    most a quarter of the pass.
+
+    WebDataset's buffer fills by reading two samples for each one it yields, and whatever it
+    holds when the pass ends is dropped. A buffer as large as the pass reads every sample twice:
+    with 14 workers and 2,000 samples each, a 20,000-image epoch never leaves the filling, and
+    the loader ran at half speed (benchmarks/RESULTS.md, session 6). Capped, a pass reads at most
+    a quarter more than it yields.
+    """
+    return max(1, min(configured, samples // 4))
+
+
 @dataclass
 class _Plan:
     """What one rank streams; picklable so DataLoader workers can rebuild the pipeline."""
@@ -667,7 +683,7 @@ class _Plan:
                 yield collate(chunk, self.manifest, self.text, dtype, [[rng.choice(s.captions)] for s in chunk],
                               buffers=buffers)
 
-        buf = max(self.cfg.shuffle_buffer, 1)
+        buf = shuffle_window(self.cfg.shuffle_buffer, n * self.batch_size)
         initial = min(buf, self.batch_size)
         return wds.DataPipeline(shard_stream, wds.shuffle(buf, initial=initial, rng=rng), to_batches,
                                 wds.slice(n)).iterator()

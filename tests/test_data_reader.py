@@ -15,7 +15,7 @@ import torch
 from data_helpers import DR, GRID, MAXR, make_sample, sample_members, write_dataset, write_raw_shard
 
 from rgfusion.datasets import DataConfig, build_text_processor, eval_loader, load_manifest, skip_stats, train_loader
-from rgfusion.datasets.reader import SkipStats, deal_shards, iter_tar, worker_steps
+from rgfusion.datasets.reader import ShardReader, SkipStats, deal_shards, iter_tar, worker_steps
 from rgfusion.datasets.schema import SchemaError, load_npy, npy_bytes
 from rgfusion.datasets.storage import DatasetNotFound
 
@@ -97,6 +97,27 @@ def test_train_stream_is_seeded(tmp_path):
     assert ids() == ids()
     assert ids() != ids(rank=1) and ids() != ids(epoch=1) and ids() != ids(seed=5)
     assert len(ids(start_step=3)) == 1
+
+
+def test_a_pass_reads_at_most_a_quarter_more_than_it_yields(tmp_path, monkeypatch):
+    """The shuffle buffer is capped at a quarter of the pass: WebDataset fills it by reading two
+    samples per yield and drops what it holds at the end, so a 1,000-sample buffer on a
+    30-sample pass would read 60."""
+    write_dataset(str(tmp_path), UNEVEN)
+    cfg, m, text = open_dataset(tmp_path)
+    cfg.shuffle_buffer = 1000
+    reads = []
+    original = ShardReader.samples
+
+    def counted(self, url):
+        for sample in original(self, url):
+            reads.append(sample.image_id)
+            yield sample
+
+    monkeypatch.setattr(ShardReader, "samples", counted)
+    batches = list(train_loader(cfg, m, text, batch_size=6, steps=5, rank=0, world_size=1, seed=1, epoch=0))
+    assert sum(len(b) for b in batches) == 30
+    assert 30 <= len(reads) <= 30 + 7
 
 
 @pytest.mark.parametrize("steps", [1, 5, 6])
