@@ -16,9 +16,9 @@ around each launch. It needs an uncaptured step: a CUDA graph launches all its k
 from __future__ import annotations
 
 import argparse
+import bisect
 import gzip
 import json
-import bisect
 import re
 import sys
 from collections import defaultdict
@@ -123,6 +123,10 @@ def timeline(kernels: list[dict], steps: int, bucket_us: float, name_width: int 
 HOST_SPANS = ("cpu_op", "python_function", "user_annotation")
 
 
+def span_end(event: dict) -> float:
+    return float(event["ts"]) + float(event.get("dur", 0))
+
+
 class HostNesting:
     """The CPU-side spans (ops, Python frames, annotations) of each thread, nested by time."""
 
@@ -141,7 +145,7 @@ class HostNesting:
         """Index of each span's innermost enclosing span (-1 for none); spans sorted by start."""
         parents, open_ = [], []
         for i, e in enumerate(spans):
-            while open_ and float(spans[open_[-1]]["ts"]) + float(spans[open_[-1]]["dur"]) < float(e["ts"]) + float(e["dur"]):
+            while open_ and span_end(spans[open_[-1]]) < span_end(e):
                 open_.pop()
             parents.append(open_[-1] if open_ else -1)
             open_.append(i)
@@ -150,11 +154,11 @@ class HostNesting:
     def around(self, event: dict) -> list[str]:
         """Names of the spans on ``event``'s thread that contain it, outermost first."""
         starts, spans, parents = self.threads.get((event.get("pid"), event.get("tid")), ([], [], []))
-        end = float(event["ts"]) + float(event.get("dur", 0))
+        end = span_end(event)
         # The span starting last before the event; one that ends too early has no descendant
         # holding the event either, so its parent is the next candidate.
         i = bisect.bisect_right(starts, float(event["ts"])) - 1
-        while i >= 0 and float(spans[i]["ts"]) + float(spans[i]["dur"]) < end:
+        while i >= 0 and span_end(spans[i]) < end:
             i = parents[i]
         chain = []
         while i >= 0:
