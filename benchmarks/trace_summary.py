@@ -44,6 +44,10 @@ def load_events(path: str) -> list[dict]:
         return json.load(f)["traceEvents"]
 
 
+def span_end(event: dict) -> float:
+    return float(event["ts"]) + float(event.get("dur", 0))
+
+
 def gpu_kernels(events: list[dict]) -> list[dict]:
     return [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
 
@@ -64,7 +68,7 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
 def summarise(kernels: list[dict], steps: int, top: int) -> str:
     if not kernels:
         raise SystemExit("no GPU kernels in the trace: was it recorded with ProfilerActivity.CUDA?")
-    spans = [(float(k["ts"]), float(k["ts"]) + float(k["dur"])) for k in kernels]
+    spans = [(float(k["ts"]), span_end(k)) for k in kernels]
     span = max(e for _, e in spans) - min(s for s, _ in spans)
     by_stream: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for k, iv in zip(kernels, spans):
@@ -94,11 +98,11 @@ def timeline(kernels: list[dict], steps: int, bucket_us: float, name_width: int 
     inside it and the kernel that took most of it. Shows when each stream starts, where one
     waits on the other and what runs alone at the end (e.g. the optimizer)."""
     t0 = min(float(k["ts"]) for k in kernels)
-    end = t0 + (max(float(k["ts"]) + float(k["dur"]) for k in kernels) - t0) / steps
+    end = t0 + (max(span_end(k) for k in kernels) - t0) / steps
     by_stream: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
     for k in kernels:
         if float(k["ts"]) < end:
-            by_stream[str(k.get("tid"))].append((float(k["ts"]), float(k["ts"]) + float(k["dur"]), k["name"]))
+            by_stream[str(k.get("tid"))].append((float(k["ts"]), span_end(k), k["name"]))
     streams = sorted(by_stream)
     head = " | ".join(f"stream {s} (first kernel at {min(iv[0] for iv in by_stream[s]) - t0:.0f} µs)"
                       .ljust(name_width + 8) for s in streams)
@@ -121,10 +125,6 @@ def timeline(kernels: list[dict], steps: int, bucket_us: float, name_width: int 
 
 
 HOST_SPANS = ("cpu_op", "python_function", "user_annotation")
-
-
-def span_end(event: dict) -> float:
-    return float(event["ts"]) + float(event.get("dur", 0))
 
 
 class HostNesting:
@@ -167,24 +167,25 @@ class HostNesting:
         return chain[::-1]
 
 
-def origins(events: list[dict], pattern: str, steps: int, depth: int, top: int) -> str:
-    """Kernel time of the kernels matching ``pattern``, by the innermost ``depth`` host spans
-    around their launch (joined outermost first)."""
+def origins(events: list[dict], kernels: list[dict], pattern: re.Pattern, steps: int, depth: int, top: int) -> str:
+    """Kernel time of the ``kernels`` matching ``pattern``, by the innermost ``depth`` host spans
+    around their launch in ``events`` (joined outermost first)."""
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
     nesting = HostNesting(events)
-    rx = re.compile(pattern)
     by_origin: dict[str, list[float]] = defaultdict(list)
-    for k in gpu_kernels(events):
-        if not rx.search(k["name"]):
+    for k in kernels:
+        if not pattern.search(k["name"]):
             continue
         launch = launches.get(k.get("args", {}).get("correlation"))
-        chain = nesting.around(launch)[-depth:] if launch else []
-        by_origin[" > ".join(chain) or f"({launch['name'] if launch else 'no launch'} outside any op)"].append(
-            float(k["dur"]))
+        if launch is None:
+            origin = "(its launch is not in the trace)"
+        else:
+            origin = " > ".join(nesting.around(launch)[-depth:]) or f"({launch['name']} outside any op)"
+        by_origin[origin].append(float(k["dur"]))
     if not by_origin:
-        return f"no kernel matches {pattern!r}"
-    lines = [f"kernels matching {pattern!r} by where they were launched (per step: time, calls; spans outermost first):"]
+        return f"no kernel matches {pattern.pattern!r}"
+    lines = [f"kernels matching {pattern.pattern!r} by where they were launched (per step: time, calls; spans outermost first):"]
     for chain, durs in sorted(by_origin.items(), key=lambda kv: -sum(kv[1]))[:top]:
         lines.append(f"  {sum(durs) / steps / 1e3:7.3f} ms {len(durs) // steps:4d}  {chain}")
     return "\n".join(lines)
@@ -201,14 +202,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="also print where the kernels whose name matches REGEX were launched from")
     p.add_argument("--depth", type=int, default=4, help="with --origins: host spans shown per launch, innermost")
     args = p.parse_args(argv)
+    try:
+        pattern = re.compile(args.origins) if args.origins else None
+    except re.error as e:
+        p.error(f"--origins {args.origins!r}: {e}")
     events = load_events(args.trace)
     kernels = gpu_kernels(events)
     steps = max(args.steps, 1)
     print(summarise(kernels, steps, args.top))
     if args.timeline > 0:
         print(timeline(kernels, steps, args.timeline))
-    if args.origins:
-        print(origins(events, args.origins, steps, max(args.depth, 1), args.top))
+    if pattern is not None:
+        print(origins(events, kernels, pattern, steps, max(args.depth, 1), args.top))
     return 0
 
 

@@ -10,6 +10,8 @@ import random
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "trace_summary.py"
 
 
@@ -101,6 +103,14 @@ def test_origins_name_the_ops_and_frames_around_each_launch(tmp_path, capsys):
     out = capsys.readouterr().out.split("by where they were launched")[1].splitlines()[1:]
     assert [r.split(None, 2) for r in out] == [
         ["0.050", "ms", "2  gpu_bench.py(230): step > loss.py(40): contrastive_loss > aten::sum"],
-        ["0.009", "ms", "1  (no launch outside any op)"],
+        ["0.009", "ms", "1  (its launch is not in the trace)"],
         ["0.007", "ms", "1  gpu_bench.py(230): step > CompiledFunction"],
         ["0.004", "ms", "1  gpu_bench.py(230): step"]]
+
+
+def test_a_bad_origins_pattern_is_a_usage_error(tmp_path, capsys):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": [kernel("k", 0, 1, 7)]}))
+    with pytest.raises(SystemExit):
+        load().main([str(path), "--origins", "reduce_kernel<(128"])
+    assert "--origins" in capsys.readouterr().err
