@@ -52,7 +52,9 @@ from rgfusion.trainer.engine import param_groups
 from rgfusion.trainer.flat_adamw import FlatAdamW
 from rgfusion.trainer.loss import LossConfig, contrastive_loss
 from rgfusion.trainer.metrics import evaluate_protocol
-from rgfusion.trainer.model import ModelConfig, TextConfig, build_model, count_parameters, flops_per_pair
+from rgfusion.trainer.model import ModelConfig, TextConfig, build_model, count_parameters
+from rgfusion.trainer.model.bert import FusedBertLayer
+from rgfusion.trainer.model.flops import image_flops, text_flops
 from rgfusion.trainer.model.streams import beside
 
 # H100 SXM dense bf16 tensor-core peak from the datasheet; MFU is quoted against it.
@@ -74,6 +76,13 @@ class Shape:
     side_priority: str = "high"  # of the caption tower's side stream: "high" or "normal"
     side_first: bool = True  # the caption tower's kernels launched (or captured) before the image tower's
     fused_bert: bool = True  # TextConfig.fused_bert: FusedBert or Hugging Face's BertModel
+    # "both"; "image"/"text": only that tower runs, the other's embeddings are a fixed stand-in,
+    # so the step's length is that tower's chain (plus loss and update) and how well the two
+    # overlap in the full step can be read off.
+    towers: str = "both"
+    # "": the caption tower attends as ``attention`` says; "cudnn"/"efficient": through SDPA,
+    # restricted to that kernel (an unsupported case is an error, not a silent fallback).
+    text_sdpa: str = ""
 
 
 @dataclass
@@ -219,10 +228,18 @@ def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, shape:
 
     if v.compile_mode:  # each tower on its own, so the two can run on two streams
         images, captions = (torch.compile(f, mode=v.compile_mode) for f in (images, captions))
+    stand_in = torch.randn(shape.batch, model.cfg.width, device=device)
+
+    def embed(batch):
+        if shape.towers == "image":
+            return images(batch), stand_in
+        if shape.towers == "text":
+            return stand_in, captions(batch)
+        return beside(lambda: images(batch), lambda: captions(batch), device, enabled=shape.side_streams,
+                      high_priority=shape.side_priority == "high", side_first=shape.side_first)
 
     def step(batch):
-        img, cap = beside(lambda: images(batch), lambda: captions(batch), device, enabled=shape.side_streams,
-                          high_priority=shape.side_priority == "high", side_first=shape.side_first)
+        img, cap = embed(batch)
         loss, _ = contrastive_loss(img, cap, ids, ids, cfg=loss_cfg, step=10**9)
         loss.backward()
         update()
@@ -307,6 +324,12 @@ def build_bench(v: Variant, shape: Shape, device: torch.device, hf_path: str | N
         cfg, region_dim=shape.region_dim, grid_dim=shape.grid_dim, grid_size=shape.grid, vocab_size=vocab
     ).to(device)
     model.use_side_streams(shape.side_streams)
+    if shape.text_sdpa:
+        bert_layers = [m for m in model.modules() if isinstance(m, FusedBertLayer)]
+        if not bert_layers:
+            raise ValueError("--text-sdpa needs the fused BERT caption tower")
+        for layer in bert_layers:
+            layer.attention = "sdpa"
     update = make_update(model, v, device)
     seq = shape.words + 4 if v.text == "bert" else shape.words
     # Several input sets so repeated steps don't just re-read one batch from cache.
@@ -322,11 +345,12 @@ def bench_variant(v: Variant, shape: Shape, device, hf_path, args) -> dict:
     times = time_steps(bench.step, bench.batches, device, args.warmup, args.iters)
     synced = time_steps(bench.step, bench.batches, device, 0, args.iters, back_to_back=False)
     med = statistics.median(times)
-    flops = flops_per_pair(bench.cfg, shape.region_dim, shape.grid_dim, shape.grid, shape.regions, bench.seq)
+    flops = row_flops(bench, shape)
     pairs = shape.batch / med
     peak = next((p for k, p in PEAK_BF16_FLOPS.items() if k in device_name(device)), None)
     row = {
         **dataclasses.asdict(v),
+        "towers": shape.towers,
         "batch": shape.batch,
         "params": count_parameters(bench.model),
         "step_ms": round(med * 1e3, 2),
@@ -349,6 +373,13 @@ def bench_variant(v: Variant, shape: Shape, device, hf_path, args) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     return row
+
+
+def row_flops(bench: Bench, shape: Shape) -> int:
+    """Forward FLOPs per pair of the towers the row runs."""
+    image = image_flops(bench.cfg, shape.region_dim, shape.grid_dim, shape.grid, shape.regions)
+    text = text_flops(bench.cfg, bench.seq)
+    return {"image": image, "text": text}.get(shape.towers, image + text)
 
 
 def split_text_image(model, batch, v: Variant, device, args) -> dict:
@@ -455,6 +486,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
     p.add_argument("--batch", type=int, default=None, help="pairs per step (default 128, 8 with --tiny)")
     p.add_argument("--attention", choices=("sdpa", "math"), default="sdpa", help="model.attention of every variant")
+    p.add_argument("--towers", choices=("both", "image", "text"), default="both",
+                   help="run only one tower, the other's embeddings a fixed stand-in: that tower's chain alone")
+    p.add_argument("--text-sdpa", choices=("", "cudnn", "efficient"), default="",
+                   help="BERT's attention through SDPA restricted to this kernel (every SDPA call is)")
     p.add_argument("--side-streams", action="store_true",
                    help="run the caption tower beside the image tower on a side CUDA stream")
     p.add_argument("--side-priority", choices=("high", "normal"), default="high",
@@ -481,7 +516,13 @@ def main(argv: list[str] | None = None) -> int:
     shape = Shape(batch=8, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200) if args.tiny else Shape()
     shape = dataclasses.replace(shape, attention=args.attention, side_streams=args.side_streams,
                                 side_priority=args.side_priority,
-                                side_first=args.launch_order == "side", fused_bert=args.fused_bert == "on")
+                                side_first=args.launch_order == "side", fused_bert=args.fused_bert == "on",
+                                towers=args.towers, text_sdpa=args.text_sdpa)
+    if args.text_sdpa:  # the one kernel allowed: an unsupported case raises instead of falling back
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_math_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(args.text_sdpa == "efficient")
+        torch.backends.cuda.enable_cudnn_sdp(args.text_sdpa == "cudnn")
     if args.batch is not None:
         shape = dataclasses.replace(shape, batch=args.batch)
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 rows use TF32 tensor cores, as trainers do

@@ -69,3 +69,18 @@ def test_profile_writes_a_gzipped_chrome_trace(tmp_path):
     with gzip.open(trace, "rt") as f:
         events = json.load(f)["traceEvents"]
     assert any(e.get("name", "").startswith("aten::") for e in events)
+
+
+@pytest.mark.parametrize("towers", ["image", "text"])
+def test_one_tower_row_trains_that_tower_and_counts_its_flops(towers):
+    bench = load_bench()
+    shape = bench.Shape(batch=4, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200,
+                        towers=towers)
+    v = next(v for v in bench.variants() if v.name == "full-bigru-fp32")
+    built = bench.build_bench(v, shape, bench.torch.device("cpu"), None, tiny=True)
+    before = {n: p.detach().clone() for n, p in built.model.named_parameters()}
+    built.step(built.batches[0])
+    moved = {n.split(".")[0] for n, p in built.model.named_parameters() if not bench.torch.equal(p, before[n])}
+    assert moved == {towers}
+    full = bench.row_flops(built, bench.dataclasses.replace(shape, towers="both"))
+    assert 0 < bench.row_flops(built, shape) < full
