@@ -55,6 +55,7 @@ from rgfusion.trainer.metrics import evaluate_protocol
 from rgfusion.trainer.model import ModelConfig, TextConfig, build_model, count_parameters
 from rgfusion.trainer.model.bert import FusedBertLayer
 from rgfusion.trainer.model.flops import image_flops, text_flops
+from rgfusion.trainer.model.retrieval import compile_options
 from rgfusion.trainer.model.streams import beside
 
 # H100 SXM dense bf16 tensor-core peak from the datasheet; MFU is quoted against it.
@@ -83,6 +84,7 @@ class Shape:
     # "": the caption tower attends as ``attention`` says; "cudnn"/"efficient": through SDPA,
     # restricted to that kernel (an unsupported case is an error, not a silent fallback).
     text_sdpa: str = ""
+    eager_random: bool = True  # train.compile_eager_random: dropout's random numbers from PyTorch's kernels
 
 
 @dataclass
@@ -227,7 +229,8 @@ def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, shape:
             return model.embed_captions(batch["tokens"], batch["lengths"], batch["attention_mask"]).float()
 
     if v.compile_mode:  # each tower on its own, so the two can run on two streams
-        images, captions = (torch.compile(f, mode=v.compile_mode) for f in (images, captions))
+        options = compile_options(v.compile_mode, eager_random=shape.eager_random)
+        images, captions = (torch.compile(f, options=options) for f in (images, captions))
     stand_in = torch.randn(shape.batch, model.cfg.width, device=device)
 
     def embed(batch):
@@ -490,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="run only one tower, the other's embeddings a fixed stand-in: that tower's chain alone")
     p.add_argument("--text-sdpa", choices=("", "cudnn", "efficient"), default="",
                    help="BERT's attention through SDPA restricted to this kernel (every SDPA call is)")
+    p.add_argument("--compile-random", choices=("eager", "inductor"), default="eager",
+                   help="compiled dropout's random numbers: PyTorch's kernels (the trainer's default) or inductor's")
     p.add_argument("--side-streams", action="store_true",
                    help="run the caption tower beside the image tower on a side CUDA stream")
     p.add_argument("--side-priority", choices=("high", "normal"), default="high",
@@ -517,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     shape = dataclasses.replace(shape, attention=args.attention, side_streams=args.side_streams,
                                 side_priority=args.side_priority,
                                 side_first=args.launch_order == "side", fused_bert=args.fused_bert == "on",
-                                towers=args.towers, text_sdpa=args.text_sdpa)
+                                towers=args.towers, text_sdpa=args.text_sdpa,
+                                eager_random=args.compile_random == "eager")
     if args.text_sdpa:  # the one kernel allowed: an unsupported case raises instead of falling back
         torch.backends.cuda.enable_flash_sdp(False)
         torch.backends.cuda.enable_math_sdp(False)

@@ -161,7 +161,7 @@ class Run:
         model = build_model(cfg.model, region_dim=self.manifest.region_dim, grid_dim=self.manifest.grid_dim,
                             grid_size=tuple(self.manifest.grid_size), vocab_size=self.text.vocab_size)
         if cfg.train.compile:
-            model.compile_towers(cfg.train.compile_mode)
+            model.compile_towers(cfg.train.compile_mode, eager_random=cfg.train.compile_eager_random)
         model.use_side_streams(uses_side_streams(cfg, env.world_size, self.device))
         module = TrainModule(model, ContrastiveLoss(cfg.loss))
         enable_universal(module)

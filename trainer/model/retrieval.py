@@ -14,6 +14,18 @@ from .streams import beside
 from .text import TextEncoder
 
 
+def compile_options(mode: str, *, eager_random: bool) -> dict[str, Any]:
+    """Inductor options of torch.compile ``mode``, plus where dropout's random numbers come from.
+
+    ``eager_random``: from PyTorch's own random kernels, as in eager mode, instead of inductor's
+    generator inlined in the fused kernels. Inductor's draws one Philox block per element, and
+    the graph attention's and BERT's fused dropout kernels were bound by it: the captured BERT
+    step took 12.7 ms instead of 13.0 on an H200 (benchmarks/RESULTS.md, session 9). A compiled
+    forward then also draws the masks an eager one draws from the same seed.
+    """
+    return {**torch._inductor.list_mode_options(mode), "fallback_random": eager_random}
+
+
 class RetrievalModel(nn.Module):
     """Written for one device; parallelism and precision are the trainer's business."""
 
@@ -28,11 +40,13 @@ class RetrievalModel(nn.Module):
         self.side_streams = False
         self._towers: tuple[nn.Module, nn.Module] | None = None
 
-    def compile_towers(self, mode: str) -> None:
+    def compile_towers(self, mode: str, *, eager_random: bool = True) -> None:
         """torch.compile each tower's training forward on its own, so side streams can run the two
         at once. Parameter names, and so checkpoints, stay those of eager runs; evaluation
-        (``embed_*``) stays eager, as its batch shapes vary."""
-        self._towers = (torch.compile(self.image, mode=mode), torch.compile(self.text, mode=mode))
+        (``embed_*``) stays eager, as its batch shapes vary. ``eager_random``: see
+        :func:`compile_options`."""
+        options = compile_options(mode, eager_random=eager_random)
+        self._towers = (torch.compile(self.image, options=options), torch.compile(self.text, options=options))
 
     def use_side_streams(self, on: bool) -> None:
         """Run the caption tower beside the image tower, and the BiGRU's directions beside each
