@@ -8,8 +8,10 @@
 #   MFU_ATTENTION=math MFU_BATCHES= MFU_ONLY=full-bert-bf16w-compile-graph MFU_FLAGS="--side-streams --pad-shapes --launch-order main" \
 #     bash benchmarks/gpu_suite.sh setup mfu                              # 1 GPU: one row and its trace
 #   bash benchmarks/gpu_suite.sh setup streams                            # 1 GPU: CUDA tests, towers on 1 vs 2 streams
+#   bash benchmarks/gpu_suite.sh setup towers                             # 1 GPU: the BERT step and each tower's alone
 #   TRAIN_IMAGES=6000 bash benchmarks/gpu_suite.sh setup data graphs      # 1 GPU: loader memory, trainer captured or not
-# Results (logs, JSON, the MLflow store as a tarball) land in $OUT.
+# Results (logs, JSON, the MLflow store as a tarball) land in $OUT; more than 8 files there are
+# packed into one suite.tgz at the end, the most the device tool brings back.
 # `setup` installs from ./.whl, for machines without a network. Fill it on one with the network,
 # from the repo root after `make venv`: `bash benchmarks/gpu_suite.sh wheels` (the device's Python,
 # 3.12 in December 2026, is set by DEVICE_PYTHON; wheels built for another one fail to install there).
@@ -156,6 +158,17 @@ mfu() {  # one GPU: MFU rows, each variant in a process of its own; MFU_ATTENTIO
   done | tee "$OUT/mfu.txt"
 }
 
+towers() {  # one GPU: the BERT step, then each tower's step alone (the other's embeddings a stand-in), with traces
+  local row="python3 benchmarks/gpu_bench.py --iters 15 --warmup 3 --no-eval --attention math --side-streams --pad-shapes"
+  row="$row --launch-order main --only full-bert-bf16w-compile-graph ${TOWERS_FLAGS:-}"
+  for t in both image text; do
+    local trace=(); [ $t = both ] || trace=(--profile full-bert-bf16w-compile-graph --trace "$OUT/towers_$t.json.gz")
+    $row --towers $t "${trace[@]}" > "$OUT/towers_$t.log" 2>&1
+    echo "$t: $(grep -E '^\{' "$OUT/towers_$t.log" | tail -1)"
+    [ $t = both ] || python3 benchmarks/trace_summary.py "$OUT/towers_$t.json.gz" --steps 5 --top 60 > "$OUT/towers_$t.txt" 2>&1
+  done | tee "$OUT/towers.txt"
+}
+
 streams() {  # one GPU: the CUDA-only tests, then the model step with the towers on one stream and on two
   log "tests/test_gpu.py"
   python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -4
@@ -184,4 +197,11 @@ graphs() {  # one GPU: the CUDA tests, the loader with reused batch memory, the 
     FEED_RUNS="${GRAPH_RUNS:-captured:$g captured_fresh:$g,data.reuse_batch_memory=false eager:$n}" feed
 }
 
+pack() {  # the device tool brings back at most 8 files from $OUT: past that, one archive of them all
+  local files; files=$(cd "$OUT" && ls -A)
+  [ "$(echo "$files" | grep -c .)" -le 8 ] && return
+  (cd "$OUT" && tar czf suite.tgz --remove-files $files) && log "$OUT packed into suite.tgz"
+}
+
 for part in "$@"; do "$part"; done
+pack
