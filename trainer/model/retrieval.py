@@ -18,10 +18,10 @@ def compile_options(mode: str, *, eager_random: bool) -> dict[str, Any]:
     """Inductor options of torch.compile ``mode``, plus where dropout's random numbers come from.
 
     ``eager_random``: from PyTorch's own random kernels, as in eager mode, instead of inductor's
-    generator inlined in the fused kernels. Inductor's draws one Philox block per element, and
-    the graph attention's and BERT's fused dropout kernels were bound by it: the captured BERT
-    step took 12.7 ms instead of 13.0 on an H200 (benchmarks/RESULTS.md, session 9). A compiled
-    forward then also draws the masks an eager one draws from the same seed.
+    generator inlined in the fused kernels (one Philox block per element there, four numbers per
+    block in PyTorch's). The captured BERT step took 12.7-12.8 ms instead of 13.0 on an H200
+    (benchmarks/RESULTS.md, session 9), and a compiled forward draws the masks an eager one
+    draws from the same seed.
     """
     return {**torch._inductor.list_mode_options(mode), "fallback_random": eager_random}
 
