@@ -40,7 +40,7 @@ class RetrievalModel(nn.Module):
         self.side_streams = False
         self._towers: tuple[nn.Module, nn.Module] | None = None
 
-    def compile_towers(self, mode: str, *, eager_random: bool = True) -> None:
+    def compile_towers(self, mode: str, *, eager_random: bool) -> None:
         """torch.compile each tower's training forward on its own, so side streams can run the two
         at once. Parameter names, and so checkpoints, stay those of eager runs; evaluation
         (``embed_*``) stays eager, as its batch shapes vary. ``eager_random``: see
