@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 import torch._inductor.config
@@ -53,6 +54,7 @@ from rgfusion.trainer.flat_adamw import FlatAdamW
 from rgfusion.trainer.loss import LossConfig, contrastive_loss
 from rgfusion.trainer.metrics import evaluate_protocol
 from rgfusion.trainer.model import ModelConfig, TextConfig, build_model, count_parameters
+from rgfusion.trainer.model.attention import Attention
 from rgfusion.trainer.model.bert import FusedBertLayer
 from rgfusion.trainer.model.flops import image_flops, text_flops
 from rgfusion.trainer.model.retrieval import compile_options
@@ -488,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="small shapes for a CPU smoke test")
     p.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
     p.add_argument("--batch", type=int, default=None, help="pairs per step (default 128, 8 with --tiny)")
-    p.add_argument("--attention", choices=("sdpa", "math"), default="sdpa", help="model.attention of every variant")
+    p.add_argument("--attention", choices=get_args(Attention), default="sdpa", help="model.attention of every variant")
     p.add_argument("--towers", choices=("both", "image", "text"), default="both",
                    help="run only one tower, the other's embeddings a fixed stand-in: that tower's chain alone")
     p.add_argument("--text-sdpa", choices=("", "cudnn", "efficient"), default="",

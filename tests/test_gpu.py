@@ -340,3 +340,62 @@ def test_captured_loop_counts_skipped_steps_and_stops_a_diverged_run(tmp_path, m
     root = tmp_path / "run" / "checkpoints"
     state = json.loads((root / (root / "latest").read_text() / "meta.json").read_text())["state"]
     assert state["global_step"] == 8 and state["skipped_steps"] == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_self_attention_equals_the_reference(dtype):
+    from test_triton_attention import case, grad, reference
+
+    from rgfusion.trainer.model import triton_attention
+
+    qkv, bias, _ = case(b=4, t=20, heads=3, d=64, lengths=(20, 17, 5, 1))
+    qkv, bias = qkv.detach().to(DEVICE), bias.to(DEVICE)
+    ours = qkv.to(dtype).requires_grad_()
+    out = triton_attention.self_attention(ours, bias.to(dtype), 3, 0.0)
+    ref = reference(qkv.requires_grad_(), bias, 3)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref.detach(), atol=tol, rtol=tol)
+    weight = torch.randn_like(ref)
+    torch.testing.assert_close(grad(out, ours, weight.to(dtype)).double(), grad(ref, qkv, weight).double(),
+                               atol=tol * 4, rtol=tol * 4)
+
+
+def test_compiled_captured_bert_with_the_triton_kernel_draws_new_dropout_each_replay():
+    """Compiled as the trainer compiles (PyTorch's random numbers) and captured in a CUDA graph,
+    the kernel's forward matches the eager one from the same generator state, and each replay
+    draws a new dropout mask."""
+    import transformers
+
+    from rgfusion.trainer.model.bert import FusedBert
+    from rgfusion.trainer.model.retrieval import compile_options
+
+    cfg = transformers.BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
+                                  vocab_size=100, attention_probs_dropout_prob=0.3)
+    torch.manual_seed(0)
+    bert = FusedBert(cfg, "triton").to(DEVICE)
+    compiled = torch.compile(bert, options=compile_options("default", eager_random=True))
+    tokens = torch.randint(4, 100, (8, 20), device=DEVICE)
+    lengths = torch.randint(5, 21, (8,), device=DEVICE)
+    mask = torch.arange(20, device=DEVICE)[None] < lengths[:, None]
+    torch.manual_seed(1)
+    eager = bert(tokens, lengths, mask)
+    torch.manual_seed(1)
+    torch.testing.assert_close(compiled(tokens, lengths, mask), eager, atol=1e-4, rtol=1e-4)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            compiled(tokens, lengths, mask).sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    bert.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = compiled(tokens, lengths, mask)
+        out.square().mean().backward()
+    outs = []
+    for _ in range(2):
+        graph.replay()
+        outs.append(out.clone())
+    assert not torch.allclose(outs[0], outs[1])
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in bert.parameters() if p.requires_grad)

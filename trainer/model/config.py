@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from .attention import Attention
 
@@ -75,7 +75,9 @@ class ModelConfig:
     # How MAP's poolers are combined: concat→linear keeps each pooler's view, mean is cheaper.
     map_combine: Literal["concat", "mean"] = "concat"
     # Attention kernels of the graph, CGF, MAP and the transformer text encoder: 'sdpa' (PyTorch's
-    # fused kernels) or 'math' (matrix products and a float32 softmax, see model/attention.py).
+    # fused kernels) or 'math' (matrix products and a float32 softmax, see model/attention.py);
+    # 'triton': FusedBert's self-attention as one Triton kernel (model/triton_attention.py) where
+    # it applies, the math path everywhere else.
     attention: Attention = "sdpa"
     # Dropout in projections, attention and fusion; 0.1 is the transformer default.
     dropout: float = 0.1
@@ -90,8 +92,8 @@ class ModelConfig:
             raise ValueError("overlap_threshold must lie in [0, 1)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("dropout must lie in [0, 1)")
-        if self.attention not in ("sdpa", "math"):
-            raise ValueError(f"attention must be 'sdpa' or 'math', got {self.attention!r}")
+        if self.attention not in get_args(Attention):
+            raise ValueError(f"attention must be one of {get_args(Attention)}, got {self.attention!r}")
 
     @property
     def uses_regions(self) -> bool:

@@ -66,8 +66,9 @@ class HFWords(nn.Module):
         super().__init__()
         from transformers import AutoModel
 
-        # Hugging Face's "eager" attention is the same matrix-product path as our 'math'.
-        impl = "eager" if attention == "math" else "sdpa"
+        # Hugging Face's "eager" attention is the same matrix-product path as our 'math' (and
+        # 'triton', which only FusedBert runs).
+        impl = "sdpa" if attention == "sdpa" else "eager"
         self.model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation=impl)
         # The [CLS] pooler is never used: drop it so every parameter gets a gradient (ZeRO and
         # DDP-style reducers expect that) and no optimizer state is wasted on it.
