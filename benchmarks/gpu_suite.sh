@@ -9,6 +9,7 @@
 #     bash benchmarks/gpu_suite.sh setup mfu                              # 1 GPU: one row and its trace
 #   bash benchmarks/gpu_suite.sh setup streams                            # 1 GPU: CUDA tests, towers on 1 vs 2 streams
 #   bash benchmarks/gpu_suite.sh setup towers                             # 1 GPU: the BERT step and each tower's alone
+#                                                                           (TOWERS_ATTENTION=math: on the math path)
 #   TRAIN_IMAGES=6000 bash benchmarks/gpu_suite.sh setup data graphs      # 1 GPU: loader memory, trainer captured or not
 # Results (logs, JSON, the MLflow store as a tarball) land in $OUT; more than 8 files there are
 # packed into one suite.tgz at the end, the most the device tool brings back.
@@ -159,7 +160,7 @@ mfu() {  # one GPU: MFU rows, each variant in a process of its own; MFU_ATTENTIO
 }
 
 towers() {  # one GPU: the BERT step, then each tower's step alone (the other's embeddings a stand-in), with traces
-  local row="python3 benchmarks/gpu_bench.py --iters 15 --warmup 3 --no-eval --attention math --side-streams --pad-shapes"
+  local row="python3 benchmarks/gpu_bench.py --iters 15 --warmup 3 --no-eval --attention ${TOWERS_ATTENTION:-triton} --side-streams --pad-shapes"
   row="$row --launch-order main --only full-bert-bf16w-compile-graph ${TOWERS_FLAGS:-}"
   for t in both image text; do
     local trace=(); [ $t = both ] || trace=(--profile full-bert-bf16w-compile-graph --trace "$OUT/towers_$t.json.gz")
