@@ -111,16 +111,12 @@ class GatedCrossAttention(nn.Module):
     def forward(self, x: Tensor, other: Tensor, other_mask: Tensor | None) -> Tensor:
         b, n, d = x.shape
         h, dh = self.heads, d // self.heads
-        q, kv = self.q(self.norm_q(x)), self.kv(self.norm_kv(other))
+        q = self.q(self.norm_q(x)).view(b, n, h, dh).transpose(1, 2)
+        k, v = self.kv(self.norm_kv(other)).view(b, other.shape[1], 2, h, dh).permute(2, 0, 3, 1, 4)
         bias = None if other_mask is None else additive_mask(other_mask, x.dtype)[:, None, None, :]
         p = self.dropout if self.training else 0.0
-        if self.attention == "triton" and triton_attention.applies(q, h, kv):
-            att = triton_attention.cross_attention(q, kv, bias, h, p)
-        else:
-            k, v = kv.view(b, other.shape[1], 2, h, dh).permute(2, 0, 3, 1, 4)
-            att = attend(q.view(b, n, h, dh).transpose(1, 2), k, v, bias, p, self.attention)
-            att = att.transpose(1, 2).reshape(b, n, d)
-        ctx = self.out(att)
+        att = attend(q, k, v, bias, p, self.attention)
+        ctx = self.out(att.transpose(1, 2).reshape(b, n, d))
         g = torch.sigmoid(self.gate(torch.cat([x, ctx], dim=-1)))
         return self.norm(x + self.drop(g * ctx))
 

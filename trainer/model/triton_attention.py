@@ -10,8 +10,7 @@ dropout's mask comes from a Philox stream keyed by a per-call seed (the backward
 instead of storing it), and the result is written in the (set, element, hidden) layout the
 output product reads. The backward writes the gradient in the query-key-value product's layout,
 so no copy sits between it and that product's backward, and, where the bias needs one (the
-graph's geometry bias), the bias's gradient. CGF's cross-attention runs the same kernels on a
-query product and a key-value product.
+graph's geometry bias), the bias's gradient.
 
 The kernels run on CUDA tensors, or on any tensor under Triton's interpreter
 (``TRITON_INTERPRET=1``), which is how the CPU tests run them.
@@ -24,27 +23,24 @@ import os
 import torch
 from torch import Tensor
 
-# One program keeps a head's (queries, keys) scores and (keys, head size) tiles in registers:
-# longer sets and wider heads take the math path.
+# One program keeps a set's (BLOCK, BLOCK) scores and (BLOCK, head size) key-side tiles in
+# registers: longer sets and wider heads take the math path.
 MAX_ELEMENTS = 128
 MAX_HEAD = 128
 
 
-def applies(q: Tensor, heads: int, kv: Tensor | None = None) -> bool:
-    """Whether :func:`self_attention` (``kv`` None) or :func:`cross_attention` can run on these
-    products."""
-    head = q.shape[-1] // heads // (3 if kv is None else 1)
-    sets = [q] if kv is None else [q, kv]
-    return ((q.is_cuda or interpreting()) and max(t.shape[1] for t in sets) <= MAX_ELEMENTS
-            and 16 <= head <= MAX_HEAD and head & (head - 1) == 0
-            and all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in sets))
+def applies(qkv: Tensor, heads: int) -> bool:
+    """Whether :func:`self_attention` can run on this (B, T, 3·hidden) product."""
+    head = qkv.shape[-1] // (3 * heads)
+    return ((qkv.is_cuda or interpreting()) and qkv.shape[1] <= MAX_ELEMENTS and 16 <= head <= MAX_HEAD
+            and head & (head - 1) == 0 and qkv.dtype in (torch.float32, torch.float16, torch.bfloat16))
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def self_attention(qkv: Tensor, bias: Tensor | None, heads: int, dropout_p: float) -> Tensor:
+def self_attention(qkv: Tensor, bias: Tensor, heads: int, dropout_p: float) -> Tensor:
     """softmax(q·kᵀ/√d + bias)·v for every head, as (B, T, hidden).
 
     ``qkv`` is (B, T, 3·hidden): query, key and value side by side, each split into ``heads``
@@ -52,18 +48,10 @@ def self_attention(qkv: Tensor, bias: Tensor | None, heads: int, dropout_p: floa
     T), added to the scores; it gets a gradient if it requires one. Dropout with probability
     ``dropout_p`` applies to the attention weights.
     """
-    return _ops().attention(qkv, None, bias, _seed(qkv, dropout_p), heads, float(dropout_p))[0]
-
-
-def cross_attention(q: Tensor, kv: Tensor, bias: Tensor | None, heads: int, dropout_p: float) -> Tensor:
-    """:func:`self_attention` of queries ``q`` (B, Tq, hidden) over keys and values side by side in
-    ``kv`` (B, Tk, 2·hidden); ``bias`` is (B, 1 or heads, 1 or Tq, Tk)."""
-    return _ops().attention(q, kv, bias, _seed(q, dropout_p), heads, float(dropout_p))[0]
-
-
-def _seed(like: Tensor, dropout_p: float) -> Tensor | None:
     # A device tensor, drawn by PyTorch's generator: a replayed CUDA graph draws a new one each time.
-    return torch.randint(2**31 - 1, (1,), device=like.device) if dropout_p > 0 else None
+    seed = torch.randint(2**31 - 1, (1,), device=qkv.device) if dropout_p > 0 else None
+    out, _ = _ops().attention(qkv, bias, seed, heads, float(dropout_p))
+    return out
 
 
 def block_size(elements: int) -> int:
