@@ -15,23 +15,67 @@ from torch import Tensor
 
 from .triton_attention import block_size
 
-# Query rows per pass of the backward: its (rows, BLOCK) score tiles and the key-side
-# accumulators fit in registers together up to BLOCK 128 at head size 128.
-BACKWARD_ROWS = 32
+
+@triton.jit
+def _load_head(qkv, b, h, part, s_b, s_t, T, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows 0..BLOCK of head ``h``'s query (part 0), key (1) or value (2); rows ≥ T are zero."""
+    i = tl.arange(0, BLOCK)
+    d = tl.arange(0, D)
+    ptr = qkv + b * s_b + i[:, None] * s_t + (part * H + h) * D + d[None, :]
+    return tl.load(ptr, mask=(i < T)[:, None], other=0.0)
 
 
 @triton.jit
-def _load_rows(ptr, b, col, s_b, s_t, rows, T, D: tl.constexpr):
-    """(len(rows), D) block at column ``col`` of batch entry ``b``; rows ≥ T are zero."""
-    d = tl.arange(0, D)
-    return tl.load(ptr + b * s_b + rows[:, None] * s_t + col + d[None, :], mask=(rows < T)[:, None], other=0.0)
+def _probabilities(q, k, bias, lse, bh, b, s_bias, T, scale, FROM_LSE: tl.constexpr,
+                   BLOCK: tl.constexpr, EXACT: tl.constexpr):
+    """Softmax of one head's scores; with FROM_LSE the row normalisers stored by the forward."""
+    i = tl.arange(0, BLOCK)
+    if EXACT:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    key_bias = tl.load(bias + b * s_bias + i, mask=i < T, other=float("-inf")).to(tl.float32)
+    s = s * scale + key_bias[None, :]
+    if FROM_LSE:
+        p = tl.exp(s - tl.load(lse + bh * BLOCK + i)[:, None])
+    else:
+        m = tl.max(s, 1)
+        e = tl.exp(s - m[:, None])
+        total = tl.sum(e, 1)
+        p = e / total[:, None]
+        tl.store(lse + bh * BLOCK + i, m + tl.log(total))
+    return p
 
 
 @triton.jit
-def _store_rows(ptr, value, b, col, s_b, s_t, rows, T, D: tl.constexpr):
+def _keep(seed_ptr, bh, p_drop, BLOCK: tl.constexpr):
+    """Dropout's keep mask of one head: a Philox stream keyed by the call's seed, one number per score."""
+    i = tl.arange(0, BLOCK)
+    offsets = bh * BLOCK * BLOCK + i[:, None] * BLOCK + i[None, :]
+    return tl.rand(tl.load(seed_ptr).to(tl.uint32), offsets) >= p_drop
+
+
+@triton.jit
+def _forward(qkv, bias, seed_ptr, out, lse, T, s_qb, s_qt, s_bias, s_ob, s_ot, scale, p_drop,
+             H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DROPOUT: tl.constexpr,
+             EXACT: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    q = _load_head(qkv, b, h, 0, s_qb, s_qt, T, H, D, BLOCK)
+    k = _load_head(qkv, b, h, 1, s_qb, s_qt, T, H, D, BLOCK)
+    v = _load_head(qkv, b, h, 2, s_qb, s_qt, T, H, D, BLOCK)
+    p = _probabilities(q, k, bias, lse, bh, b, s_bias, T, scale, False, BLOCK, EXACT)
+    if DROPOUT:
+        p = tl.where(_keep(seed_ptr, bh, p_drop, BLOCK), p / (1.0 - p_drop), 0.0)
+    if EXACT:
+        o = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        o = tl.dot(p.to(v.dtype), v)
+    i = tl.arange(0, BLOCK)
     d = tl.arange(0, D)
-    tl.store(ptr + b * s_b + rows[:, None] * s_t + col + d[None, :], value.to(ptr.dtype.element_ty),
-             mask=(rows < T)[:, None])
+    tl.store(out + b * s_ob + i[:, None] * s_ot + h * D + d[None, :], o.to(out.dtype.element_ty),
+             mask=(i < T)[:, None])
 
 
 @triton.jit
@@ -42,134 +86,87 @@ def _mm(a, b, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, bias, b, h, sb_b, sb_h, sb_i, sb_j, rows, T, scale, BLOCK: tl.constexpr, EXACT: tl.constexpr):
-    """q·kᵀ·scale + bias for query ``rows`` against every key; keys ≥ T get -inf."""
-    j = tl.arange(0, BLOCK)
-    ptr = bias + b * sb_b + h * sb_h + rows[:, None] * sb_i + j[None, :] * sb_j
-    # Padding query rows read 0, not -inf: a row of -inf would make NaNs that reach real gradients.
-    add = tl.load(ptr, mask=(rows < T)[:, None] & (j < T)[None, :], other=0.0).to(tl.float32)
-    add = tl.where((j < T)[None, :], add, float("-inf"))
-    return _mm(q, tl.trans(k), EXACT) * scale + add
+def _store_head(dqkv, value, b, h, part, s_b, s_t, T, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    d = tl.arange(0, D)
+    ptr = dqkv + b * s_b + i[:, None] * s_t + (part * H + h) * D + d[None, :]
+    tl.store(ptr, value.to(dqkv.dtype.element_ty), mask=(i < T)[:, None])
 
 
 @triton.jit
-def _keep(seed_ptr, bh, rows, p_drop, BLOCK: tl.constexpr):
-    """Dropout's keep mask of query ``rows`` of one head: a Philox stream keyed by the call's seed."""
-    j = tl.arange(0, BLOCK)
-    return tl.rand(tl.load(seed_ptr).to(tl.uint32), bh * BLOCK * BLOCK + rows[:, None] * BLOCK + j[None, :]) >= p_drop
-
-
-@triton.jit
-def _forward(qkv, bias, seed_ptr, out, lse, T, s_qb, s_qt, sb_b, sb_h, sb_i, sb_j, s_ob, s_ot, scale, p_drop,
-             H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DROPOUT: tl.constexpr, EXACT: tl.constexpr):
+def _backward(qkv, bias, seed_ptr, lse, dout, dqkv, T, s_qb, s_qt, s_bias, s_db, s_dt, s_gb, s_gt, scale, p_drop,
+              H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DROPOUT: tl.constexpr,
+              EXACT: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
-    rows = tl.arange(0, BLOCK)
-    q = _load_rows(qkv, b, h * D, s_qb, s_qt, rows, T, D)
-    k = _load_rows(qkv, b, (H + h) * D, s_qb, s_qt, rows, T, D)
-    v = _load_rows(qkv, b, (2 * H + h) * D, s_qb, s_qt, rows, T, D)
-    s = _scores(q, k, bias, b, h, sb_b, sb_h, sb_i, sb_j, rows, T, scale, BLOCK, EXACT)
-    m = tl.max(s, 1)
-    e = tl.exp(s - m[:, None])
-    total = tl.sum(e, 1)
-    tl.store(lse + bh * BLOCK + rows, m + tl.log(total))
-    p = e / total[:, None]
+    q = _load_head(qkv, b, h, 0, s_qb, s_qt, T, H, D, BLOCK)
+    k = _load_head(qkv, b, h, 1, s_qb, s_qt, T, H, D, BLOCK)
+    v = _load_head(qkv, b, h, 2, s_qb, s_qt, T, H, D, BLOCK)
+    # The output gradient in the output's layout: one head is columns h·D..(h+1)·D.
+    do = _load_head(dout, b, h, 0, s_db, s_dt, T, H, D, BLOCK)
+    p = _probabilities(q, k, bias, lse, bh, b, s_bias, T, scale, True, BLOCK, EXACT)
+    dp = _mm(do, tl.trans(v), EXACT)
     if DROPOUT:
-        p = tl.where(_keep(seed_ptr, bh, rows, p_drop, BLOCK), p / (1.0 - p_drop), 0.0)
-    _store_rows(out, _mm(p.to(v.dtype), v, EXACT), b, h * D, s_ob, s_ot, rows, T, D)
+        keep = _keep(seed_ptr, bh, p_drop, BLOCK)
+        dropped = tl.where(keep, p / (1.0 - p_drop), 0.0)
+        dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
+    else:
+        dropped = p
+    dv = _mm(tl.trans(dropped.to(do.dtype)), do, EXACT)
+    ds = (p * (dp - tl.sum(p * dp, 1)[:, None]) * scale).to(q.dtype)
+    dq = _mm(ds, k, EXACT)
+    dk = _mm(tl.trans(ds), q, EXACT)
+    _store_head(dqkv, dq, b, h, 0, s_gb, s_gt, T, H, D, BLOCK)
+    _store_head(dqkv, dk, b, h, 1, s_gb, s_gt, T, H, D, BLOCK)
+    _store_head(dqkv, dv, b, h, 2, s_gb, s_gt, T, H, D, BLOCK)
 
 
-@triton.jit
-def _backward(qkv, bias, seed_ptr, lse, dout, dqkv, dbias, T, s_qb, s_qt, sb_b, sb_h, sb_i, sb_j, s_db, s_dt,
-              s_gb, s_gt, scale, p_drop, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-              ROWS: tl.constexpr, DROPOUT: tl.constexpr, EXACT: tl.constexpr, BIAS_GRAD: tl.constexpr):
-    bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
-    keys = tl.arange(0, BLOCK)
-    k = _load_rows(qkv, b, (H + h) * D, s_qb, s_qt, keys, T, D)
-    v = _load_rows(qkv, b, (2 * H + h) * D, s_qb, s_qt, keys, T, D)
-    dk = tl.zeros((BLOCK, D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK, D), dtype=tl.float32)
-    for start in tl.static_range(0, BLOCK, ROWS):
-        rows = start + tl.arange(0, ROWS)
-        q = _load_rows(qkv, b, h * D, s_qb, s_qt, rows, T, D)
-        # The output gradient in the output's layout: head h is columns h·D..(h+1)·D.
-        do = _load_rows(dout, b, h * D, s_db, s_dt, rows, T, D)
-        s = _scores(q, k, bias, b, h, sb_b, sb_h, sb_i, sb_j, rows, T, scale, BLOCK, EXACT)
-        p = tl.exp(s - tl.load(lse + bh * BLOCK + rows)[:, None])
-        dp = _mm(do, tl.trans(v), EXACT)
-        if DROPOUT:
-            keep = _keep(seed_ptr, bh, rows, p_drop, BLOCK)
-            dropped = tl.where(keep, p / (1.0 - p_drop), 0.0)
-            dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
-        else:
-            dropped = p
-        dv += _mm(tl.trans(dropped.to(do.dtype)), do, EXACT)
-        ds = p * (dp - tl.sum(p * dp, 1)[:, None])
-        if BIAS_GRAD:  # dbias is (B, H, T, T), contiguous
-            ptr = dbias + (bh * T + rows[:, None]) * T + keys[None, :]
-            tl.store(ptr, ds.to(dbias.dtype.element_ty), mask=(rows < T)[:, None] & (keys < T)[None, :])
-        ds = (ds * scale).to(q.dtype)
-        _store_rows(dqkv, _mm(ds, k, EXACT), b, h * D, s_gb, s_gt, rows, T, D)
-        dk += _mm(tl.trans(ds), q, EXACT)
-    _store_rows(dqkv, dk, b, (H + h) * D, s_gb, s_gt, keys, T, D)
-    _store_rows(dqkv, dv, b, (2 * H + h) * D, s_gb, s_gt, keys, T, D)
-
-
-def _bias_strides(bias: Tensor) -> list[int]:
-    # A size-1 dimension broadcasts: stride 0 reads its one entry for every index.
-    return [0 if n == 1 else s for n, s in zip(bias.shape, bias.stride())]
-
-
-def _launch(qkv: Tensor, heads: int, dropout_p: float) -> dict:
+def _launch_args(qkv: Tensor, heads: int, dropout_p: float) -> dict:
     B, T, width = qkv.shape
-    D, block = width // (3 * heads), block_size(T)
-    return dict(grid=(B * heads,), H=heads, D=D, BLOCK=block, DROPOUT=dropout_p > 0,
-                EXACT=qkv.dtype == torch.float32, num_warps=8 if block * D >= 128 * 64 else 4)
+    block = block_size(T)
+    return dict(grid=(B * heads,), T=T, scale=(width // (3 * heads)) ** -0.5, p_drop=dropout_p, H=heads,
+                D=width // (3 * heads), BLOCK=block, DROPOUT=dropout_p > 0, EXACT=qkv.dtype == torch.float32,
+                num_warps=8 if block > 64 else 4)
 
 
 def register() -> SimpleNamespace:
     from torch.library import register_autograd, triton_op, wrap_triton
 
     @triton_op("rgfusion::short_self_attention", mutates_args=())
-    def attention(qkv: Tensor, bias: Tensor, seed: Tensor | None, heads: int,
+    def attention(qkv: Tensor, key_bias: Tensor, seed: Tensor | None, heads: int,
                   dropout_p: float) -> tuple[Tensor, Tensor]:
-        a = _launch(qkv, heads, dropout_p)
+        a = _launch_args(qkv, heads, dropout_p)
         B, T, width = qkv.shape
         out = qkv.new_empty(B, T, width // 3)
         lse = torch.empty(B * heads, a["BLOCK"], device=qkv.device, dtype=torch.float32)
         wrap_triton(_forward)[a.pop("grid")](
-            qkv, bias, qkv if seed is None else seed, out, lse, T, qkv.stride(0), qkv.stride(1),
-            *_bias_strides(bias), out.stride(0), out.stride(1), a["D"] ** -0.5, dropout_p, **a)
+            qkv, key_bias, qkv if seed is None else seed, out, lse, a.pop("T"), qkv.stride(0), qkv.stride(1),
+            key_bias.stride(0), out.stride(0), out.stride(1), a.pop("scale"), a.pop("p_drop"), **a)
         return out, lse
 
     @triton_op("rgfusion::short_self_attention_backward", mutates_args=())
-    def backward_op(grad: Tensor, qkv: Tensor, bias: Tensor, seed: Tensor | None, lse: Tensor, heads: int,
-                    dropout_p: float, bias_grad: bool) -> tuple[Tensor, Tensor]:
-        a = _launch(qkv, heads, dropout_p)
-        B, T, _ = qkv.shape
+    def backward_op(grad: Tensor, qkv: Tensor, key_bias: Tensor, seed: Tensor | None, lse: Tensor, heads: int,
+                    dropout_p: float) -> Tensor:
+        a = _launch_args(qkv, heads, dropout_p)
         dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
-        dbias = torch.empty((B, heads, T, T) if bias_grad else (0,), device=qkv.device, dtype=bias.dtype)
         wrap_triton(_backward)[a.pop("grid")](
-            qkv, bias, qkv if seed is None else seed, lse, grad, dqkv, dbias, T, qkv.stride(0), qkv.stride(1),
-            *_bias_strides(bias), grad.stride(0), grad.stride(1), dqkv.stride(0), dqkv.stride(1),
-            a["D"] ** -0.5, dropout_p, ROWS=min(BACKWARD_ROWS, a["BLOCK"]), BIAS_GRAD=bias_grad, **a)
-        return dqkv, dbias
+            qkv, key_bias, qkv if seed is None else seed, lse, grad, dqkv, a.pop("T"), qkv.stride(0), qkv.stride(1),
+            key_bias.stride(0), grad.stride(0), grad.stride(1), dqkv.stride(0), dqkv.stride(1), a.pop("scale"),
+            a.pop("p_drop"), **a)
+        return dqkv
 
     def setup_context(ctx, inputs, output) -> None:
-        qkv, bias, seed, heads, dropout_p = inputs
-        ctx.save_for_backward(qkv, bias, seed, output[1])
+        qkv, key_bias, seed, heads, dropout_p = inputs
+        ctx.save_for_backward(qkv, key_bias, seed, output[1])
         ctx.heads, ctx.dropout_p = heads, dropout_p
 
     def backward(ctx, grad_out: Tensor, _grad_lse: Tensor | None):
-        qkv, bias, seed, lse = ctx.saved_tensors
+        qkv, key_bias, seed, lse = ctx.saved_tensors
         # Only the last dimension must be contiguous: the kernel reads rows at any stride.
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        bias_grad = ctx.needs_input_grad[1]
-        dqkv, dbias = backward_op(grad_out, qkv, bias, seed, lse, ctx.heads, ctx.dropout_p, bias_grad)
-        return dqkv, dbias.sum_to_size(bias.shape) if bias_grad else None, None, None, None
+        dqkv = backward_op(grad_out, qkv, key_bias, seed, lse, ctx.heads, ctx.dropout_p)
+        return dqkv, None, None, None, None
 
     register_autograd(attention, backward, setup_context=setup_context)
     return SimpleNamespace(attention=attention, backward=backward_op)

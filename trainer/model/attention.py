@@ -6,8 +6,7 @@ gradient (the graph's geometry bias), a key mask, or MAP's one 1,024-wide head, 
 back to the memory-efficient kernel, which inductor cannot fuse with the arithmetic around it.
 Compiled and captured, the math path was 2-7% faster on an H100; eager, its extra launches made
 the step slower (benchmarks/RESULTS.md, session 3), so ``sdpa`` is the default. ``triton``
-concerns the self-attention of BERT and the graph (model/triton_attention.py); here, in CGF and
-MAP, it is the math path.
+concerns BERT's self-attention only (model/triton_attention.py); here it is the math path.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ class FusedBertLayer(nn.Module):
         qkv = self.qkv(x)
         p = self.attention_dropout if self.training else 0.0
         if self.attention == "triton" and triton_attention.applies(qkv, self.heads):
-            att = triton_attention.self_attention(qkv, bias, self.heads, p)
+            att = triton_attention.self_attention(qkv, bias.flatten(1), self.heads, p)
         else:
             q, k, v = qkv.view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
             att = attend(q, k, v, bias, p, self.attention).transpose(1, 2).reshape(b, n, d)

@@ -76,8 +76,8 @@ class ModelConfig:
     map_combine: Literal["concat", "mean"] = "concat"
     # Attention kernels of the graph, CGF, MAP and the transformer text encoder: 'sdpa' (PyTorch's
     # fused kernels) or 'math' (matrix products and a float32 softmax, see model/attention.py);
-    # 'triton': the self-attention of FusedBert and of the graph as one Triton kernel each way
-    # (model/triton_attention.py) where it applies, the math path everywhere else.
+    # 'triton': FusedBert's self-attention as one Triton kernel (model/triton_attention.py) where
+    # it applies, the math path everywhere else.
     attention: Attention = "sdpa"
     # Dropout in projections, attention and fusion; 0.1 is the transformer default.
     dropout: float = 0.1

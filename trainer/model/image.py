@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import triton_attention
 from .attention import attend
 from .config import ModelConfig
 from .geometry import GEOMETRY_DIM, joint_adjacency, node_boxes, relative_geometry
@@ -61,14 +60,10 @@ class GraphAttentionLayer(nn.Module):
         # The bias's own dtype (bf16 under autocast): finfo(x.dtype).min would overflow to -inf
         # there. Every row keeps its self loop, so no row is fully masked.
         bias = bias.masked_fill(~adj[:, None], torch.finfo(bias.dtype).min)
-        qkv = self.qkv(self.norm1(x))
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
-        if self.attention == "triton" and triton_attention.applies(qkv, self.heads):
-            att = triton_attention.self_attention(qkv, bias, self.heads, p)
-        else:
-            q, k, v = qkv.view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-            att = attend(q, k, v, bias, p, self.attention).transpose(1, 2).reshape(b, n, d)
-        x = x + self.drop(self.out(att))
+        att = attend(q, k, v, bias, p, self.attention)
+        x = x + self.drop(self.out(att.transpose(1, 2).reshape(b, n, d)))
         x = x + self.drop(self.ffn(self.norm2(x)))
         return x.masked_fill(~valid[..., None], 0)
 
