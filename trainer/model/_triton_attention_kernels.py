@@ -26,14 +26,27 @@ def _load_head(qkv, b, h, part, s_b, s_t, T, H: tl.constexpr, D: tl.constexpr, B
 
 
 @triton.jit
+def _mm(a, b, EXACT: tl.constexpr):
+    """a·b; float32 inputs multiply in full float32, not TF32."""
+    if EXACT:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _store_head(dqkv, value, b, h, part, s_b, s_t, T, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    d = tl.arange(0, D)
+    ptr = dqkv + b * s_b + i[:, None] * s_t + (part * H + h) * D + d[None, :]
+    tl.store(ptr, value.to(dqkv.dtype.element_ty), mask=(i < T)[:, None])
+
+
+@triton.jit
 def _probabilities(q, k, bias, lse, bh, b, s_bias, T, scale, FROM_LSE: tl.constexpr,
                    BLOCK: tl.constexpr, EXACT: tl.constexpr):
     """Softmax of one head's scores; with FROM_LSE the row normalisers stored by the forward."""
     i = tl.arange(0, BLOCK)
-    if EXACT:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
+    s = _mm(q, tl.trans(k), EXACT)
     key_bias = tl.load(bias + b * s_bias + i, mask=i < T, other=float("-inf")).to(tl.float32)
     s = s * scale + key_bias[None, :]
     if FROM_LSE:
@@ -68,29 +81,8 @@ def _forward(qkv, bias, seed_ptr, out, lse, T, s_qb, s_qt, s_bias, s_ob, s_ot, s
     p = _probabilities(q, k, bias, lse, bh, b, s_bias, T, scale, False, BLOCK, EXACT)
     if DROPOUT:
         p = tl.where(_keep(seed_ptr, bh, p_drop, BLOCK), p / (1.0 - p_drop), 0.0)
-    if EXACT:
-        o = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        o = tl.dot(p.to(v.dtype), v)
-    i = tl.arange(0, BLOCK)
-    d = tl.arange(0, D)
-    tl.store(out + b * s_ob + i[:, None] * s_ot + h * D + d[None, :], o.to(out.dtype.element_ty),
-             mask=(i < T)[:, None])
-
-
-@triton.jit
-def _mm(a, b, EXACT: tl.constexpr):
-    if EXACT:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.jit
-def _store_head(dqkv, value, b, h, part, s_b, s_t, T, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.arange(0, BLOCK)
-    d = tl.arange(0, D)
-    ptr = dqkv + b * s_b + i[:, None] * s_t + (part * H + h) * D + d[None, :]
-    tl.store(ptr, value.to(dqkv.dtype.element_ty), mask=(i < T)[:, None])
+    # The output is (B, T, H·D): head h is columns h·D..(h+1)·D, as "part 0" of H heads.
+    _store_head(out, _mm(p.to(v.dtype), v, EXACT), b, h, 0, s_ob, s_ot, T, H, D, BLOCK)
 
 
 @triton.jit
