@@ -26,6 +26,13 @@ def _load_head(qkv, b, h, part, s_b, s_t, T, H: tl.constexpr, D: tl.constexpr, B
 
 
 @triton.jit
+def _head_qkv(qkv, b, h, s_b, s_t, T, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    """Query, key and value rows of the program's head."""
+    return (_load_head(qkv, b, h, 0, s_b, s_t, T, H, D, BLOCK), _load_head(qkv, b, h, 1, s_b, s_t, T, H, D, BLOCK),
+            _load_head(qkv, b, h, 2, s_b, s_t, T, H, D, BLOCK))
+
+
+@triton.jit
 def _mm(a, b, EXACT: tl.constexpr):
     """a·b; float32 inputs multiply in full float32, not TF32."""
     if EXACT:
@@ -73,11 +80,8 @@ def _forward(qkv, bias, seed_ptr, out, lse, T, s_qb, s_qt, s_bias, s_ob, s_ot, s
              H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DROPOUT: tl.constexpr,
              EXACT: tl.constexpr):
     bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
-    q = _load_head(qkv, b, h, 0, s_qb, s_qt, T, H, D, BLOCK)
-    k = _load_head(qkv, b, h, 1, s_qb, s_qt, T, H, D, BLOCK)
-    v = _load_head(qkv, b, h, 2, s_qb, s_qt, T, H, D, BLOCK)
+    b, h = bh // H, bh % H
+    q, k, v = _head_qkv(qkv, b, h, s_qb, s_qt, T, H, D, BLOCK)
     p = _probabilities(q, k, bias, lse, bh, b, s_bias, T, scale, False, BLOCK, EXACT)
     if DROPOUT:
         p = tl.where(_keep(seed_ptr, bh, p_drop, BLOCK), p / (1.0 - p_drop), 0.0)
@@ -90,11 +94,8 @@ def _backward(qkv, bias, seed_ptr, lse, dout, dqkv, T, s_qb, s_qt, s_bias, s_db,
               H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DROPOUT: tl.constexpr,
               EXACT: tl.constexpr):
     bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
-    q = _load_head(qkv, b, h, 0, s_qb, s_qt, T, H, D, BLOCK)
-    k = _load_head(qkv, b, h, 1, s_qb, s_qt, T, H, D, BLOCK)
-    v = _load_head(qkv, b, h, 2, s_qb, s_qt, T, H, D, BLOCK)
+    b, h = bh // H, bh % H
+    q, k, v = _head_qkv(qkv, b, h, s_qb, s_qt, T, H, D, BLOCK)
     # The output gradient in the output's layout: one head is columns h·D..(h+1)·D.
     do = _load_head(dout, b, h, 0, s_db, s_dt, T, H, D, BLOCK)
     p = _probabilities(q, k, bias, lse, bh, b, s_bias, T, scale, True, BLOCK, EXACT)
