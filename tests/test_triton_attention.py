@@ -98,11 +98,12 @@ def test_half_precision_stays_within_its_rounding():
                                atol=2e-2, rtol=2e-2)
 
 
-def test_applies_only_where_one_program_holds_a_caption():
-    assert triton_attention.applies(torch.zeros(2, 128, 3 * 64), heads=2)
-    assert not triton_attention.applies(torch.zeros(2, 129, 3 * 64), heads=2)  # too long
-    assert not triton_attention.applies(torch.zeros(2, 8, 3 * 24), heads=2)  # head size 12
-    assert not triton_attention.applies(torch.zeros(2, 8, 3 * 64, dtype=torch.float64), heads=2)
+def test_applies_only_where_its_tiles_stay_small():
+    assert triton_attention.applies(torch.zeros(2, 64, 3 * 2 * 64), heads=2)
+    assert triton_attention.applies(torch.zeros(2, 20, 3 * 2 * 128), heads=2)  # a 32-word block
+    assert not triton_attention.applies(torch.zeros(2, 65, 3 * 2 * 64), heads=2)  # a 128-word block
+    assert not triton_attention.applies(torch.zeros(2, 8, 3 * 2 * 24), heads=2)  # head size 24
+    assert not triton_attention.applies(torch.zeros(2, 8, 3 * 2 * 64, dtype=torch.float64), heads=2)
 
 
 def test_fused_bert_computes_the_same_with_the_kernel():

@@ -21,15 +21,19 @@ import os
 import torch
 from torch import Tensor
 
-# One program keeps a caption's (BLOCK, BLOCK) scores in registers: longer captions take the math path.
-MAX_WORDS = 128
+# One program keeps a caption's (BLOCK, BLOCK) scores and (BLOCK, head size) tiles in registers.
+# BERT-base's 32×64 tiles made the H200 step 4% faster; the same kernels on 128×128 tiles (the
+# graph's 85 nodes, 128 per head) made it 31% slower (benchmarks/RESULTS.md, session 10), so
+# longer captions and wider heads take the math path.
+MAX_TILE = 64 * 64
 
 
 def applies(qkv: Tensor, heads: int) -> bool:
-    """Whether :func:`self_attention` can run on this (B, T, 3·hidden) product."""
+    """Whether :func:`self_attention` runs on this (B, T, 3·hidden) product."""
     head_dim = qkv.shape[-1] // (3 * heads)
-    return ((qkv.is_cuda or interpreting()) and qkv.shape[1] <= MAX_WORDS and 16 <= head_dim <= 256
-            and head_dim & (head_dim - 1) == 0 and qkv.dtype in (torch.float32, torch.float16, torch.bfloat16))
+    return ((qkv.is_cuda or interpreting()) and block_size(qkv.shape[1]) * head_dim <= MAX_TILE
+            and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+            and qkv.dtype in (torch.float32, torch.float16, torch.bfloat16))
 
 
 def interpreting() -> bool:
