@@ -94,7 +94,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = _config_with_overrides(RunConfig, config, args.set, args.checkpoint)
     env = DistEnv.from_environ()
     device = eng.resolve_device(cfg, env)
-    eng.init_distributed(env, device)
+    joined = eng.init_distributed(env, device)
     manifest = open_dataset(cfg.data, [args.split])
     text = build_text_processor(cfg.data, manifest)
     report = evaluate_split(model.to(device), cfg.data, manifest, text, split=args.split,
@@ -104,6 +104,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(format_table([report]))
         if args.report:
             print(f"report: {write_report(args.report, report)}")
+    if joined:
+        eng.leave_distributed(env)
     return 0
 
 

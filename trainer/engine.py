@@ -71,13 +71,14 @@ def micro_batch_size(cfg: RunConfig, world_size: int) -> int:
     return cfg.train.batch_size // per
 
 
-def init_distributed(env: DistEnv, device: str) -> None:
-    """Join (or, for a single process, create) the process group: gloo on CPU, NCCL on GPU."""
+def init_distributed(env: DistEnv, device: str) -> bool:
+    """Join (or, for a single process, create) the process group: gloo on CPU, NCCL on GPU.
+    Returns whether this call made it (False: Ray Train, or an earlier run in this process, did)."""
     import deepspeed
     import torch.distributed as dist
 
     if dist.is_initialized():  # Ray Train sets up the group before calling us
-        return
+        return False
     env.export()
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if device.startswith("cuda"):
@@ -89,6 +90,18 @@ def init_distributed(env: DistEnv, device: str) -> None:
         os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return True
+
+
+def leave_distributed(env: DistEnv) -> None:
+    """Leave a launched job's process group once every rank is done with it. A rank that exits
+    with the group open can still be using the launcher's store when another rank's exit takes
+    it down: a two-node run on one machine saw a rank abort that way after a finished run."""
+    import torch.distributed as dist
+
+    if env.launcher != "single" and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def free_port() -> int:

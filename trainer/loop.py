@@ -76,14 +76,17 @@ def train(config: RunConfig, *, on_eval: Callable[[dict[str, Any]], None] | None
         logging.getLogger("rgfusion").setLevel(logging.WARNING)
     device = eng.resolve_device(config, env)
     eng.set_cpu_threads(config, env)
-    eng.init_distributed(env, device)
+    joined = eng.init_distributed(env, device)
     run = Run(config, env, device, on_eval)
     with _sigterm_flag() as stop:
         run.stop_flag = stop
         try:
-            return run.execute()
+            result = run.execute()
         finally:
             run.tracker.end("FINISHED" if run.finished else "KILLED")
+    if joined:
+        eng.leave_distributed(env)
+    return result
 
 
 @contextlib.contextmanager
