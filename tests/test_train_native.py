@@ -333,8 +333,8 @@ def _ddp_worker(rank: int, rendezvous: str, precision: str, out: str) -> None:
         torch.save([m.detach().clone() for m in engine.masters], out)
     # Both ranks leave together: a rank tearing gloo down while its peer still talks to it was
     # seen to abort ("terminate called without an active exception") in a full test run.
-    dist.barrier()
-    dist.destroy_process_group()
+    eng.leave_distributed(env)
+    assert not dist.is_initialized()
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

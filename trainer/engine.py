@@ -94,9 +94,10 @@ def init_distributed(env: DistEnv, device: str) -> bool:
 
 
 def leave_distributed(env: DistEnv) -> None:
-    """Leave a launched job's process group once every rank is done with it. A rank that exits
-    with the group open can still be using the launcher's store when another rank's exit takes
-    it down: a two-node run on one machine saw a rank abort that way after a finished run."""
+    """Leave a launched job's process group once every rank is done with it. Ranks that tore gloo
+    down, or exited, while a peer still talked to it were seen to abort ("terminate called without
+    an active exception"): in a two-process test, and in a two-node run on one machine after the
+    run had finished."""
     import torch.distributed as dist
 
     if env.launcher != "single" and dist.is_initialized():
