@@ -55,7 +55,7 @@ def keep_mask(b, t, heads, p, rng_seed):
 
     With q = k = 0 every key gets weight 1/t, and with value rows the unit vectors the output
     holds the dropped weights themselves: keep / (t (1 - p)) or 0."""
-    d = max(16, 1 << (t - 1).bit_length())
+    d = triton_attention.block_size(t)
     qkv = torch.zeros(b, t, heads, 3, d)
     qkv[:, :, :, 2, :t] = torch.eye(t)[None, :, None]
     qkv = qkv.permute(0, 1, 3, 2, 4).reshape(b, t, 3 * heads * d)

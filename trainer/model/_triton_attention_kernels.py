@@ -115,12 +115,11 @@ def _backward(qkv, bias, seed_ptr, lse, dout, dqkv, T, s_qb, s_qt, s_bias, s_db,
     _store_head(dqkv, dv, b, h, 2, s_gb, s_gt, T, H, D, BLOCK)
 
 
-def _launch_args(qkv: Tensor, heads: int, dropout_p: float) -> dict:
-    B, T, width = qkv.shape
-    block = block_size(T)
-    return dict(grid=(B * heads,), T=T, scale=(width // (3 * heads)) ** -0.5, p_drop=dropout_p, H=heads,
-                D=width // (3 * heads), BLOCK=block, DROPOUT=dropout_p > 0, EXACT=qkv.dtype == torch.float32,
-                num_warps=8 if block > 64 else 4)
+def _meta(qkv: Tensor, heads: int, dropout_p: float) -> dict:
+    """Compile-time arguments shared by both kernels."""
+    block = block_size(qkv.shape[1])
+    return dict(H=heads, D=qkv.shape[-1] // (3 * heads), BLOCK=block, DROPOUT=dropout_p > 0,
+                EXACT=qkv.dtype == torch.float32, num_warps=8 if block > 64 else 4)
 
 
 def register() -> SimpleNamespace:
@@ -129,24 +128,25 @@ def register() -> SimpleNamespace:
     @triton_op("rgfusion::short_self_attention", mutates_args=())
     def attention(qkv: Tensor, key_bias: Tensor, seed: Tensor | None, heads: int,
                   dropout_p: float) -> tuple[Tensor, Tensor]:
-        a = _launch_args(qkv, heads, dropout_p)
+        meta = _meta(qkv, heads, dropout_p)
         B, T, width = qkv.shape
         out = qkv.new_empty(B, T, width // 3)
-        lse = torch.empty(B * heads, a["BLOCK"], device=qkv.device, dtype=torch.float32)
-        wrap_triton(_forward)[a.pop("grid")](
-            qkv, key_bias, qkv if seed is None else seed, out, lse, a.pop("T"), qkv.stride(0), qkv.stride(1),
-            key_bias.stride(0), out.stride(0), out.stride(1), a.pop("scale"), a.pop("p_drop"), **a)
+        lse = torch.empty(B * heads, meta["BLOCK"], device=qkv.device, dtype=torch.float32)
+        wrap_triton(_forward)[(B * heads,)](
+            qkv, key_bias, qkv if seed is None else seed, out, lse, T, qkv.stride(0), qkv.stride(1),
+            key_bias.stride(0), out.stride(0), out.stride(1), meta["D"] ** -0.5, dropout_p, **meta)
         return out, lse
 
     @triton_op("rgfusion::short_self_attention_backward", mutates_args=())
     def backward_op(grad: Tensor, qkv: Tensor, key_bias: Tensor, seed: Tensor | None, lse: Tensor, heads: int,
                     dropout_p: float) -> Tensor:
-        a = _launch_args(qkv, heads, dropout_p)
+        meta = _meta(qkv, heads, dropout_p)
+        B, T, _ = qkv.shape
         dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
-        wrap_triton(_backward)[a.pop("grid")](
-            qkv, key_bias, qkv if seed is None else seed, lse, grad, dqkv, a.pop("T"), qkv.stride(0), qkv.stride(1),
-            key_bias.stride(0), grad.stride(0), grad.stride(1), dqkv.stride(0), dqkv.stride(1), a.pop("scale"),
-            a.pop("p_drop"), **a)
+        wrap_triton(_backward)[(B * heads,)](
+            qkv, key_bias, qkv if seed is None else seed, lse, grad, dqkv, T, qkv.stride(0), qkv.stride(1),
+            key_bias.stride(0), grad.stride(0), grad.stride(1), dqkv.stride(0), dqkv.stride(1), meta["D"] ** -0.5,
+            dropout_p, **meta)
         return dqkv
 
     def setup_context(ctx, inputs, output) -> None:

@@ -3,12 +3,12 @@
 At batch 128 a caption is about 20 word pieces. On the math path each layer's attention is two
 batched products of 20×64 tiles, a softmax, dropout's random numbers and three layout copies
 forward, twice that backward: about 15 kernels that each move a few megabytes, about 1 ms of the
-12-layer step on an H200 (benchmarks/RESULTS.md, session 9). Here one program holds one caption's head: q, k and
-v are read where the fused query-key-value product left them, the scores stay in registers,
-dropout's mask comes from a Philox stream keyed by a per-call seed (the backward recomputes it
-instead of storing it), and the result is written in the (caption, word, hidden) layout the
-output product reads. The backward writes the gradient in the query-key-value product's layout,
-so no copy sits between it and that product's backward.
+12-layer step on an H200 (benchmarks/RESULTS.md, session 9). Here one program holds one
+caption's head: q, k and v are read where the fused query-key-value product left them, the
+scores stay in registers, dropout's mask comes from a Philox stream keyed by a per-call seed
+(the backward recomputes it instead of storing it), and the result is written in the (caption,
+word, hidden) layout the output product reads. The backward writes the gradient in the
+query-key-value product's layout, so no copy sits between it and that product's backward.
 
 The kernels run on CUDA tensors, or on any tensor under Triton's interpreter
 (``TRITON_INTERPRET=1``), which is how the CPU tests run them.
