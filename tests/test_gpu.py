@@ -343,21 +343,40 @@ def test_captured_loop_counts_skipped_steps_and_stops_a_diverged_run(tmp_path, m
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_self_attention_equals_the_reference(dtype):
-    from test_triton_attention import case, grad, reference
+@pytest.mark.parametrize("shape", ["caption", "graph", "cgf"])
+def test_triton_attention_equals_the_reference(dtype, shape):
+    """The kernels at the step's shapes: BERT's 20-word captions (one block of keys), the joint
+    graph's 85 nodes with a geometry bias per head (three blocks), CGF's 49 cells over 36 regions."""
+    from test_triton_attention import key_bias, reference
 
     from rgfusion.trainer.model import triton_attention
 
-    qkv, bias, _ = case(b=4, t=20, heads=3, d=64, lengths=(20, 17, 5, 1))
-    qkv, bias = qkv.detach().to(DEVICE), bias.to(DEVICE)
-    ours = qkv.to(dtype).requires_grad_()
-    out = triton_attention.self_attention(ours, bias.to(dtype), 3, 0.0)
-    ref = reference(qkv.requires_grad_(), bias, 3)
+    g = torch.Generator().manual_seed(0)
+    if shape == "cgf":
+        inputs = [torch.randn(4, 49, 2 * 128, generator=g), torch.randn(4, 36, 4 * 128, generator=g)]
+        bias, heads = key_bias(4, 36, (36, 20, 5, 1)), 2
+    else:
+        t, heads, d = (20, 3, 64) if shape == "caption" else (85, 8, 128)
+        inputs = [torch.randn(4, t, 3 * heads * d, generator=g)]
+        bias = key_bias(4, t, (20, 17, 5, 1)) if shape == "caption" else torch.randn(4, t, t, heads, generator=g)
+    bias = bias.to(DEVICE) if shape != "graph" else bias.to(DEVICE).permute(0, 3, 1, 2).requires_grad_()
+    inputs = [x.to(DEVICE).requires_grad_() for x in inputs]
+    ours = [x.detach().to(dtype).requires_grad_() for x in inputs]
+    our_bias = bias.detach().to(dtype).requires_grad_(bias.requires_grad)
+    kv = ours[1] if shape == "cgf" else None
+    if kv is None:
+        out = triton_attention.self_attention(ours[0], our_bias, heads, 0.0)
+    else:
+        out = triton_attention.cross_attention(ours[0], kv, our_bias, heads, 0.0)
+    ref = reference(inputs[0], inputs[1] if kv is not None else None, bias, heads)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double(), ref.detach(), atol=tol, rtol=tol)
-    weight = torch.randn_like(ref)
-    torch.testing.assert_close(grad(out, ours, weight.to(dtype)).double(), grad(ref, qkv, weight).double(),
-                               atol=tol * 4, rtol=tol * 4)
+    weight = torch.randn(ref.shape, dtype=torch.float64, device=DEVICE)
+    with_bias = [bias] if bias.requires_grad else []
+    got = torch.autograd.grad((out * weight.to(dtype)).sum(), ours + ([our_bias] if with_bias else []))
+    want = torch.autograd.grad((ref * weight).sum(), inputs + with_bias)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), atol=tol * 4, rtol=tol * 4)
 
 
 def test_compiled_captured_bert_with_the_triton_kernel_draws_new_dropout_each_replay():

@@ -1,6 +1,7 @@
-"""BERT's one-kernel self-attention (trainer/model/triton_attention.py) against a brute-force
-reference: outputs and query-key-value gradients, with masked keys, dropout and odd lengths.
-Without a GPU the kernels run in Triton's interpreter (tests/conftest.py)."""
+"""The Triton attention kernels (trainer/model/triton_attention.py) against a brute-force
+reference: outputs and gradients of the projections and of the bias, with masked keys, a bias
+per head, dropout, one and several blocks of keys, self- and cross-attention. Without a GPU the
+kernels run in Triton's interpreter (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -14,68 +15,105 @@ from rgfusion.trainer.model import triton_attention  # noqa: E402
 torch.set_num_threads(1)
 
 
-def reference(qkv, key_bias, heads, keep=None, p=0.0):
-    """Per head softmax(q·kᵀ/√d + bias)·v, the weights multiplied by ``keep / (1 - p)``."""
-    b, t, width = qkv.shape
-    d = width // (3 * heads)
-    q, k, v = qkv.double().view(b, t, 3, heads, d).permute(2, 0, 3, 1, 4)
-    weights = torch.softmax(q @ k.transpose(-1, -2) * d**-0.5 + key_bias.double()[:, None, None, :], dim=-1)
+def heads_of(x, n, heads, parts):
+    """(parts, B, heads, n, d) views of ``parts`` projections laid side by side in x."""
+    return x.double().view(x.shape[0], n, parts, heads, x.shape[-1] // (parts * heads)).permute(2, 0, 3, 1, 4)
+
+
+def reference(q, kv, bias, heads, keep=None, p=0.0):
+    """Per head softmax(q·kᵀ/√d + bias)·v, the weights multiplied by ``keep / (1 - p)``;
+    ``kv`` None: ``q`` holds query, key and value side by side."""
+    if kv is None:
+        q, k, v = heads_of(q, q.shape[1], heads, 3)
+    else:
+        (q,), (k, v) = heads_of(q, q.shape[1], heads, 1), heads_of(kv, kv.shape[1], heads, 2)
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    weights = torch.softmax(scores if bias is None else scores + bias.double(), dim=-1)
     if keep is not None:
         weights = weights * keep / (1 - p)
-    return (weights @ v).transpose(1, 2).reshape(b, t, width // 3)
+    out = weights @ v
+    return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+
+def key_bias(b, t, lengths):
+    """(B, 1, 1, T): 0 for a caption's words, -1e4 past its length."""
+    mask = torch.arange(t)[None] < torch.tensor(lengths)[:, None]
+    return torch.zeros(b, t).masked_fill(~mask, -1e4)[:, None, None, :]
 
 
 def case(b=3, t=7, heads=2, d=16, lengths=(7, 4, 1), seed=0):
     g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(b, t, 3 * heads * d, generator=g).requires_grad_()
-    mask = torch.arange(t)[None] < torch.tensor(lengths)[:, None]
-    return qkv, torch.zeros(b, t).masked_fill(~mask, -1e4), mask
+    return torch.randn(b, t, 3 * heads * d, generator=g).requires_grad_(), key_bias(b, t, lengths)
 
 
-def grad(out, qkv, weight):
-    return torch.autograd.grad((out * weight).sum(), qkv)[0]
+def grads(out, inputs, weight):
+    return torch.autograd.grad((out * weight).sum(), inputs)
 
 
+def assert_same(out, ref, inputs, tol):
+    torch.testing.assert_close(out.double(), ref.detach(), atol=tol, rtol=tol)
+    weight = torch.randn(ref.shape, dtype=torch.float64)
+    for a, b in zip(grads(out, inputs, weight.to(out.dtype)), grads(ref, inputs, weight)):
+        torch.testing.assert_close(a.double(), b.double(), atol=tol * 4, rtol=tol * 4)
+
+
+# Head size 128 takes 32-row blocks, so 40 words are two blocks of keys; 70 at head size 32 too.
 @pytest.mark.parametrize("shape", [dict(), dict(b=2, t=20, heads=3, d=32, lengths=(20, 13)),
                                    dict(b=2, t=1, heads=1, d=16, lengths=(1, 1)),
-                                   dict(b=1, t=33, heads=2, d=16, lengths=(30,))])
-def test_output_and_gradient_equal_the_reference(shape):
+                                   dict(b=1, t=33, heads=2, d=16, lengths=(30,)),
+                                   dict(b=2, t=40, heads=2, d=128, lengths=(40, 9)),
+                                   dict(b=1, t=70, heads=1, d=32, lengths=(66,))])
+def test_self_attention_and_its_gradient_equal_the_reference(shape):
     heads = shape.get("heads", 2)
-    qkv, bias, _ = case(**shape)
+    qkv, bias = case(**shape)
     out = triton_attention.self_attention(qkv, bias, heads, 0.0)
-    ref = reference(qkv, bias, heads)
-    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
-    weight = torch.randn_like(out)
-    torch.testing.assert_close(grad(out, qkv, weight).double(), grad(ref, qkv, weight.double()).double(),
-                               atol=1e-5, rtol=1e-5)
+    assert_same(out, reference(qkv, None, bias, heads), [qkv], 1e-5)
+
+
+@pytest.mark.parametrize("t,d", [(9, 16), (45, 128)])
+def test_a_bias_per_head_gets_its_gradient(t, d):
+    # The joint graph's geometry bias: (B, heads, N, N) at the strides of a (B, N, N, heads) product.
+    qkv, _ = case(b=2, t=t, heads=2, d=d, lengths=(t, t))
+    bias = torch.randn(2, t, t, 2).permute(0, 3, 1, 2).requires_grad_()
+    out = triton_attention.self_attention(qkv, bias, 2, 0.0)
+    assert_same(out, reference(qkv, None, bias, 2), [qkv, bias], 1e-5)
+
+
+@pytest.mark.parametrize("nq,nk,d,masked", [(36, 49, 128, False), (49, 36, 128, True), (5, 3, 16, True)])
+def test_cross_attention_and_its_gradients_equal_the_reference(nq, nk, d, masked):
+    # CGF: regions attend to cells, and cells to the regions a mask keeps.
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, nq, 2 * d, generator=g).requires_grad_()
+    kv = torch.randn(2, nk, 4 * d, generator=g).requires_grad_()
+    bias = key_bias(2, nk, (nk, 2)) if masked else None
+    out = triton_attention.cross_attention(q, kv, bias, 2, 0.0)
+    assert_same(out, reference(q, kv, bias, 2), [q, kv], 1e-5)
 
 
 def keep_mask(b, t, heads, p, rng_seed):
-    """The kernel's own keep mask for a call made from PyTorch's generator at ``rng_seed``.
+    """The kernels' own keep mask for a call made from PyTorch's generator at ``rng_seed``.
 
     With q = k = 0 every key gets weight 1/t, and with value rows the unit vectors the output
-    holds the dropped weights themselves: keep / (t (1 - p)) or 0."""
-    d = triton_attention.block_size(t)
+    holds the dropped weights themselves: keep / (t (1 - p)) or 0. The mask depends on the
+    call's sizes and seed only, not on the head size."""
+    d = 128
     qkv = torch.zeros(b, t, heads, 3, d)
     qkv[:, :, :, 2, :t] = torch.eye(t)[None, :, None]
     qkv = qkv.permute(0, 1, 3, 2, 4).reshape(b, t, 3 * heads * d)
     torch.manual_seed(rng_seed)
-    out = triton_attention.self_attention(qkv, torch.zeros(b, t), heads, p)
+    out = triton_attention.self_attention(qkv, None, heads, p)
     return out.view(b, t, heads, d)[..., :t].permute(0, 2, 1, 3) > 0
 
 
-def test_dropout_drops_the_weights_the_backward_assumes():
+@pytest.mark.parametrize("t,d", [(7, 16), (40, 128)])
+def test_dropout_drops_the_weights_the_backward_assumes(t, d):
     p, heads = 0.3, 2
-    qkv, bias, _ = case(heads=heads)
-    keep = keep_mask(3, 7, heads, p, rng_seed=5)
+    qkv, bias = case(t=t, heads=heads, d=d, lengths=(t, 4, 1))
+    keep = keep_mask(3, t, heads, p, rng_seed=5)
     assert 0.55 < keep.double().mean().item() < 0.85
     torch.manual_seed(5)
     out = triton_attention.self_attention(qkv, bias, heads, p)
-    ref = reference(qkv, bias, heads, keep, p)
-    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
-    weight = torch.randn_like(out)
-    torch.testing.assert_close(grad(out, qkv, weight).double(), grad(ref, qkv, weight.double()).double(),
-                               atol=1e-5, rtol=1e-5)
+    assert_same(out, reference(qkv, None, bias, heads, keep, p), [qkv], 1e-5)
 
 
 def test_each_call_draws_a_new_mask_at_the_rate_asked():
@@ -87,23 +125,29 @@ def test_each_call_draws_a_new_mask_at_the_rate_asked():
 
 def test_half_precision_stays_within_its_rounding():
     # float16: the interpreter's bfloat16 products are wrong (tests/test_gpu.py checks bfloat16).
-    qkv, bias, _ = case(b=2, t=20, heads=2, d=32, lengths=(20, 11))
+    qkv, bias = case(b=2, t=40, heads=2, d=128, lengths=(40, 11))
     half = qkv.detach().half().requires_grad_()
     out = triton_attention.self_attention(half, bias.half(), 2, 0.0)
     assert out.dtype == torch.float16
-    ref = reference(qkv, bias, 2)
+    ref = reference(qkv, None, bias, 2)
     torch.testing.assert_close(out.double(), ref.detach(), atol=5e-3, rtol=5e-3)
     weight = torch.randn_like(ref)
-    torch.testing.assert_close(grad(out, half, weight.half()).double(), grad(ref, qkv, weight).double(),
+    torch.testing.assert_close(grads(out, [half], weight.half())[0].double(), grads(ref, [qkv], weight)[0].double(),
                                atol=2e-2, rtol=2e-2)
 
 
-def test_applies_only_where_its_tiles_stay_small():
-    assert triton_attention.applies(torch.zeros(2, 64, 3 * 2 * 64), heads=2)
-    assert triton_attention.applies(torch.zeros(2, 20, 3 * 2 * 128), heads=2)  # a 32-word block
-    assert not triton_attention.applies(torch.zeros(2, 65, 3 * 2 * 64), heads=2)  # a 128-word block
-    assert not triton_attention.applies(torch.zeros(2, 8, 3 * 2 * 24), heads=2)  # head size 24
-    assert not triton_attention.applies(torch.zeros(2, 8, 3 * 2 * 64, dtype=torch.float64), heads=2)
+def test_applies_to_power_of_two_heads_up_to_128():
+    assert triton_attention.applies(torch.zeros(2, 200, 3 * 2 * 64), head_dim=64)
+    assert triton_attention.applies(torch.zeros(2, 85, 3 * 2 * 128), head_dim=128)
+    assert not triton_attention.applies(torch.zeros(2, 8, 3 * 2 * 256), head_dim=256)
+    assert not triton_attention.applies(torch.zeros(2, 8, 3 * 2 * 24), head_dim=24)
+    assert not triton_attention.applies(torch.zeros(2, 8, 3 * 2 * 64, dtype=torch.float64), head_dim=64)
+
+
+def same_gradients(a, b, tol):
+    for (name, x), y in zip(a.named_parameters(), b.parameters()):
+        if x.grad is not None or y.grad is not None:
+            torch.testing.assert_close(x.grad, y.grad, atol=tol, rtol=tol, msg=name)
 
 
 def test_fused_bert_computes_the_same_with_the_kernel():
@@ -124,5 +168,25 @@ def test_fused_bert_computes_the_same_with_the_kernel():
     weight = torch.randn_like(ref)
     (ref[mask] * weight[mask]).sum().backward()
     (out[mask] * weight[mask]).sum().backward()
-    for (name, a), b in zip(fused.named_parameters(), math.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, atol=2e-5, rtol=2e-5, msg=name)
+    same_gradients(fused, math, 2e-5)
+
+
+def test_the_image_tower_computes_the_same_with_the_kernels():
+    # The joint graph's self-attention with its geometry bias, and both of CGF's cross-attentions.
+    from rgfusion.trainer.model.config import ModelConfig
+    from rgfusion.trainer.model.image import ImageEncoder
+
+    towers = []
+    for attention in ("math", "triton"):
+        torch.manual_seed(0)
+        towers.append(ImageEncoder(ModelConfig(width=64, heads=4, attention=attention), 24, 20, (3, 3)).eval())
+    g = torch.Generator().manual_seed(2)
+    xy = torch.rand(3, 5, 2, generator=g) * 0.6
+    inputs = (torch.randn(3, 5, 24, generator=g), torch.cat([xy, xy + 0.3], -1),
+              torch.arange(5)[None] < torch.tensor([[5], [3], [1]]), torch.randn(3, 9, 20, generator=g))
+    ref, out = (tower(*inputs) for tower in towers)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    weight = torch.randn_like(ref)
+    (ref * weight).sum().backward()
+    (out * weight).sum().backward()
+    same_gradients(towers[1], towers[0], 5e-5)

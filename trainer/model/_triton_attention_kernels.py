@@ -2,6 +2,12 @@
 
 Imported on first use only: it imports Triton. The operators are ``torch.library.triton_op``s,
 so torch.compile sees the kernels themselves instead of breaking the graph around them.
+
+Tiling follows FlashAttention-2: a forward program holds one block of queries and runs an
+online softmax over blocks of keys. The backward holds one block of keys and loops over the
+queries (key and value gradients, and the bias gradient, each score computed once there). With
+more than one key block a first pass, one program per query block, gives the query gradient and
+the row sums dO·O that the second pass needs. One block of keys needs no first pass.
 """
 
 from __future__ import annotations
@@ -17,19 +23,17 @@ from .triton_attention import block_size
 
 
 @triton.jit
-def _load_head(qkv, b, h, part, s_b, s_t, T, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
-    """Rows 0..BLOCK of head ``h``'s query (part 0), key (1) or value (2); rows ≥ T are zero."""
-    i = tl.arange(0, BLOCK)
+def _rows(ptr, b, col, s_b, s_t, rows, n, D: tl.constexpr):
+    """(len(rows), D) block at column ``col`` of batch entry ``b``; rows ≥ n are zero."""
     d = tl.arange(0, D)
-    ptr = qkv + b * s_b + i[:, None] * s_t + (part * H + h) * D + d[None, :]
-    return tl.load(ptr, mask=(i < T)[:, None], other=0.0)
+    return tl.load(ptr + b * s_b + rows[:, None] * s_t + col + d[None, :], mask=(rows < n)[:, None], other=0.0)
 
 
 @triton.jit
-def _head_qkv(qkv, b, h, s_b, s_t, T, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
-    """Query, key and value rows of the program's head."""
-    return (_load_head(qkv, b, h, 0, s_b, s_t, T, H, D, BLOCK), _load_head(qkv, b, h, 1, s_b, s_t, T, H, D, BLOCK),
-            _load_head(qkv, b, h, 2, s_b, s_t, T, H, D, BLOCK))
+def _store_rows(ptr, value, b, col, s_b, s_t, rows, n, D: tl.constexpr):
+    d = tl.arange(0, D)
+    tl.store(ptr + b * s_b + rows[:, None] * s_t + col + d[None, :], value.to(ptr.dtype.element_ty),
+             mask=(rows < n)[:, None])
 
 
 @triton.jit
@@ -41,125 +45,215 @@ def _mm(a, b, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _store_head(dqkv, value, b, h, part, s_b, s_t, T, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.arange(0, BLOCK)
-    d = tl.arange(0, D)
-    ptr = dqkv + b * s_b + i[:, None] * s_t + (part * H + h) * D + d[None, :]
-    tl.store(ptr, value.to(dqkv.dtype.element_ty), mask=(i < T)[:, None])
+def _columns(h, H: tl.constexpr, D: tl.constexpr, SELF: tl.constexpr):
+    """Columns of head ``h``'s query, key and value: one (…, 3·H·D) product, or a query product
+    and a (…, 2·H·D) key-value product."""
+    if SELF:
+        return h * D, (H + h) * D, (2 * H + h) * D
+    return h * D, h * D, (H + h) * D
 
 
 @triton.jit
-def _probabilities(q, k, bias, lse, bh, b, s_bias, T, scale, FROM_LSE: tl.constexpr,
-                   BLOCK: tl.constexpr, EXACT: tl.constexpr):
-    """Softmax of one head's scores; with FROM_LSE the row normalisers stored by the forward."""
-    i = tl.arange(0, BLOCK)
-    s = _mm(q, tl.trans(k), EXACT)
-    key_bias = tl.load(bias + b * s_bias + i, mask=i < T, other=float("-inf")).to(tl.float32)
-    s = s * scale + key_bias[None, :]
-    if FROM_LSE:
-        p = tl.exp(s - tl.load(lse + bh * BLOCK + i)[:, None])
-    else:
-        m = tl.max(s, 1)
-        e = tl.exp(s - m[:, None])
-        total = tl.sum(e, 1)
-        p = e / total[:, None]
-        tl.store(lse + bh * BLOCK + i, m + tl.log(total))
-    return p
+def _scores(q, k, bias, b, h, sb_b, sb_h, sb_i, sb_j, rows, keys, NQ, NK, scale,
+            HAS_BIAS: tl.constexpr, EXACT: tl.constexpr):
+    """q·kᵀ·scale + bias of one tile; keys ≥ NK get -inf."""
+    s = _mm(q, tl.trans(k), EXACT) * scale
+    if HAS_BIAS:
+        # Padding query rows read 0, not -inf: a row of -inf would make NaNs that reach real gradients.
+        ptr = bias + b * sb_b + h * sb_h + rows[:, None] * sb_i + keys[None, :] * sb_j
+        s += tl.load(ptr, mask=(rows < NQ)[:, None] & (keys < NK)[None, :], other=0.0).to(tl.float32)
+    return tl.where((keys < NK)[None, :], s, float("-inf"))
 
 
 @triton.jit
-def _keep(seed_ptr, bh, p_drop, BLOCK: tl.constexpr):
-    """Dropout's keep mask of one head: a Philox stream keyed by the call's seed, one number per score."""
-    i = tl.arange(0, BLOCK)
-    offsets = bh * BLOCK * BLOCK + i[:, None] * BLOCK + i[None, :]
+def _keep(seed_ptr, bh, rows, keys, NQ, NK, p_drop):
+    """Dropout's keep mask of one tile: a Philox stream keyed by the call's seed, one number per score."""
+    offsets = (bh * NQ + rows[:, None]) * NK + keys[None, :]
     return tl.rand(tl.load(seed_ptr).to(tl.uint32), offsets) >= p_drop
 
 
 @triton.jit
-def _forward(qkv, bias, seed_ptr, out, lse, T, s_qb, s_qt, s_bias, s_ob, s_ot, scale, p_drop,
-             H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DROPOUT: tl.constexpr,
-             EXACT: tl.constexpr):
-    bh = tl.program_id(0)
+def _forward(q_src, kv_src, bias, seed_ptr, out, lse, NQ, NK, NQP, s_qb, s_qt, s_kb, s_kt, sb_b, sb_h, sb_i, sb_j,
+             s_ob, s_ot, scale, p_drop, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+             SELF: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EXACT: tl.constexpr):
+    bh = tl.program_id(1)
     b, h = bh // H, bh % H
-    q, k, v = _head_qkv(qkv, b, h, s_qb, s_qt, T, H, D, BLOCK)
-    p = _probabilities(q, k, bias, lse, bh, b, s_bias, T, scale, False, BLOCK, EXACT)
+    q_col, k_col, v_col = _columns(h, H, D, SELF)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    q = _rows(q_src, b, q_col, s_qb, s_qt, rows, NQ, D)
+    m = tl.full((BLOCK,), float("-inf"), tl.float32)
+    total = tl.zeros((BLOCK,), tl.float32)
+    acc = tl.zeros((BLOCK, D), tl.float32)
+    for start in range(0, NK, BLOCK):
+        keys = start + tl.arange(0, BLOCK)
+        k = _rows(kv_src, b, k_col, s_kb, s_kt, keys, NK, D)
+        v = _rows(kv_src, b, v_col, s_kb, s_kt, keys, NK, D)
+        s = _scores(q, k, bias, b, h, sb_b, sb_h, sb_i, sb_j, rows, keys, NQ, NK, scale, HAS_BIAS, EXACT)
+        # The first block holds key 0, so the running maximum is finite from there on.
+        m_new = tl.maximum(m, tl.max(s, 1))
+        rescale = tl.exp(m - m_new)
+        e = tl.exp(s - m_new[:, None])
+        total = total * rescale + tl.sum(e, 1)
+        if DROPOUT:
+            e = tl.where(_keep(seed_ptr, bh, rows, keys, NQ, NK, p_drop), e, 0.0)
+        acc = acc * rescale[:, None] + _mm(e.to(v.dtype), v, EXACT)
+        m = m_new
+    tl.store(lse + bh * NQP + rows, m + tl.log(total))
     if DROPOUT:
-        p = tl.where(_keep(seed_ptr, bh, p_drop, BLOCK), p / (1.0 - p_drop), 0.0)
-    # The output is (B, T, H·D): head h is columns h·D..(h+1)·D, as "part 0" of H heads.
-    _store_head(out, _mm(p.to(v.dtype), v, EXACT), b, h, 0, s_ob, s_ot, T, H, D, BLOCK)
+        total = total * (1.0 - p_drop)
+    _store_rows(out, acc / total[:, None], b, h * D, s_ob, s_ot, rows, NQ, D)
 
 
 @triton.jit
-def _backward(qkv, bias, seed_ptr, lse, dout, dqkv, T, s_qb, s_qt, s_bias, s_db, s_dt, s_gb, s_gt, scale, p_drop,
-              H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DROPOUT: tl.constexpr,
-              EXACT: tl.constexpr):
-    bh = tl.program_id(0)
+def _backward_query(q_src, kv_src, bias, seed_ptr, lse, delta, out, dout, dq, NQ, NK, NQP, s_qb, s_qt, s_kb, s_kt,
+                    sb_b, sb_h, sb_i, sb_j, s_ob, s_ot, s_gb, s_gt, scale, p_drop, H: tl.constexpr,
+                    D: tl.constexpr, BLOCK: tl.constexpr, SELF: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    DROPOUT: tl.constexpr, EXACT: tl.constexpr):
+    """First pass with several key blocks: one block of queries' gradient and dO·O row sums."""
+    bh = tl.program_id(1)
     b, h = bh // H, bh % H
-    q, k, v = _head_qkv(qkv, b, h, s_qb, s_qt, T, H, D, BLOCK)
-    # The output gradient in the output's layout: one head is columns h·D..(h+1)·D.
-    do = _load_head(dout, b, h, 0, s_db, s_dt, T, H, D, BLOCK)
-    p = _probabilities(q, k, bias, lse, bh, b, s_bias, T, scale, True, BLOCK, EXACT)
-    dp = _mm(do, tl.trans(v), EXACT)
-    if DROPOUT:
-        keep = _keep(seed_ptr, bh, p_drop, BLOCK)
-        dropped = tl.where(keep, p / (1.0 - p_drop), 0.0)
-        dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
-    else:
-        dropped = p
-    dv = _mm(tl.trans(dropped.to(do.dtype)), do, EXACT)
-    ds = (p * (dp - tl.sum(p * dp, 1)[:, None]) * scale).to(q.dtype)
-    dq = _mm(ds, k, EXACT)
-    dk = _mm(tl.trans(ds), q, EXACT)
-    _store_head(dqkv, dq, b, h, 0, s_gb, s_gt, T, H, D, BLOCK)
-    _store_head(dqkv, dk, b, h, 1, s_gb, s_gt, T, H, D, BLOCK)
-    _store_head(dqkv, dv, b, h, 2, s_gb, s_gt, T, H, D, BLOCK)
+    q_col, k_col, v_col = _columns(h, H, D, SELF)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    q = _rows(q_src, b, q_col, s_qb, s_qt, rows, NQ, D)
+    do = _rows(dout, b, h * D, s_ob, s_ot, rows, NQ, D)
+    # Σⱼ Pᵢⱼ dPᵢⱼ: the output already holds the dropout that dP carries.
+    dl = tl.sum(do.to(tl.float32) * _rows(out, b, h * D, s_ob, s_ot, rows, NQ, D).to(tl.float32), 1)
+    tl.store(delta + bh * NQP + rows, dl)
+    row_lse = tl.load(lse + bh * NQP + rows)
+    acc = tl.zeros((BLOCK, D), tl.float32)
+    for start in range(0, NK, BLOCK):
+        keys = start + tl.arange(0, BLOCK)
+        k = _rows(kv_src, b, k_col, s_kb, s_kt, keys, NK, D)
+        v = _rows(kv_src, b, v_col, s_kb, s_kt, keys, NK, D)
+        p = tl.exp(_scores(q, k, bias, b, h, sb_b, sb_h, sb_i, sb_j, rows, keys, NQ, NK, scale, HAS_BIAS, EXACT)
+                   - row_lse[:, None])
+        dp = _mm(do, tl.trans(v), EXACT)
+        if DROPOUT:
+            dp = tl.where(_keep(seed_ptr, bh, rows, keys, NQ, NK, p_drop), dp / (1.0 - p_drop), 0.0)
+        acc += _mm((p * (dp - dl[:, None]) * scale).to(k.dtype), k, EXACT)
+    _store_rows(dq, acc, b, q_col, s_gb, s_gt, rows, NQ, D)
 
 
-def _meta(qkv: Tensor, heads: int, dropout_p: float) -> dict:
-    """Compile-time arguments shared by both kernels."""
-    block = block_size(qkv.shape[1])
-    return dict(H=heads, D=qkv.shape[-1] // (3 * heads), BLOCK=block, DROPOUT=dropout_p > 0,
-                EXACT=qkv.dtype == torch.float32, num_warps=8 if block > 64 else 4)
+@triton.jit
+def _backward_key(q_src, kv_src, bias, seed_ptr, lse, delta, dout, dq, dkv, dbias, NQ, NK, NQP, s_qb, s_qt, s_kb,
+                  s_kt, sb_b, sb_h, sb_i, sb_j, s_ob, s_ot, s_gb, s_gt, s_vb, s_vt, scale, p_drop,
+                  H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SELF: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, SINGLE: tl.constexpr,
+                  EXACT: tl.constexpr):
+    """One block of keys: its key and value gradients and its columns of the bias gradient.
+    SINGLE (every key in this one block): the row sums and the query gradient too."""
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    q_col, k_col, v_col = _columns(h, H, D, SELF)
+    keys = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    k = _rows(kv_src, b, k_col, s_kb, s_kt, keys, NK, D)
+    v = _rows(kv_src, b, v_col, s_kb, s_kt, keys, NK, D)
+    dk = tl.zeros((BLOCK, D), tl.float32)
+    dv = tl.zeros((BLOCK, D), tl.float32)
+    for start in range(0, NQ, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        q = _rows(q_src, b, q_col, s_qb, s_qt, rows, NQ, D)
+        do = _rows(dout, b, h * D, s_ob, s_ot, rows, NQ, D)
+        p = tl.exp(_scores(q, k, bias, b, h, sb_b, sb_h, sb_i, sb_j, rows, keys, NQ, NK, scale, HAS_BIAS, EXACT)
+                   - tl.load(lse + bh * NQP + rows)[:, None])
+        dp = _mm(do, tl.trans(v), EXACT)
+        if DROPOUT:
+            keep = _keep(seed_ptr, bh, rows, keys, NQ, NK, p_drop)
+            dropped = tl.where(keep, p / (1.0 - p_drop), 0.0)
+            dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
+        else:
+            dropped = p
+        dv += _mm(tl.trans(dropped.to(do.dtype)), do, EXACT)
+        if SINGLE:
+            ds = p * (dp - tl.sum(p * dp, 1)[:, None])
+        else:
+            ds = p * (dp - tl.load(delta + bh * NQP + rows)[:, None])
+        if BIAS_GRAD:  # dbias is (B, H, NQ, NK), contiguous
+            ptr = dbias + (bh * NQ + rows[:, None]) * NK + keys[None, :]
+            tl.store(ptr, ds.to(dbias.dtype.element_ty), mask=(rows < NQ)[:, None] & (keys < NK)[None, :])
+        ds = (ds * scale).to(q.dtype)
+        if SINGLE:
+            _store_rows(dq, _mm(ds, k, EXACT), b, q_col, s_gb, s_gt, rows, NQ, D)
+        dk += _mm(tl.trans(ds), q, EXACT)
+    _store_rows(dkv, dk, b, k_col, s_vb, s_vt, keys, NK, D)
+    _store_rows(dkv, dv, b, v_col, s_vb, s_vt, keys, NK, D)
+
+
+def _bias_strides(bias: Tensor | None) -> list[int]:
+    if bias is None:
+        return [0, 0, 0, 0]
+    # A size-1 dimension broadcasts: stride 0 reads its one entry for every index.
+    return [0 if n == 1 else s for n, s in zip(bias.shape, bias.stride())]
+
+
+class _Shape:
+    """Sizes and compile-time arguments of one call; ``kv`` None: ``q`` is a fused (B, T, 3·H·D) product."""
+
+    def __init__(self, q: Tensor, kv: Tensor | None, bias: Tensor | None, heads: int, dropout_p: float) -> None:
+        self.self_attention = kv is None
+        self.kv = q if kv is None else kv
+        self.B, self.nq = q.shape[:2]
+        self.nk = self.kv.shape[1]
+        self.D = self.kv.shape[-1] // ((3 if kv is None else 2) * heads)
+        self.block = block_size(max(self.nq, self.nk), self.D)
+        self.nqp = triton.cdiv(self.nq, self.block) * self.block
+        self.meta = dict(H=heads, D=self.D, BLOCK=self.block, SELF=self.self_attention, HAS_BIAS=bias is not None,
+                         DROPOUT=dropout_p > 0, EXACT=q.dtype == torch.float32, num_warps=4)
+
+    def grid(self, n: int) -> tuple[int, int]:
+        return (triton.cdiv(n, self.block), self.B * self.meta["H"])
 
 
 def register() -> SimpleNamespace:
     from torch.library import register_autograd, triton_op, wrap_triton
 
-    @triton_op("rgfusion::short_self_attention", mutates_args=())
-    def attention(qkv: Tensor, key_bias: Tensor, seed: Tensor | None, heads: int,
+    @triton_op("rgfusion::short_attention", mutates_args=())
+    def attention(q: Tensor, kv: Tensor | None, bias: Tensor | None, seed: Tensor | None, heads: int,
                   dropout_p: float) -> tuple[Tensor, Tensor]:
-        meta = _meta(qkv, heads, dropout_p)
-        B, T, width = qkv.shape
-        out = qkv.new_empty(B, T, width // 3)
-        lse = torch.empty(B * heads, meta["BLOCK"], device=qkv.device, dtype=torch.float32)
-        wrap_triton(_forward)[(B * heads,)](
-            qkv, key_bias, qkv if seed is None else seed, out, lse, T, qkv.stride(0), qkv.stride(1),
-            key_bias.stride(0), out.stride(0), out.stride(1), meta["D"] ** -0.5, dropout_p, **meta)
+        s = _Shape(q, kv, bias, heads, dropout_p)
+        out = q.new_empty(s.B, s.nq, heads * s.D)
+        lse = torch.empty(s.B * heads, s.nqp, device=q.device, dtype=torch.float32)
+        wrap_triton(_forward)[s.grid(s.nq)](
+            q, s.kv, q if bias is None else bias, q if seed is None else seed, out, lse, s.nq, s.nk, s.nqp,
+            q.stride(0), q.stride(1), s.kv.stride(0), s.kv.stride(1), *_bias_strides(bias), out.stride(0),
+            out.stride(1), s.D ** -0.5, dropout_p, **s.meta)
         return out, lse
 
-    @triton_op("rgfusion::short_self_attention_backward", mutates_args=())
-    def backward_op(grad: Tensor, qkv: Tensor, key_bias: Tensor, seed: Tensor | None, lse: Tensor, heads: int,
-                    dropout_p: float) -> Tensor:
-        meta = _meta(qkv, heads, dropout_p)
-        B, T, _ = qkv.shape
-        dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
-        wrap_triton(_backward)[(B * heads,)](
-            qkv, key_bias, qkv if seed is None else seed, lse, grad, dqkv, T, qkv.stride(0), qkv.stride(1),
-            key_bias.stride(0), grad.stride(0), grad.stride(1), dqkv.stride(0), dqkv.stride(1), meta["D"] ** -0.5,
-            dropout_p, **meta)
-        return dqkv
+    @triton_op("rgfusion::short_attention_backward", mutates_args=())
+    def backward_op(grad: Tensor, q: Tensor, kv: Tensor | None, bias: Tensor | None, seed: Tensor | None,
+                    out: Tensor, lse: Tensor, heads: int, dropout_p: float,
+                    bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+        s = _Shape(q, kv, bias, heads, dropout_p)
+        dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        dkv = dq if kv is None else torch.empty(kv.shape, device=q.device, dtype=kv.dtype)
+        dbias = torch.empty((s.B, heads, s.nq, s.nk) if bias_grad else (0,), device=q.device,
+                            dtype=q.dtype if bias is None else bias.dtype)
+        delta = torch.empty_like(lse)
+        common = (q, s.kv, q if bias is None else bias, q if seed is None else seed, lse, delta)
+        strides = (s.nq, s.nk, s.nqp, q.stride(0), q.stride(1), s.kv.stride(0), s.kv.stride(1), *_bias_strides(bias),
+                   grad.stride(0), grad.stride(1), dq.stride(0), dq.stride(1))
+        single = s.nk <= s.block
+        if not single:
+            wrap_triton(_backward_query)[s.grid(s.nq)](*common, out, grad, dq, *strides, s.D ** -0.5, dropout_p,
+                                                       **s.meta)
+        wrap_triton(_backward_key)[s.grid(s.nk)](
+            *common, grad, dq, dkv, dbias, *strides, dkv.stride(0), dkv.stride(1), s.D ** -0.5, dropout_p,
+            BIAS_GRAD=bias_grad, SINGLE=single, **s.meta)
+        return dq, (dkv if kv is not None else dq.new_empty(0)), dbias
 
     def setup_context(ctx, inputs, output) -> None:
-        qkv, key_bias, seed, heads, dropout_p = inputs
-        ctx.save_for_backward(qkv, key_bias, seed, output[1])
+        q, kv, bias, seed, heads, dropout_p = inputs
+        ctx.save_for_backward(q, kv, bias, seed, *output)
         ctx.heads, ctx.dropout_p = heads, dropout_p
 
     def backward(ctx, grad_out: Tensor, _grad_lse: Tensor | None):
-        qkv, key_bias, seed, lse = ctx.saved_tensors
-        # Only the last dimension must be contiguous: the kernel reads rows at any stride.
-        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        dqkv = backward_op(grad_out, qkv, key_bias, seed, lse, ctx.heads, ctx.dropout_p)
-        return dqkv, None, None, None, None
+        q, kv, bias, seed, out, lse = ctx.saved_tensors
+        # In the output's layout: the kernels read both at the same strides.
+        grad_out = grad_out.contiguous()
+        bias_grad = ctx.needs_input_grad[2]
+        dq, dkv, dbias = backward_op(grad_out, q, kv, bias, seed, out, lse, ctx.heads, ctx.dropout_p, bias_grad)
+        return (dq, dkv if kv is not None else None, dbias.sum_to_size(bias.shape) if bias_grad else None,
+                None, None, None)
 
     register_autograd(attention, backward, setup_context=setup_context)
     return SimpleNamespace(attention=attention, backward=backward_op)

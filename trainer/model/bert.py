@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import triton_attention
-from .attention import Attention, attend
+from .attention import Attention, self_attend
 from .pooling import additive_mask
 
 
@@ -38,14 +37,8 @@ class FusedBertLayer(nn.Module):
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
         """``bias``: (B, 1, 1, T), added to every query's scores against each key."""
-        b, n, d = x.shape
-        qkv = self.qkv(x)
         p = self.attention_dropout if self.training else 0.0
-        if self.attention == "triton" and triton_attention.applies(qkv, self.heads):
-            att = triton_attention.self_attention(qkv, bias.flatten(1), self.heads, p)
-        else:
-            q, k, v = qkv.view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-            att = attend(q, k, v, bias, p, self.attention).transpose(1, 2).reshape(b, n, d)
+        att = self_attend(self.qkv(x), bias, self.heads, p, self.attention)
         x = self.norm1(x + self.drop(self.out(att)))
         return self.norm2(x + self.drop(self.down(F.gelu(self.up(x)))))
 

@@ -76,8 +76,9 @@ class ModelConfig:
     map_combine: Literal["concat", "mean"] = "concat"
     # Attention kernels of the graph, CGF, MAP and the transformer text encoder: 'sdpa' (PyTorch's
     # fused kernels) or 'math' (matrix products and a float32 softmax, see model/attention.py);
-    # 'triton': FusedBert's self-attention as one Triton kernel (model/triton_attention.py) where
-    # it applies, the math path everywhere else.
+    # 'triton': the graph's, CGF's and FusedBert's attention as Triton kernels
+    # (model/triton_attention.py) on CUDA with head sizes 16-128, the math path everywhere else
+    # (MAP, a Hugging Face encoder, the CPU).
     attention: Attention = "sdpa"
     # Dropout in projections, attention and fusion; 0.1 is the transformer default.
     dropout: float = 0.1

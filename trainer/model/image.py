@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .attention import attend
+from .attention import cross_attend, self_attend
 from .config import ModelConfig
 from .geometry import GEOMETRY_DIM, joint_adjacency, node_boxes, relative_geometry
 from .pooling import additive_mask, build_pooling
@@ -55,15 +55,13 @@ class GraphAttentionLayer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, geometry: Tensor, adj: Tensor, valid: Tensor) -> Tensor:
-        b, n, d = x.shape
         bias = self.geometry(geometry.to(x.dtype)).permute(0, 3, 1, 2)
         # The bias's own dtype (bf16 under autocast): finfo(x.dtype).min would overflow to -inf
         # there. Every row keeps its self loop, so no row is fully masked.
         bias = bias.masked_fill(~adj[:, None], torch.finfo(bias.dtype).min)
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
-        att = attend(q, k, v, bias, p, self.attention)
-        x = x + self.drop(self.out(att.transpose(1, 2).reshape(b, n, d)))
+        att = self_attend(self.qkv(self.norm1(x)), bias, self.heads, p, self.attention)
+        x = x + self.drop(self.out(att))
         x = x + self.drop(self.ffn(self.norm2(x)))
         return x.masked_fill(~valid[..., None], 0)
 
@@ -104,14 +102,10 @@ class GatedCrossAttention(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, other: Tensor, other_mask: Tensor | None) -> Tensor:
-        b, n, d = x.shape
-        h, dh = self.heads, d // self.heads
-        q = self.q(self.norm_q(x)).view(b, n, h, dh).transpose(1, 2)
-        k, v = self.kv(self.norm_kv(other)).view(b, other.shape[1], 2, h, dh).permute(2, 0, 3, 1, 4)
         bias = None if other_mask is None else additive_mask(other_mask, x.dtype)[:, None, None, :]
         p = self.dropout if self.training else 0.0
-        att = attend(q, k, v, bias, p, self.attention)
-        ctx = self.out(att.transpose(1, 2).reshape(b, n, d))
+        att = cross_attend(self.q(self.norm_q(x)), self.kv(self.norm_kv(other)), bias, self.heads, p, self.attention)
+        ctx = self.out(att)
         g = torch.sigmoid(self.gate(torch.cat([x, ctx], dim=-1)))
         return self.norm(x + self.drop(g * ctx))
 

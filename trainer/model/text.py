@@ -67,7 +67,7 @@ class HFWords(nn.Module):
         from transformers import AutoModel
 
         # Hugging Face's "eager" attention is the same matrix-product path as our 'math' (and
-        # 'triton', which only FusedBert runs).
+        # 'triton', whose kernels only our own modules call).
         impl = "sdpa" if attention == "sdpa" else "eager"
         self.model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation=impl)
         # The [CLS] pooler is never used: drop it so every parameter gets a gradient (ZeRO and

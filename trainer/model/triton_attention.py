@@ -1,14 +1,14 @@
-"""BERT's self-attention over a short caption as one Triton kernel forward and one backward.
+"""Attention over short sets (captions, the joint graph's nodes, CGF's two sets) as Triton kernels.
 
-At batch 128 a caption is about 20 word pieces. On the math path each layer's attention is two
-batched products of 20×64 tiles, a softmax, dropout's random numbers and three layout copies
-forward, twice that backward: about 15 kernels that each move a few megabytes, about 1 ms of the
-12-layer step on an H200 (benchmarks/RESULTS.md, session 9). Here one program holds one
-caption's head: q, k and v are read where the fused query-key-value product left them, the
-scores stay in registers, dropout's mask comes from a Philox stream keyed by a per-call seed
-(the backward recomputes it instead of storing it), and the result is written in the (caption,
-word, hidden) layout the output product reads. The backward writes the gradient in the
-query-key-value product's layout, so no copy sits between it and that product's backward.
+At batch 128 a caption is about 20 word pieces and the joint graph 85 nodes. On the math path
+each attention is two batched products, a softmax, dropout's random numbers and layout copies
+forward, twice that backward: many kernels that each move a few megabytes (benchmarks/RESULTS.md,
+sessions 9 and 10). Here q, k and v are read where the projection left them, scores stay on chip,
+dropout's mask comes from a Philox stream keyed by a per-call seed (the backward recomputes it
+instead of storing it), and the result is written in the (batch, row, hidden) layout the output
+product reads. The backward writes the gradients in the projections' layouts, so no copy sits
+between them and those products' backward. A bias (BERT's key mask, the graph's geometry bias
+per head) is read at its own strides; the graph's gets its gradient.
 
 The kernels run on CUDA tensors, or on any tensor under Triton's interpreter
 (``TRITON_INTERPRET=1``), which is how the CPU tests run them.
@@ -21,43 +21,46 @@ import os
 import torch
 from torch import Tensor
 
-# One program keeps a caption's (BLOCK, BLOCK) scores and (BLOCK, head size) tiles in registers.
-# BERT-base's 32×64 tiles made the H200 step 4% faster; the same kernels on 128×128 tiles (the
-# graph's 85 nodes, 128 per head) made it 31% slower (benchmarks/RESULTS.md, session 10), so
-# longer captions and wider heads take the math path.
-MAX_TILE = 64 * 64
+# Head sizes the kernels take: a program keeps (block, head size) tiles in registers.
+MAX_HEAD = 128
 
 
-def applies(qkv: Tensor, heads: int) -> bool:
-    """Whether :func:`self_attention` runs on this (B, T, 3·hidden) product."""
-    head_dim = qkv.shape[-1] // (3 * heads)
-    return ((qkv.is_cuda or interpreting()) and block_size(qkv.shape[1]) * head_dim <= MAX_TILE
-            and head_dim >= 16 and head_dim & (head_dim - 1) == 0
-            and qkv.dtype in (torch.float32, torch.float16, torch.bfloat16))
+def applies(x: Tensor, head_dim: int) -> bool:
+    """Whether the kernels run on projections like ``x`` with heads of ``head_dim``."""
+    return ((x.is_cuda or interpreting()) and 16 <= head_dim <= MAX_HEAD and head_dim & (head_dim - 1) == 0
+            and x.dtype in (torch.float32, torch.float16, torch.bfloat16))
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def self_attention(qkv: Tensor, key_bias: Tensor, heads: int, dropout_p: float) -> Tensor:
-    """softmax(q·kᵀ/√d + key_bias)·v for every head, as (B, T, hidden).
+def self_attention(qkv: Tensor, bias: Tensor | None, heads: int, dropout_p: float) -> Tensor:
+    """softmax(q·kᵀ/√d + bias)·v for every head, as (B, T, hidden).
 
     ``qkv`` is (B, T, 3·hidden): query, key and value side by side, each split into ``heads``
-    heads (the layout of :class:`~trainer.model.bert.FusedBertLayer`'s product). ``key_bias``
-    is (B, T), added to every query's scores against that key (0 or a large negative).
+    heads (the layout of one fused projection). ``bias`` broadcasts to (B, heads, T, T).
     Dropout with probability ``dropout_p`` applies to the attention weights.
     """
+    return _call(qkv, None, bias, heads, dropout_p)
+
+
+def cross_attention(q: Tensor, kv: Tensor, bias: Tensor | None, heads: int, dropout_p: float) -> Tensor:
+    """:func:`self_attention` of queries ``q`` (B, Nq, hidden) over keys and values side by side
+    in ``kv`` (B, Nk, 2·hidden); ``bias`` broadcasts to (B, heads, Nq, Nk)."""
+    return _call(q, kv, bias, heads, dropout_p)
+
+
+def _call(q: Tensor, kv: Tensor | None, bias: Tensor | None, heads: int, dropout_p: float) -> Tensor:
     # A device tensor, drawn by PyTorch's generator: a replayed CUDA graph draws a new one each time.
-    seed = torch.randint(2**31 - 1, (1,), device=qkv.device) if dropout_p > 0 else None
-    key_bias = key_bias if key_bias.stride(-1) == 1 else key_bias.contiguous()
-    out, _ = _ops().attention(qkv, key_bias, seed, heads, float(dropout_p))
+    seed = torch.randint(2**31 - 1, (1,), device=q.device) if dropout_p > 0 else None
+    out, _ = _ops().attention(q, kv, bias, seed, heads, float(dropout_p))
     return out
 
 
-def block_size(words: int) -> int:
-    # tl.dot needs every dimension to be at least 16.
-    return max(16, 1 << (words - 1).bit_length())
+def block_size(length: int, head_dim: int) -> int:
+    """Rows per tile: tl.dot needs at least 16; a head of 128 keeps 32-row tiles to stay in registers."""
+    return min(max(16, 1 << (length - 1).bit_length()), 64 if head_dim <= 64 else 32)
 
 
 _OPS = None
