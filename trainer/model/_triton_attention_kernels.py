@@ -45,6 +45,13 @@ def _mm(a, b, EXACT: tl.constexpr):
 
 
 @triton.jit
+def _f32(x):
+    """A float argument in float32: compiled by inductor, Python floats arrive as float64, which
+    would make the arithmetic around them float64 too."""
+    return tl.cast(x, tl.float32)
+
+
+@triton.jit
 def _columns(h, H: tl.constexpr, D: tl.constexpr, SELF: tl.constexpr):
     """Columns of head ``h``'s query, key and value: one (…, 3·H·D) product, or a query product
     and a (…, 2·H·D) key-value product."""
@@ -78,6 +85,7 @@ def _forward(q_src, kv_src, bias, seed_ptr, out, lse, NQ, NK, NQP, s_qb, s_qt, s
              SELF: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EXACT: tl.constexpr):
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
+    scale, p_drop = _f32(scale), _f32(p_drop)
     q_col, k_col, v_col = _columns(h, H, D, SELF)
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     q = _rows(q_src, b, q_col, s_qb, s_qt, rows, NQ, D)
@@ -112,6 +120,7 @@ def _backward_query(q_src, kv_src, bias, seed_ptr, lse, delta, out, dout, dq, NQ
     """First pass with several key blocks: one block of queries' gradient and dO·O row sums."""
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
+    scale, p_drop = _f32(scale), _f32(p_drop)
     q_col, k_col, v_col = _columns(h, H, D, SELF)
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     q = _rows(q_src, b, q_col, s_qb, s_qt, rows, NQ, D)
@@ -144,6 +153,7 @@ def _backward_key(q_src, kv_src, bias, seed_ptr, lse, delta, dout, dq, dkv, dbia
     SINGLE (every key in this one block): the row sums and the query gradient too."""
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
+    scale, p_drop = _f32(scale), _f32(p_drop)
     q_col, k_col, v_col = _columns(h, H, D, SELF)
     keys = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     k = _rows(kv_src, b, k_col, s_kb, s_kt, keys, NK, D)
