@@ -189,6 +189,10 @@ def _backward_key(q_src, kv_src, bias, seed_ptr, lse, delta, dout, dq, dkv, dbia
     _store_rows(dkv, dv, b, v_col, s_vb, s_vt, keys, NK, D)
 
 
+# Launch options of every kernel; benchmarks/attention_bench.py sweeps them at the step's shapes.
+LAUNCH = {"num_warps": 4, "num_stages": 3}
+
+
 def _bias_strides(bias: Tensor | None) -> list[int]:
     if bias is None:
         return [0, 0, 0, 0]
@@ -208,7 +212,7 @@ class _Shape:
         self.block = block_size(max(self.nq, self.nk), self.D)
         self.nqp = triton.cdiv(self.nq, self.block) * self.block
         self.meta = dict(H=heads, D=self.D, BLOCK=self.block, SELF=self.self_attention, HAS_BIAS=bias is not None,
-                         DROPOUT=dropout_p > 0, EXACT=q.dtype == torch.float32, num_warps=4)
+                         DROPOUT=dropout_p > 0, EXACT=q.dtype == torch.float32, **LAUNCH)
 
     def grid(self, n: int) -> tuple[int, int]:
         return (triton.cdiv(n, self.block), self.B * self.meta["H"])

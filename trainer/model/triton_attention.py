@@ -54,6 +54,10 @@ def cross_attention(q: Tensor, kv: Tensor, bias: Tensor | None, heads: int, drop
 def _call(q: Tensor, kv: Tensor | None, bias: Tensor | None, heads: int, dropout_p: float) -> Tensor:
     # A device tensor, drawn by PyTorch's generator: a replayed CUDA graph draws a new one each time.
     seed = torch.randint(2**31 - 1, (1,), device=q.device) if dropout_p > 0 else None
+    if bias is not None and bias.stride(-1) != 1 and bias.shape[-1] > 1:
+        # A program reads rows of one head's bias: a heads-last one (the graph's, a projection of
+        # every edge) would be read at a stride of the head count, one element per memory sector.
+        bias = bias.contiguous()
     out, _ = _ops().attention(q, kv, bias, seed, heads, float(dropout_p))
     return out
 
