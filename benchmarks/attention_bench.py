@@ -79,26 +79,27 @@ def kernel_us(args) -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["caption", "graph", "cgf-cells", "cgf-regions"])
-    p.add_argument("--warps", nargs="+", type=int, default=[kernels.LAUNCH["num_warps"]])
-    p.add_argument("--stages", nargs="+", type=int, default=[kernels.LAUNCH["num_stages"]])
+    p.add_argument("--warps", nargs="+", type=int, default=[kernels.LAUNCH.num_warps])
+    p.add_argument("--stages", nargs="+", type=int, default=[kernels.LAUNCH.num_stages])
+    p.add_argument("--blocks", nargs="+", type=int, default=[0], help="rows per tile (0: the kernels' own choice)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", default="")
     args = p.parse_args()
     rows = []
-    print(f"{'shape':12s} {'warps':>5s} {'stages':>6s} {'fwd+bwd ms':>10s}  kernels (µs)")
+    print(f"{'shape':12s} {'warps':>5s} {'stages':>6s} {'block':>5s} {'fwd+bwd ms':>10s}  kernels (µs)")
     for shape in args.shapes:
         torch.manual_seed(0)
         data = inputs(shape, args.batch)
-        for warps, stages in itertools.product(args.warps, args.stages):
-            kernels.LAUNCH.update(num_warps=warps, num_stages=stages)
+        for warps, stages, block in itertools.product(args.warps, args.stages, args.blocks):
+            kernels.LAUNCH = kernels.Launch(warps, stages, block or None)
+            row = dict(shape=shape, warps=warps, stages=stages, block=block or "auto")
             try:
-                row = dict(shape=shape, warps=warps, stages=stages, ms=round(time_ms(data, args.iters), 4),
-                           kernels_us=kernel_us(data))
+                row.update(ms=round(time_ms(data, args.iters), 4), kernels_us=kernel_us(data))
             except Exception as e:  # a launch option a kernel cannot compile with, e.g. out of shared memory
-                row = dict(shape=shape, warps=warps, stages=stages, error=f"{type(e).__name__}: {e}"[:200])
+                row.update(error=f"{type(e).__name__}: {e}"[:200])
             rows.append(row)
-            print(f"{shape:12s} {warps:5d} {stages:6d} {row.get('ms', float('nan')):10.3f}  "
+            print(f"{shape:12s} {warps:5d} {stages:6d} {row['block']:>5} {row.get('ms', float('nan')):10.3f}  "
                   f"{row.get('kernels_us', row.get('error'))}", flush=True)
     if args.out:
         with open(args.out, "w") as f:

@@ -190,3 +190,18 @@ def test_the_image_tower_computes_the_same_with_the_kernels():
     (ref * weight).sum().backward()
     (out * weight).sum().backward()
     same_gradients(towers[1], towers[0], 5e-5)
+
+
+@pytest.mark.parametrize("block", [16, 64])
+def test_any_block_size_gives_the_same_result(block, monkeypatch):
+    # The launch option benchmarks/attention_bench.py sweeps: 16-row blocks split 33 words into
+    # three blocks of keys, 64-row ones hold them in one.
+    from rgfusion.trainer.model import _triton_attention_kernels as kernels
+
+    monkeypatch.setattr(kernels, "LAUNCH", kernels.Launch(block=block))
+    qkv, _ = case(b=2, t=33, heads=2, d=32, lengths=(33, 33))
+    bias = torch.randn(2, 2, 33, 33).requires_grad_()
+    keep = keep_mask(2, 33, 2, 0.2, rng_seed=4)
+    torch.manual_seed(4)
+    out = triton_attention.self_attention(qkv, bias, 2, 0.2)
+    assert_same(out, reference(qkv, None, bias, 2, keep, 0.2), [qkv, bias], 1e-5)

@@ -12,6 +12,7 @@ the row sums dO·O that the second pass needs. One block of keys needs no first 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -42,6 +43,15 @@ def _mm(a, b, EXACT: tl.constexpr):
     if EXACT:
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
+
+
+@triton.jit
+def _program(N_BLOCKS):
+    """(batch·head, block) of this program. One grid axis: the second holds at most 65,535,
+    fewer than the captions × heads of an evaluation batch. A head's blocks are neighbours, so
+    the keys and values they all read are still in L2."""
+    pid = tl.program_id(0)
+    return pid // N_BLOCKS, pid % N_BLOCKS
 
 
 @triton.jit
@@ -80,14 +90,14 @@ def _keep(seed_ptr, bh, rows, keys, NQ, NK, p_drop):
 
 
 @triton.jit
-def _forward(q_src, kv_src, bias, seed_ptr, out, lse, NQ, NK, NQP, s_qb, s_qt, s_kb, s_kt, sb_b, sb_h, sb_i, sb_j,
+def _forward(q_src, kv_src, bias, seed_ptr, out, lse, NQ, NK, NQP, N_BLOCKS, s_qb, s_qt, s_kb, s_kt, sb_b, sb_h, sb_i, sb_j,
              s_ob, s_ot, scale, p_drop, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
              SELF: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EXACT: tl.constexpr):
-    bh = tl.program_id(1)
+    bh, blk = _program(N_BLOCKS)
     b, h = bh // H, bh % H
     scale, p_drop = _f32(scale), _f32(p_drop)
     q_col, k_col, v_col = _columns(h, H, D, SELF)
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rows = blk * BLOCK + tl.arange(0, BLOCK)
     q = _rows(q_src, b, q_col, s_qb, s_qt, rows, NQ, D)
     m = tl.full((BLOCK,), float("-inf"), tl.float32)
     total = tl.zeros((BLOCK,), tl.float32)
@@ -113,16 +123,16 @@ def _forward(q_src, kv_src, bias, seed_ptr, out, lse, NQ, NK, NQP, s_qb, s_qt, s
 
 
 @triton.jit
-def _backward_query(q_src, kv_src, bias, seed_ptr, lse, delta, out, dout, dq, NQ, NK, NQP, s_qb, s_qt, s_kb, s_kt,
+def _backward_query(q_src, kv_src, bias, seed_ptr, lse, delta, out, dout, dq, NQ, NK, NQP, N_BLOCKS, s_qb, s_qt, s_kb, s_kt,
                     sb_b, sb_h, sb_i, sb_j, s_ob, s_ot, s_gb, s_gt, scale, p_drop, H: tl.constexpr,
                     D: tl.constexpr, BLOCK: tl.constexpr, SELF: tl.constexpr, HAS_BIAS: tl.constexpr,
                     DROPOUT: tl.constexpr, EXACT: tl.constexpr):
     """First pass with several key blocks: one block of queries' gradient and dO·O row sums."""
-    bh = tl.program_id(1)
+    bh, blk = _program(N_BLOCKS)
     b, h = bh // H, bh % H
     scale, p_drop = _f32(scale), _f32(p_drop)
     q_col, k_col, v_col = _columns(h, H, D, SELF)
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rows = blk * BLOCK + tl.arange(0, BLOCK)
     q = _rows(q_src, b, q_col, s_qb, s_qt, rows, NQ, D)
     do = _rows(dout, b, h * D, s_ob, s_ot, rows, NQ, D)
     # Σⱼ Pᵢⱼ dPᵢⱼ: the output already holds the dropout that dP carries.
@@ -144,18 +154,18 @@ def _backward_query(q_src, kv_src, bias, seed_ptr, lse, delta, out, dout, dq, NQ
 
 
 @triton.jit
-def _backward_key(q_src, kv_src, bias, seed_ptr, lse, delta, dout, dq, dkv, dbias, NQ, NK, NQP, s_qb, s_qt, s_kb,
+def _backward_key(q_src, kv_src, bias, seed_ptr, lse, delta, dout, dq, dkv, dbias, NQ, NK, NQP, N_BLOCKS, s_qb, s_qt, s_kb,
                   s_kt, sb_b, sb_h, sb_i, sb_j, s_ob, s_ot, s_gb, s_gt, s_vb, s_vt, scale, p_drop,
                   H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SELF: tl.constexpr,
                   HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, SINGLE: tl.constexpr,
                   EXACT: tl.constexpr):
     """One block of keys: its key and value gradients and its columns of the bias gradient.
     SINGLE (every key in this one block): the row sums and the query gradient too."""
-    bh = tl.program_id(1)
+    bh, blk = _program(N_BLOCKS)
     b, h = bh // H, bh % H
     scale, p_drop = _f32(scale), _f32(p_drop)
     q_col, k_col, v_col = _columns(h, H, D, SELF)
-    keys = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    keys = blk * BLOCK + tl.arange(0, BLOCK)
     k = _rows(kv_src, b, k_col, s_kb, s_kt, keys, NK, D)
     v = _rows(kv_src, b, v_col, s_kb, s_kt, keys, NK, D)
     dk = tl.zeros((BLOCK, D), tl.float32)
@@ -189,8 +199,16 @@ def _backward_key(q_src, kv_src, bias, seed_ptr, lse, delta, dout, dq, dkv, dbia
     _store_rows(dkv, dv, b, v_col, s_vb, s_vt, keys, NK, D)
 
 
-# Launch options of every kernel; benchmarks/attention_bench.py sweeps them at the step's shapes.
-LAUNCH = {"num_warps": 4, "num_stages": 3}
+@dataclass
+class Launch:
+    """Launch options of every kernel; benchmarks/attention_bench.py sweeps them at the step's shapes."""
+
+    num_warps: int = 4
+    num_stages: int = 3
+    block: int | None = None  # rows per tile; None: block_size()'s choice
+
+
+LAUNCH = Launch()
 
 
 def _bias_strides(bias: Tensor | None) -> list[int]:
@@ -209,13 +227,18 @@ class _Shape:
         self.B, self.nq = q.shape[:2]
         self.nk = self.kv.shape[1]
         self.D = self.kv.shape[-1] // ((3 if kv is None else 2) * heads)
-        self.block = block_size(max(self.nq, self.nk), self.D)
+        self.block = LAUNCH.block or block_size(max(self.nq, self.nk), self.D)
         self.nqp = triton.cdiv(self.nq, self.block) * self.block
         self.meta = dict(H=heads, D=self.D, BLOCK=self.block, SELF=self.self_attention, HAS_BIAS=bias is not None,
-                         DROPOUT=dropout_p > 0, EXACT=q.dtype == torch.float32, **LAUNCH)
+                         DROPOUT=dropout_p > 0, EXACT=q.dtype == torch.float32, num_warps=LAUNCH.num_warps,
+                         num_stages=LAUNCH.num_stages)
 
-    def grid(self, n: int) -> tuple[int, int]:
-        return (triton.cdiv(n, self.block), self.B * self.meta["H"])
+    def blocks(self, n: int) -> int:
+        return triton.cdiv(n, self.block)
+
+    def grid(self, n: int) -> tuple[int]:
+        """Programs over ``n`` rows (queries or keys): one per block and head."""
+        return (self.blocks(n) * self.B * self.meta["H"],)
 
 
 def register() -> SimpleNamespace:
@@ -229,7 +252,7 @@ def register() -> SimpleNamespace:
         lse = torch.empty(s.B * heads, s.nqp, device=q.device, dtype=torch.float32)
         wrap_triton(_forward)[s.grid(s.nq)](
             q, s.kv, q if bias is None else bias, q if seed is None else seed, out, lse, s.nq, s.nk, s.nqp,
-            q.stride(0), q.stride(1), s.kv.stride(0), s.kv.stride(1), *_bias_strides(bias), out.stride(0),
+            s.blocks(s.nq), q.stride(0), q.stride(1), s.kv.stride(0), s.kv.stride(1), *_bias_strides(bias), out.stride(0),
             out.stride(1), s.D ** -0.5, dropout_p, **s.meta)
         return out, lse
 
@@ -244,15 +267,15 @@ def register() -> SimpleNamespace:
                             dtype=q.dtype if bias is None else bias.dtype)
         delta = torch.empty_like(lse)
         common = (q, s.kv, q if bias is None else bias, q if seed is None else seed, lse, delta)
-        strides = (s.nq, s.nk, s.nqp, q.stride(0), q.stride(1), s.kv.stride(0), s.kv.stride(1), *_bias_strides(bias),
-                   grad.stride(0), grad.stride(1), dq.stride(0), dq.stride(1))
+        strides = (q.stride(0), q.stride(1), s.kv.stride(0), s.kv.stride(1), *_bias_strides(bias), grad.stride(0),
+                   grad.stride(1), dq.stride(0), dq.stride(1))
         single = s.nk <= s.block
         if not single:
-            wrap_triton(_backward_query)[s.grid(s.nq)](*common, out, grad, dq, *strides, s.D ** -0.5, dropout_p,
-                                                       **s.meta)
+            wrap_triton(_backward_query)[s.grid(s.nq)](*common, out, grad, dq, s.nq, s.nk, s.nqp, s.blocks(s.nq),
+                                                       *strides, s.D ** -0.5, dropout_p, **s.meta)
         wrap_triton(_backward_key)[s.grid(s.nk)](
-            *common, grad, dq, dkv, dbias, *strides, dkv.stride(0), dkv.stride(1), s.D ** -0.5, dropout_p,
-            BIAS_GRAD=bias_grad, SINGLE=single, **s.meta)
+            *common, grad, dq, dkv, dbias, s.nq, s.nk, s.nqp, s.blocks(s.nk), *strides, dkv.stride(0), dkv.stride(1),
+            s.D ** -0.5, dropout_p, BIAS_GRAD=bias_grad, SINGLE=single, **s.meta)
         return dq, (dkv if kv is not None else dq.new_empty(0)), dbias
 
     def setup_context(ctx, inputs, output) -> None:
