@@ -7,7 +7,8 @@ Shapes at batch 128: BERT's 20-word captions (12 heads of 64, a key mask), the j
 nodes (8 heads of 128, a geometry bias per head with its gradient, heads-last as the model makes
 it), and CGF's two directions (49 cells over 36 masked regions, 36 regions over 49 cells). Each
 row is the median of ``--iters`` forward+backward calls with dropout 0.1, timed with CUDA events,
-and the kernels' own times from the profiler. Needs a CUDA device.
+and the kernels' own times from the profiler. Eager calls are bound by the host's launches, so the
+first figure mostly says that; compare the kernels' times. Needs a CUDA device.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_suite.sh setup towers                             # 1 GPU: the BERT step and each tower's alone
 #                                                                           (TOWERS_ATTENTION=math: on the math path)
 #   TRAIN_IMAGES=6000 bash benchmarks/gpu_suite.sh setup data graphs      # 1 GPU: loader memory, trainer captured or not
+#   bash benchmarks/gpu_suite.sh setup attention                          # 1 GPU: the attention kernels per launch option
 # Results (logs, JSON, the MLflow store as a tarball) land in $OUT; more than 8 files there are
 # packed into one suite.tgz at the end, the most the device tool brings back.
 # `setup` installs from ./.whl, for machines without a network. Fill it on one with the network,
@@ -168,6 +169,11 @@ towers() {  # one GPU: the BERT step, then each tower's step alone (the other's 
     echo "$t: $(grep -E '^\{' "$OUT/towers_$t.log" | tail -1)"
     [ $t = both ] || python3 benchmarks/trace_summary.py "$OUT/towers_$t.json.gz" --steps 5 --top 60 > "$OUT/towers_$t.txt" 2>&1
   done | tee "$OUT/towers.txt"
+}
+
+attention() {  # one GPU: the Triton attention kernels' times at the step's shapes, per launch option
+  python3 benchmarks/attention_bench.py --warps ${ATTN_WARPS:-2 4 8} --stages ${ATTN_STAGES:-1 3} \
+    --blocks ${ATTN_BLOCKS:-0 64} --out "$OUT/attention_sweep.json" 2>&1 | tee "$OUT/attention_sweep.txt"
 }
 
 streams() {  # one GPU: the CUDA-only tests, then the model step with the towers on one stream and on two
