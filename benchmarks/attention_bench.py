@@ -6,7 +6,7 @@
 Shapes at batch 128: BERT's 20-word captions (12 heads of 64, a key mask), the joint graph's 85
 nodes (8 heads of 128, a geometry bias per head with its gradient, heads-last as the model makes
 it), and CGF's two directions (49 cells over 36 masked regions, 36 regions over 49 cells). Each
-row is the median of ``--iters`` forward+backward calls with dropout 0.1, timed with CUDA events,
+row is the median of ``--iters`` forward+backward calls (dropout 0.1 unless ``--dropout`` says), timed with CUDA events,
 and the kernels' own times from the profiler. Eager calls are bound by the host's launches, so the
 first figure mostly says that; compare the kernels' times. Needs a CUDA device.
 """
@@ -45,11 +45,11 @@ def inputs(shape: str, batch: int) -> tuple:
     return t(batch, 36, 1024), t(batch, 49, 2048), None, 8
 
 
-def run(q, kv, bias, heads) -> None:
+def run(q, kv, bias, heads, dropout) -> None:
     if kv is None:
-        out = triton_attention.self_attention(q, bias, heads, 0.1)
+        out = triton_attention.self_attention(q, bias, heads, dropout)
     else:
-        out = triton_attention.cross_attention(q, kv, bias, heads, 0.1)
+        out = triton_attention.cross_attention(q, kv, bias, heads, dropout)
     out.backward(torch.ones_like(out))
 
 
@@ -83,25 +83,28 @@ def main() -> None:
     p.add_argument("--warps", nargs="+", type=int, default=[kernels.LAUNCH.num_warps])
     p.add_argument("--stages", nargs="+", type=int, default=[kernels.LAUNCH.num_stages])
     p.add_argument("--blocks", nargs="+", type=int, default=[0], help="rows per tile (0: the kernels' own choice)")
+    p.add_argument("--dropout", nargs="+", type=float, default=[0.1],
+                   help="attention dropout; 0 shows what the random numbers cost")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", default="")
     args = p.parse_args()
     rows = []
-    print(f"{'shape':12s} {'warps':>5s} {'stages':>6s} {'block':>5s} {'fwd+bwd ms':>10s}  kernels (µs)")
+    print(f"{'shape':12s} {'warps':>5s} {'stages':>6s} {'block':>5s} {'drop':>4s} {'fwd+bwd ms':>10s}  kernels (µs)")
     for shape in args.shapes:
         torch.manual_seed(0)
         data = inputs(shape, args.batch)
-        for warps, stages, block in itertools.product(args.warps, args.stages, args.blocks):
+        for warps, stages, block, dropout in itertools.product(args.warps, args.stages, args.blocks, args.dropout):
             kernels.LAUNCH = kernels.Launch(warps, stages, block or None)
-            row = dict(shape=shape, warps=warps, stages=stages, block=block or "auto")
+            row = dict(shape=shape, warps=warps, stages=stages, block=block or "auto", dropout=dropout)
             try:
-                row.update(ms=round(time_ms(data, args.iters), 4), kernels_us=kernel_us(data))
+                call = (*data, dropout)
+                row.update(ms=round(time_ms(call, args.iters), 4), kernels_us=kernel_us(call))
             except Exception as e:  # a launch option a kernel cannot compile with, e.g. out of shared memory
                 row.update(error=f"{type(e).__name__}: {e}"[:200])
             rows.append(row)
-            print(f"{shape:12s} {warps:5d} {stages:6d} {row['block']:>5} {row.get('ms', float('nan')):10.3f}  "
-                  f"{row.get('kernels_us', row.get('error'))}", flush=True)
+            print(f"{shape:12s} {warps:5d} {stages:6d} {row['block']:>5} {dropout:4.2f} "
+                  f"{row.get('ms', float('nan')):10.3f}  {row.get('kernels_us', row.get('error'))}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,

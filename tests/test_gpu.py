@@ -419,3 +419,25 @@ def test_compiled_captured_bert_with_the_triton_kernel_draws_new_dropout_each_re
         outs.append(out.clone())
     assert not torch.allclose(outs[0], outs[1])
     assert all(p.grad is not None and p.grad.isfinite().all() for p in bert.parameters() if p.requires_grad)
+
+
+def test_attention_bench_times_each_kernel(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    # benchmarks/ is no package: load the script as a module.
+    spec = importlib.util.spec_from_file_location(
+        "attention_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "attention_bench.py")
+    attention_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(attention_bench)
+    out = tmp_path / "sweep.json"
+    monkeypatch.setattr(sys, "argv", ["attention_bench", "--shapes", "graph", "caption", "--batch", "4", "--iters", "2",
+                                      "--blocks", "0", "64", "--dropout", "0.1", "0", "--out", str(out)])
+    attention_bench.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 8 and all("error" not in r for r in rows)
+    graph = [r for r in rows if r["shape"] == "graph" and r["block"] == "auto"][0]
+    assert set(graph["kernels_us"]) == {"_forward", "_backward_query", "_backward_key"}
+

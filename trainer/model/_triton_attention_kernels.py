@@ -90,8 +90,8 @@ def _keep(seed_ptr, bh, rows, keys, NQ, NK, p_drop):
 
 
 @triton.jit
-def _forward(q_src, kv_src, bias, seed_ptr, out, lse, NQ, NK, NQP, N_BLOCKS, s_qb, s_qt, s_kb, s_kt, sb_b, sb_h, sb_i, sb_j,
-             s_ob, s_ot, scale, p_drop, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+def _forward(q_src, kv_src, bias, seed_ptr, out, lse, NQ, NK, NQP, N_BLOCKS, s_qb, s_qt, s_kb, s_kt,
+             sb_b, sb_h, sb_i, sb_j, s_ob, s_ot, scale, p_drop, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
              SELF: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EXACT: tl.constexpr):
     bh, blk = _program(N_BLOCKS)
     b, h = bh // H, bh % H
@@ -123,10 +123,10 @@ def _forward(q_src, kv_src, bias, seed_ptr, out, lse, NQ, NK, NQP, N_BLOCKS, s_q
 
 
 @triton.jit
-def _backward_query(q_src, kv_src, bias, seed_ptr, lse, delta, out, dout, dq, NQ, NK, NQP, N_BLOCKS, s_qb, s_qt, s_kb, s_kt,
-                    sb_b, sb_h, sb_i, sb_j, s_ob, s_ot, s_gb, s_gt, scale, p_drop, H: tl.constexpr,
-                    D: tl.constexpr, BLOCK: tl.constexpr, SELF: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    DROPOUT: tl.constexpr, EXACT: tl.constexpr):
+def _backward_query(q_src, kv_src, bias, seed_ptr, lse, delta, out, dout, dq, NQ, NK, NQP, N_BLOCKS,
+                    s_qb, s_qt, s_kb, s_kt, sb_b, sb_h, sb_i, sb_j, s_ob, s_ot, s_gb, s_gt, scale, p_drop,
+                    H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SELF: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EXACT: tl.constexpr):
     """First pass with several key blocks: one block of queries' gradient and dO·O row sums."""
     bh, blk = _program(N_BLOCKS)
     b, h = bh // H, bh % H
@@ -154,8 +154,8 @@ def _backward_query(q_src, kv_src, bias, seed_ptr, lse, delta, out, dout, dq, NQ
 
 
 @triton.jit
-def _backward_key(q_src, kv_src, bias, seed_ptr, lse, delta, dout, dq, dkv, dbias, NQ, NK, NQP, N_BLOCKS, s_qb, s_qt, s_kb,
-                  s_kt, sb_b, sb_h, sb_i, sb_j, s_ob, s_ot, s_gb, s_gt, s_vb, s_vt, scale, p_drop,
+def _backward_key(q_src, kv_src, bias, seed_ptr, lse, delta, dout, dq, dkv, dbias, NQ, NK, NQP, N_BLOCKS,
+                  s_qb, s_qt, s_kb, s_kt, sb_b, sb_h, sb_i, sb_j, s_ob, s_ot, s_gb, s_gt, s_vb, s_vt, scale, p_drop,
                   H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SELF: tl.constexpr,
                   HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, SINGLE: tl.constexpr,
                   EXACT: tl.constexpr):
@@ -252,8 +252,8 @@ def register() -> SimpleNamespace:
         lse = torch.empty(s.B * heads, s.nqp, device=q.device, dtype=torch.float32)
         wrap_triton(_forward)[s.grid(s.nq)](
             q, s.kv, q if bias is None else bias, q if seed is None else seed, out, lse, s.nq, s.nk, s.nqp,
-            s.blocks(s.nq), q.stride(0), q.stride(1), s.kv.stride(0), s.kv.stride(1), *_bias_strides(bias), out.stride(0),
-            out.stride(1), s.D ** -0.5, dropout_p, **s.meta)
+            s.blocks(s.nq), q.stride(0), q.stride(1), s.kv.stride(0), s.kv.stride(1), *_bias_strides(bias),
+            out.stride(0), out.stride(1), s.D ** -0.5, dropout_p, **s.meta)
         return out, lse
 
     @triton_op("rgfusion::short_attention_backward", mutates_args=())
