@@ -205,3 +205,21 @@ def test_any_block_size_gives_the_same_result(block, monkeypatch):
     torch.manual_seed(4)
     out = triton_attention.self_attention(qkv, bias, 2, 0.2)
     assert_same(out, reference(qkv, None, bias, 2, keep, 0.2), [qkv, bias], 1e-5)
+
+
+def test_kernel_resources_compiles_for_a_gpu_this_machine_lacks():
+    # benchmarks/kernel_resources.py: Triton's own compiler, not its interpreter, so a process of its own.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
+    out = subprocess.run([sys.executable, str(script), "--shapes", "caption"], env=env, capture_output=True, text=True,
+                         timeout=300, check=True).stdout.splitlines()
+    rows = [line.split() for line in out[1:]]
+    assert [r[:2] for r in rows] == [["caption", "forward"], ["caption", "backward_key"]]
+    for r in rows:
+        registers, spills, programs = int(r[6]), int(r[7]), int(r[9])
+        assert 0 < registers <= 255 and spills >= 0 and programs >= 1

@@ -1,0 +1,106 @@
+"""Registers, spills and shared memory of the Triton attention kernels, compiled for a GPU without one.
+
+    python3 benchmarks/kernel_resources.py                       # sm_90 (H100/H200), the default launch
+    python3 benchmarks/kernel_resources.py --warps 4 8 --blocks 32 64 --arch 90
+
+Triton compiles to a cubin on any machine (its wheel ships ptxas and cuobjdump), so a kernel
+change can be checked for what bounds a latency-bound kernel, how many programs fit on an SM,
+before spending GPU time on it. A thread's registers bound the programs an SM holds:
+65,536 / (registers × 32 × warps). The figures come from the local Triton, whose code
+generation can differ from the GPU machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from rgfusion.trainer.model import _triton_attention_kernels as kernels
+
+# (head size, heads, self-attention, bias, bias gradient, one key block) at the BERT step's shapes.
+SHAPES = {
+    "caption": (64, 12, True, True, False, True),
+    "graph": (128, 8, True, True, True, False),
+    "cgf": (128, 8, False, True, False, False),
+}
+KERNELS = {"forward": kernels._forward, "backward_query": kernels._backward_query,
+           "backward_key": kernels._backward_key}
+CONSTANTS = ("H", "D", "BLOCK", "SELF", "HAS_BIAS", "DROPOUT", "EXACT", "BIAS_GRAD", "SINGLE")
+
+
+def signature(fn, dtype: str) -> dict[str, str]:
+    """Argument types as Triton's compiler takes them: the tensors in ``dtype``, row sums and
+    normalisers in float32, the seed int64, the two float arguments float32, the rest int32."""
+    types = {}
+    for name in fn.arg_names:
+        if name in CONSTANTS:
+            types[name] = "constexpr"
+        elif name in ("lse", "delta"):
+            types[name] = "*fp32"
+        elif name == "seed_ptr":
+            types[name] = "*i64"
+        elif name in ("scale", "p_drop"):
+            types[name] = "fp32"
+        elif re.fullmatch(r"s[bqkovgd]?_\w+|NQ|NK|NQP|N_BLOCKS", name):
+            types[name] = "i32"
+        else:
+            types[name] = f"*{dtype}"
+    return types
+
+
+def resources(kernel: str, shape: str, block: int, warps: int, stages: int, dropout: bool, arch: int) -> dict:
+    head, heads, self_attention, bias, bias_grad, single = SHAPES[shape]
+    fn = KERNELS[kernel]
+    values = dict(H=heads, D=head, BLOCK=block, SELF=self_attention, HAS_BIAS=bias, DROPOUT=dropout, EXACT=False,
+                  BIAS_GRAD=bias_grad, SINGLE=single)
+    constants = {(i,): values[n] for i, n in enumerate(fn.arg_names) if n in CONSTANTS}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature(fn, "bf16"), constexprs=constants),
+                              target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    return dict(registers=registers, spill_bytes=int(re.search(r"STACK:(\d+)", usage).group(1)),
+                shared=compiled.metadata.shared, programs_per_sm=65536 // (registers * 32 * warps))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--warps", nargs="+", type=int, default=[kernels.LAUNCH.num_warps])
+    p.add_argument("--stages", nargs="+", type=int, default=[kernels.LAUNCH.num_stages])
+    p.add_argument("--blocks", nargs="+", type=int, default=[0], help="rows per tile (0: the kernels' own choice)")
+    p.add_argument("--dropout", nargs="+", type=int, default=[1], help="1: with dropout's mask, 0: without")
+    p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for Hopper")
+    args = p.parse_args()
+    print(f"{'shape':8s} {'kernel':15s} {'block':>5s} {'warps':>5s} {'stages':>6s} {'drop':>4s} "
+          f"{'regs':>4s} {'spill B':>7s} {'smem B':>7s} {'per SM':>6s}")
+    for shape, kernel in itertools.product(args.shapes, KERNELS):
+        if kernel == "backward_query" and SHAPES[shape][5]:
+            continue  # one block of keys: no query pass
+        for block, warps, stages, dropout in itertools.product(args.blocks, args.warps, args.stages, args.dropout):
+            block = block or triton_attention_block(shape)
+            r = resources(kernel, shape, block, warps, stages, bool(dropout), args.arch)
+            print(f"{shape:8s} {kernel:15s} {block:5d} {warps:5d} {stages:6d} {dropout:4d} {r['registers']:4d} "
+                  f"{r['spill_bytes']:7d} {r['shared']:7d} {r['programs_per_sm']:6d}", flush=True)
+
+
+def triton_attention_block(shape: str) -> int:
+    """The block the kernels pick at the step's lengths (20 words, 85 nodes, 36 and 49 CGF rows)."""
+    from rgfusion.trainer.model.triton_attention import block_size
+
+    return block_size({"caption": 20, "graph": 85, "cgf": 49}[shape], SHAPES[shape][0])
+
+
+if __name__ == "__main__":
+    main()
