@@ -173,7 +173,7 @@ towers() {  # one GPU: the BERT step, then each tower's step alone (the other's 
 
 attention() {  # one GPU: the Triton attention kernels' times at the step's shapes, per launch option
   python3 benchmarks/attention_bench.py --warps ${ATTN_WARPS:-2 4 8} --stages ${ATTN_STAGES:-1 3} \
-    --blocks ${ATTN_BLOCKS:-0 64} --dropout ${ATTN_DROPOUT:-0.1 0} --out "$OUT/attention_sweep.json" 2>&1 | tee "$OUT/attention_sweep.txt"
+    --blocks ${ATTN_BLOCKS:-0 16 64} --dropout ${ATTN_DROPOUT:-0.1 0} --out "$OUT/attention_sweep.json" 2>&1 | tee "$OUT/attention_sweep.txt"
 }
 
 streams() {  # one GPU: the CUDA-only tests, then the model step with the towers on one stream and on two
