@@ -79,6 +79,15 @@ def test_a_bias_per_head_gets_its_gradient(t, d):
     assert_same(out, reference(qkv, None, bias, 2), [qkv, bias], 1e-5)
 
 
+def test_projections_at_any_strides():
+    # A query product read column-major (a transposed view) and keys and values cut from a wider one.
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 32, 9, generator=g).transpose(1, 2).requires_grad_()
+    kv = torch.randn(2, 5, 70, generator=g)[..., 3:67].requires_grad_()
+    out = triton_attention.cross_attention(q, kv, None, 2, 0.0)
+    assert_same(out, reference(q, kv, None, 2), [q, kv], 1e-5)
+
+
 @pytest.mark.parametrize("nq,nk,d,masked", [(36, 49, 128, False), (49, 36, 128, True), (5, 3, 16, True)])
 def test_cross_attention_and_its_gradients_equal_the_reference(nq, nk, d, masked):
     # CGF: regions attend to cells, and cells to the regions a mask keeps.

@@ -54,12 +54,18 @@ def cross_attention(q: Tensor, kv: Tensor, bias: Tensor | None, heads: int, drop
 def _call(q: Tensor, kv: Tensor | None, bias: Tensor | None, heads: int, dropout_p: float) -> Tensor:
     # A device tensor, drawn by PyTorch's generator: a replayed CUDA graph draws a new one each time.
     seed = torch.randint(2**31 - 1, (1,), device=q.device) if dropout_p > 0 else None
+    # The kernels read a head's columns as one contiguous run.
+    q, kv = _unit_stride(q), None if kv is None else _unit_stride(kv)
     if bias is not None and bias.stride(-1) != 1 and bias.shape[-1] > 1:
         # A program reads rows of one head's bias: a heads-last one (the graph's, a projection of
         # every edge) would be read at a stride of the head count, one element per memory sector.
         bias = bias.contiguous()
     out, _ = _ops().attention(q, kv, bias, seed, heads, float(dropout_p))
     return out
+
+
+def _unit_stride(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def block_size(length: int, head_dim: int) -> int:
