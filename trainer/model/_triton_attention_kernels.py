@@ -46,12 +46,20 @@ def _mm(a, b, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _program(N_BLOCKS):
-    """(batch·head, block) of this program. One grid axis: the second holds at most 65,535,
-    fewer than the captions × heads of an evaluation batch. A head's blocks are neighbours, so
-    the keys and values they all read are still in L2."""
+def _program(N_BLOCKS, scale, p_drop, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+             SELF: tl.constexpr):
+    """This program's batch·head, batch entry, head, its block's row indices, its head's query,
+    key and value columns, and the float arguments in float32.
+
+    One grid axis: the second holds at most 65,535, fewer than the captions × heads of an
+    evaluation batch. A head's blocks are neighbours, so the keys and values they all read are
+    still in L2."""
     pid = tl.program_id(0)
-    return pid // N_BLOCKS, pid % N_BLOCKS
+    bh = pid // N_BLOCKS
+    h = bh % H
+    q_col, k_col, v_col = _columns(h, H, D, SELF)
+    index = (pid % N_BLOCKS) * BLOCK + tl.arange(0, BLOCK)
+    return bh, bh // H, h, index, q_col, k_col, v_col, _f32(scale), _f32(p_drop)
 
 
 @triton.jit
@@ -93,11 +101,7 @@ def _keep(seed_ptr, bh, rows, keys, NQ, NK, p_drop):
 def _forward(q_src, kv_src, bias, seed_ptr, out, lse, NQ, NK, NQP, N_BLOCKS, s_qb, s_qt, s_kb, s_kt,
              sb_b, sb_h, sb_i, sb_j, s_ob, s_ot, scale, p_drop, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
              SELF: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EXACT: tl.constexpr):
-    bh, blk = _program(N_BLOCKS)
-    b, h = bh // H, bh % H
-    scale, p_drop = _f32(scale), _f32(p_drop)
-    q_col, k_col, v_col = _columns(h, H, D, SELF)
-    rows = blk * BLOCK + tl.arange(0, BLOCK)
+    bh, b, h, rows, q_col, k_col, v_col, scale, p_drop = _program(N_BLOCKS, scale, p_drop, H, D, BLOCK, SELF)
     q = _rows(q_src, b, q_col, s_qb, s_qt, rows, NQ, D)
     m = tl.full((BLOCK,), float("-inf"), tl.float32)
     total = tl.zeros((BLOCK,), tl.float32)
@@ -128,11 +132,7 @@ def _backward_query(q_src, kv_src, bias, seed_ptr, lse, delta, out, dout, dq, NQ
                     H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SELF: tl.constexpr,
                     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EXACT: tl.constexpr):
     """First pass with several key blocks: one block of queries' gradient and dO·O row sums."""
-    bh, blk = _program(N_BLOCKS)
-    b, h = bh // H, bh % H
-    scale, p_drop = _f32(scale), _f32(p_drop)
-    q_col, k_col, v_col = _columns(h, H, D, SELF)
-    rows = blk * BLOCK + tl.arange(0, BLOCK)
+    bh, b, h, rows, q_col, k_col, v_col, scale, p_drop = _program(N_BLOCKS, scale, p_drop, H, D, BLOCK, SELF)
     q = _rows(q_src, b, q_col, s_qb, s_qt, rows, NQ, D)
     do = _rows(dout, b, h * D, s_ob, s_ot, rows, NQ, D)
     # Σⱼ Pᵢⱼ dPᵢⱼ: the output already holds the dropout that dP carries.
@@ -161,11 +161,7 @@ def _backward_key(q_src, kv_src, bias, seed_ptr, lse, delta, dout, dq, dkv, dbia
                   EXACT: tl.constexpr):
     """One block of keys: its key and value gradients and its columns of the bias gradient.
     SINGLE (every key in this one block): the row sums and the query gradient too."""
-    bh, blk = _program(N_BLOCKS)
-    b, h = bh // H, bh % H
-    scale, p_drop = _f32(scale), _f32(p_drop)
-    q_col, k_col, v_col = _columns(h, H, D, SELF)
-    keys = blk * BLOCK + tl.arange(0, BLOCK)
+    bh, b, h, keys, q_col, k_col, v_col, scale, p_drop = _program(N_BLOCKS, scale, p_drop, H, D, BLOCK, SELF)
     k = _rows(kv_src, b, k_col, s_kb, s_kt, keys, NK, D)
     v = _rows(kv_src, b, v_col, s_kb, s_kt, keys, NK, D)
     dk = tl.zeros((BLOCK, D), tl.float32)
