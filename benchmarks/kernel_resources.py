@@ -25,7 +25,8 @@ from triton.compiler import ASTSource
 
 from rgfusion.trainer.model import _triton_attention_kernels as kernels
 
-# (head size, heads, self-attention, bias, bias gradient, one key block) at the BERT step's shapes.
+# (head size, heads, self-attention, bias, bias gradient, keys and queries in one block) at the
+# BERT step's shapes.
 SHAPES = {
     "caption": (64, 12, True, True, False, True),
     "graph": (128, 8, True, True, True, False),
@@ -33,7 +34,7 @@ SHAPES = {
 }
 KERNELS = {"forward": kernels._forward, "backward_query": kernels._backward_query,
            "backward_key": kernels._backward_key}
-CONSTANTS = ("H", "D", "BLOCK", "SELF", "HAS_BIAS", "DROPOUT", "EXACT", "BIAS_GRAD", "SINGLE")
+CONSTANTS = ("H", "D", "BLOCK", "SELF", "HAS_BIAS", "DROPOUT", "EXACT", "BIAS_GRAD", "KEYS_FIT", "QUERIES_FIT")
 
 
 def signature(fn, dtype: str) -> dict[str, str]:
@@ -57,10 +58,10 @@ def signature(fn, dtype: str) -> dict[str, str]:
 
 
 def resources(kernel: str, shape: str, block: int, warps: int, stages: int, dropout: bool, arch: int) -> dict:
-    head, heads, self_attention, bias, bias_grad, single = SHAPES[shape]
+    head, heads, self_attention, bias, bias_grad, fits = SHAPES[shape]
     fn = KERNELS[kernel]
     values = dict(H=heads, D=head, BLOCK=block, SELF=self_attention, HAS_BIAS=bias, DROPOUT=dropout, EXACT=False,
-                  BIAS_GRAD=bias_grad, SINGLE=single)
+                  BIAS_GRAD=bias_grad, KEYS_FIT=fits, QUERIES_FIT=fits)
     constants = {(i,): values[n] for i, n in enumerate(fn.arg_names) if n in CONSTANTS}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature(fn, "bf16"), constexprs=constants),
                               target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
@@ -87,7 +88,7 @@ def main() -> None:
           f"{'regs':>4s} {'spill B':>7s} {'smem B':>7s} {'per SM':>6s}")
     for shape, kernel in itertools.product(args.shapes, KERNELS):
         if kernel == "backward_query" and SHAPES[shape][5]:
-            continue  # one block of keys: no query pass
+            continue  # keys in one block: no query pass
         for block, warps, stages, dropout in itertools.product(args.blocks, args.warps, args.stages, args.dropout):
             block = block or triton_attention_block(shape)
             r = resources(kernel, shape, block, warps, stages, bool(dropout), args.arch)

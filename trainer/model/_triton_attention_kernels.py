@@ -63,6 +63,17 @@ def _program(N_BLOCKS, scale, p_drop, H: tl.constexpr, D: tl.constexpr, BLOCK: t
 
 
 @triton.jit
+def _stop(n, BLOCK: tl.constexpr, FITS: tl.constexpr):
+    """End of a loop over ``n`` rows in blocks. When they fit in one block the bound is a
+    constant: the loop then folds away, and a thread needs about half the registers (211 against
+    108 for BERT's forward at sm_90, benchmarks/kernel_resources.py), so twice the programs fit
+    on an SM."""
+    if FITS:
+        return BLOCK
+    return n
+
+
+@triton.jit
 def _f32(x):
     """A float argument in float32: compiled by inductor, Python floats arrive as float64, which
     would make the arithmetic around them float64 too."""
@@ -100,13 +111,14 @@ def _keep(seed_ptr, bh, rows, keys, NQ, NK, p_drop):
 @triton.jit
 def _forward(q_src, kv_src, bias, seed_ptr, out, lse, NQ, NK, NQP, N_BLOCKS, s_qb, s_qt, s_kb, s_kt,
              sb_b, sb_h, sb_i, sb_j, s_ob, s_ot, scale, p_drop, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-             SELF: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EXACT: tl.constexpr):
+             SELF: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, KEYS_FIT: tl.constexpr,
+             EXACT: tl.constexpr):
     bh, b, h, rows, q_col, k_col, v_col, scale, p_drop = _program(N_BLOCKS, scale, p_drop, H, D, BLOCK, SELF)
     q = _rows(q_src, b, q_col, s_qb, s_qt, rows, NQ, D)
     m = tl.full((BLOCK,), float("-inf"), tl.float32)
     total = tl.zeros((BLOCK,), tl.float32)
     acc = tl.zeros((BLOCK, D), tl.float32)
-    for start in range(0, NK, BLOCK):
+    for start in range(0, _stop(NK, BLOCK, KEYS_FIT), BLOCK):
         keys = start + tl.arange(0, BLOCK)
         k = _rows(kv_src, b, k_col, s_kb, s_kt, keys, NK, D)
         v = _rows(kv_src, b, v_col, s_kb, s_kt, keys, NK, D)
@@ -157,16 +169,16 @@ def _backward_query(q_src, kv_src, bias, seed_ptr, lse, delta, out, dout, dq, NQ
 def _backward_key(q_src, kv_src, bias, seed_ptr, lse, delta, dout, dq, dkv, dbias, NQ, NK, NQP, N_BLOCKS,
                   s_qb, s_qt, s_kb, s_kt, sb_b, sb_h, sb_i, sb_j, s_ob, s_ot, s_gb, s_gt, s_vb, s_vt, scale, p_drop,
                   H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SELF: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, SINGLE: tl.constexpr,
-                  EXACT: tl.constexpr):
+                  HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, KEYS_FIT: tl.constexpr,
+                  QUERIES_FIT: tl.constexpr, EXACT: tl.constexpr):
     """One block of keys: its key and value gradients and its columns of the bias gradient.
-    SINGLE (every key in this one block): the row sums and the query gradient too."""
+    KEYS_FIT (every key in this one block): the row sums and the query gradient too."""
     bh, b, h, keys, q_col, k_col, v_col, scale, p_drop = _program(N_BLOCKS, scale, p_drop, H, D, BLOCK, SELF)
     k = _rows(kv_src, b, k_col, s_kb, s_kt, keys, NK, D)
     v = _rows(kv_src, b, v_col, s_kb, s_kt, keys, NK, D)
     dk = tl.zeros((BLOCK, D), tl.float32)
     dv = tl.zeros((BLOCK, D), tl.float32)
-    for start in range(0, NQ, BLOCK):
+    for start in range(0, _stop(NQ, BLOCK, QUERIES_FIT), BLOCK):
         rows = start + tl.arange(0, BLOCK)
         q = _rows(q_src, b, q_col, s_qb, s_qt, rows, NQ, D)
         do = _rows(dout, b, h * D, s_ob, s_ot, rows, NQ, D)
@@ -180,7 +192,7 @@ def _backward_key(q_src, kv_src, bias, seed_ptr, lse, delta, dout, dq, dkv, dbia
         else:
             dropped = p
         dv += _mm(tl.trans(dropped.to(do.dtype)), do, EXACT)
-        if SINGLE:
+        if KEYS_FIT:
             ds = p * (dp - tl.sum(p * dp, 1)[:, None])
         else:
             ds = p * (dp - tl.load(delta + bh * NQP + rows)[:, None])
@@ -188,7 +200,7 @@ def _backward_key(q_src, kv_src, bias, seed_ptr, lse, delta, dout, dq, dkv, dbia
             ptr = dbias + (bh * NQ + rows[:, None]) * NK + keys[None, :]
             tl.store(ptr, ds.to(dbias.dtype.element_ty), mask=(rows < NQ)[:, None] & (keys < NK)[None, :])
         ds = (ds * scale).to(q.dtype)
-        if SINGLE:
+        if KEYS_FIT:
             _store_rows(dq, _mm(ds, k, EXACT), b, q_col, s_gb, s_gt, rows, NQ, D)
         dk += _mm(tl.trans(ds), q, EXACT)
     _store_rows(dkv, dk, b, k_col, s_vb, s_vt, keys, NK, D)
@@ -225,6 +237,7 @@ class _Shape:
         self.D = self.kv.shape[-1] // ((3 if kv is None else 2) * heads)
         self.block = LAUNCH.block or block_size(max(self.nq, self.nk), self.D)
         self.nqp = triton.cdiv(self.nq, self.block) * self.block
+        self.keys_fit, self.queries_fit = self.nk <= self.block, self.nq <= self.block
         self.meta = dict(H=heads, D=self.D, BLOCK=self.block, SELF=self.self_attention, HAS_BIAS=bias is not None,
                          DROPOUT=dropout_p > 0, EXACT=q.dtype == torch.float32, num_warps=LAUNCH.num_warps,
                          num_stages=LAUNCH.num_stages)
@@ -249,7 +262,7 @@ def register() -> SimpleNamespace:
         wrap_triton(_forward)[s.grid(s.nq)](
             q, s.kv, q if bias is None else bias, q if seed is None else seed, out, lse, s.nq, s.nk, s.nqp,
             s.blocks(s.nq), q.stride(0), q.stride(1), s.kv.stride(0), s.kv.stride(1), *_bias_strides(bias),
-            out.stride(0), out.stride(1), s.D ** -0.5, dropout_p, **s.meta)
+            out.stride(0), out.stride(1), s.D ** -0.5, dropout_p, KEYS_FIT=s.keys_fit, **s.meta)
         return out, lse
 
     @triton_op("rgfusion::short_attention_backward", mutates_args=())
@@ -265,13 +278,12 @@ def register() -> SimpleNamespace:
         common = (q, s.kv, q if bias is None else bias, q if seed is None else seed, lse, delta)
         strides = (q.stride(0), q.stride(1), s.kv.stride(0), s.kv.stride(1), *_bias_strides(bias), grad.stride(0),
                    grad.stride(1), dq.stride(0), dq.stride(1))
-        single = s.nk <= s.block
-        if not single:
+        if not s.keys_fit:
             wrap_triton(_backward_query)[s.grid(s.nq)](*common, out, grad, dq, s.nq, s.nk, s.nqp, s.blocks(s.nq),
                                                        *strides, s.D ** -0.5, dropout_p, **s.meta)
         wrap_triton(_backward_key)[s.grid(s.nk)](
             *common, grad, dq, dkv, dbias, s.nq, s.nk, s.nqp, s.blocks(s.nk), *strides, dkv.stride(0), dkv.stride(1),
-            s.D ** -0.5, dropout_p, BIAS_GRAD=bias_grad, SINGLE=single, **s.meta)
+            s.D ** -0.5, dropout_p, BIAS_GRAD=bias_grad, KEYS_FIT=s.keys_fit, QUERIES_FIT=s.queries_fit, **s.meta)
         return dq, (dkv if kv is not None else dq.new_empty(0)), dbias
 
     def setup_context(ctx, inputs, output) -> None:
