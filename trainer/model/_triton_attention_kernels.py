@@ -24,17 +24,20 @@ from .triton_attention import block_size
 
 
 @triton.jit
+def _row_block(ptr, b, col, s_b, s_t, rows, D: tl.constexpr):
+    """Addresses of the (len(rows), D) block at column ``col`` of batch entry ``b``."""
+    return ptr + b * s_b + rows[:, None] * s_t + col + tl.arange(0, D)[None, :]
+
+
+@triton.jit
 def _rows(ptr, b, col, s_b, s_t, rows, n, D: tl.constexpr):
-    """(len(rows), D) block at column ``col`` of batch entry ``b``; rows ≥ n are zero."""
-    d = tl.arange(0, D)
-    return tl.load(ptr + b * s_b + rows[:, None] * s_t + col + d[None, :], mask=(rows < n)[:, None], other=0.0)
+    """That block's values; rows ≥ n are zero."""
+    return tl.load(_row_block(ptr, b, col, s_b, s_t, rows, D), mask=(rows < n)[:, None], other=0.0)
 
 
 @triton.jit
 def _store_rows(ptr, value, b, col, s_b, s_t, rows, n, D: tl.constexpr):
-    d = tl.arange(0, D)
-    tl.store(ptr + b * s_b + rows[:, None] * s_t + col + d[None, :], value.to(ptr.dtype.element_ty),
-             mask=(rows < n)[:, None])
+    tl.store(_row_block(ptr, b, col, s_b, s_t, rows, D), value.to(ptr.dtype.element_ty), mask=(rows < n)[:, None])
 
 
 @triton.jit
