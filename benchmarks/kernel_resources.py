@@ -24,13 +24,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from rgfusion.trainer.model import _triton_attention_kernels as kernels
+from rgfusion.trainer.model.triton_attention import block_size
 
-# (head size, heads, self-attention, bias, bias gradient, keys and queries in one block) at the
-# BERT step's shapes.
+# (head size, heads, self-attention, bias, bias gradient, queries, keys) at the BERT step's shapes.
 SHAPES = {
-    "caption": (64, 12, True, True, False, True),
-    "graph": (128, 8, True, True, True, False),
-    "cgf": (128, 8, False, True, False, False),
+    "caption": (64, 12, True, True, False, 20, 20),
+    "graph": (128, 8, True, True, True, 85, 85),
+    "cgf": (128, 8, False, True, False, 49, 36),
 }
 KERNELS = {"forward": kernels._forward, "backward_query": kernels._backward_query,
            "backward_key": kernels._backward_key}
@@ -58,10 +58,10 @@ def signature(fn, dtype: str) -> dict[str, str]:
 
 
 def resources(kernel: str, shape: str, block: int, warps: int, stages: int, dropout: bool, arch: int) -> dict:
-    head, heads, self_attention, bias, bias_grad, fits = SHAPES[shape]
+    head, heads, self_attention, bias, bias_grad, queries, keys = SHAPES[shape]
     fn = KERNELS[kernel]
     values = dict(H=heads, D=head, BLOCK=block, SELF=self_attention, HAS_BIAS=bias, DROPOUT=dropout, EXACT=False,
-                  BIAS_GRAD=bias_grad, KEYS_FIT=fits, QUERIES_FIT=fits)
+                  BIAS_GRAD=bias_grad, KEYS_FIT=keys <= block, QUERIES_FIT=queries <= block)
     constants = {(i,): values[n] for i, n in enumerate(fn.arg_names) if n in CONSTANTS}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature(fn, "bf16"), constexprs=constants),
                               target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
@@ -87,20 +87,14 @@ def main() -> None:
     print(f"{'shape':8s} {'kernel':15s} {'block':>5s} {'warps':>5s} {'stages':>6s} {'drop':>4s} "
           f"{'regs':>4s} {'spill B':>7s} {'smem B':>7s} {'per SM':>6s}")
     for shape, kernel in itertools.product(args.shapes, KERNELS):
-        if kernel == "backward_query" and SHAPES[shape][5]:
-            continue  # keys in one block: no query pass
+        head, *_, queries, keys = SHAPES[shape]
         for block, warps, stages, dropout in itertools.product(args.blocks, args.warps, args.stages, args.dropout):
-            block = block or triton_attention_block(shape)
+            block = block or block_size(max(queries, keys), head)
+            if kernel == "backward_query" and keys <= block:
+                continue  # keys in one block: no query pass
             r = resources(kernel, shape, block, warps, stages, bool(dropout), args.arch)
             print(f"{shape:8s} {kernel:15s} {block:5d} {warps:5d} {stages:6d} {dropout:4d} {r['registers']:4d} "
                   f"{r['spill_bytes']:7d} {r['shared']:7d} {r['programs_per_sm']:6d}", flush=True)
-
-
-def triton_attention_block(shape: str) -> int:
-    """The block the kernels pick at the step's lengths (20 words, 85 nodes, 36 and 49 CGF rows)."""
-    from rgfusion.trainer.model.triton_attention import block_size
-
-    return block_size({"caption": 20, "graph": 85, "cgf": 49}[shape], SHAPES[shape][0])
 
 
 if __name__ == "__main__":
