@@ -79,7 +79,8 @@ def kernel_us(args) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", nargs="+", default=["caption", "graph", "cgf-cells", "cgf-regions"])
+    shapes = ["caption", "graph", "cgf-cells", "cgf-regions"]
+    p.add_argument("--shapes", nargs="+", default=shapes, choices=shapes)
     p.add_argument("--warps", nargs="+", type=int, default=[kernels.LAUNCH.num_warps])
     p.add_argument("--stages", nargs="+", type=int, default=[kernels.LAUNCH.num_stages])
     p.add_argument("--blocks", nargs="+", type=int, default=[0], help="rows per tile (0: the kernels' own choice)")
