@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.random import uint_to_uniform_float
 
 from .triton_attention import block_size
 
@@ -105,10 +106,16 @@ def _scores(q, k, bias, b, h, sb_b, sb_h, sb_i, sb_j, rows, keys, NQ, NK, scale,
 
 
 @triton.jit
-def _keep(seed_ptr, bh, rows, keys, NQ, NK, p_drop):
-    """Dropout's keep mask of one tile: a Philox stream keyed by the call's seed, one number per score."""
-    offsets = (bh * NQ + rows[:, None]) * NK + keys[None, :]
-    return tl.rand(tl.load(seed_ptr).to(tl.uint32), offsets) >= p_drop
+def _keep(seed_ptr, bh, rows, first_key, NQ, NK, p_drop, BLOCK: tl.constexpr):
+    """Dropout's keep mask of the tile of keys ``first_key`` (a multiple of 4) on: a Philox stream
+    keyed by the call's seed. Each Philox call gives four numbers, for four neighbouring keys;
+    tl.rand uses one per call, and its ten rounds per score were most of the arithmetic of a
+    tile."""
+    quads = first_key // 4 + tl.arange(0, BLOCK // 4)
+    offsets = (bh * NQ + rows[:, None]) * tl.cdiv(NK, 4) + quads[None, :]
+    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr).to(tl.uint32), offsets)
+    # Interleaved, key 4i + j takes number j of call i.
+    return uint_to_uniform_float(tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))) >= p_drop
 
 
 @triton.jit
@@ -132,7 +139,7 @@ def _forward(q_src, kv_src, bias, seed_ptr, out, lse, NQ, NK, NQP, N_BLOCKS, s_q
         e = tl.exp(s - m_new[:, None])
         total = total * rescale + tl.sum(e, 1)
         if DROPOUT:
-            e = tl.where(_keep(seed_ptr, bh, rows, keys, NQ, NK, p_drop), e, 0.0)
+            e = tl.where(_keep(seed_ptr, bh, rows, start, NQ, NK, p_drop, BLOCK), e, 0.0)
         acc = acc * rescale[:, None] + _mm(e.to(v.dtype), v, EXACT)
         m = m_new
     tl.store(lse + bh * NQP + rows, m + tl.log(total))
@@ -163,7 +170,7 @@ def _backward_query(q_src, kv_src, bias, seed_ptr, lse, delta, out, dout, dq, NQ
                    - row_lse[:, None])
         dp = _mm(do, tl.trans(v), EXACT)
         if DROPOUT:
-            dp = tl.where(_keep(seed_ptr, bh, rows, keys, NQ, NK, p_drop), dp / (1.0 - p_drop), 0.0)
+            dp = tl.where(_keep(seed_ptr, bh, rows, start, NQ, NK, p_drop, BLOCK), dp / (1.0 - p_drop), 0.0)
         acc += _mm((p * (dp - dl[:, None]) * scale).to(k.dtype), k, EXACT)
     _store_rows(dq, acc, b, q_col, s_gb, s_gt, rows, NQ, D)
 
@@ -189,7 +196,7 @@ def _backward_key(q_src, kv_src, bias, seed_ptr, lse, delta, dout, dq, dkv, dbia
                    - tl.load(lse + bh * NQP + rows)[:, None])
         dp = _mm(do, tl.trans(v), EXACT)
         if DROPOUT:
-            keep = _keep(seed_ptr, bh, rows, keys, NQ, NK, p_drop)
+            keep = _keep(seed_ptr, bh, rows, tl.program_id(0) % N_BLOCKS * BLOCK, NQ, NK, p_drop, BLOCK)
             dropped = tl.where(keep, p / (1.0 - p_drop), 0.0)
             dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
         else:
