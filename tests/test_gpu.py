@@ -441,3 +441,27 @@ def test_attention_bench_times_each_kernel(tmp_path, monkeypatch):
     graph = [r for r in rows if r["shape"] == "graph" and r["block"] == "auto"][0]
     assert set(graph["kernels_us"]) == {"_forward", "_backward_query", "_backward_key"}
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_edge_bias_kernels_equal_the_math_path_compiled(dtype):
+    """The geometry bias at the step's shape (85 nodes, 8 heads), compiled as the towers are:
+    the bias on every edge and the MLP's weight gradients against the math path in float64."""
+    from test_edge_bias import graph, mlp
+
+    from rgfusion.trainer.model.edge_bias import edge_bias
+
+    boxes, adj = (t.to(DEVICE) for t in graph(16, 85))
+    fused, ref = mlp(16, 8).to(DEVICE, dtype), mlp(16, 8).to(DEVICE, torch.float64)
+    ref.load_state_dict(fused.state_dict())
+    grad = torch.randn(16, 8, 85, 85, device=DEVICE)
+    out = torch.compile(edge_bias, fullgraph=True)(fused, boxes, adj, dtype, "triton")
+    expected = edge_bias(ref, boxes.double(), adj, torch.float64, "math")
+    edges = adj[:, None].expand_as(out)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out[edges].double(), expected[edges], atol=tol, rtol=tol)
+    assert (out[~edges] == torch.finfo(dtype).min).all()
+    (out.float() * grad).sum().backward()
+    (expected * grad.double()).sum().backward()
+    for p, q in zip(fused.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.double(), q.grad, atol=tol * 20, rtol=tol * 4)

@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 from .attention import cross_attend, self_attend
 from .config import ModelConfig
-from .geometry import GEOMETRY_DIM, joint_adjacency, node_boxes, relative_geometry
+from .edge_bias import edge_bias
+from .geometry import GEOMETRY_DIM, joint_adjacency, node_boxes
 from .pooling import additive_mask, build_pooling
 
 BOX_FEATURES = 7
@@ -54,11 +55,9 @@ class GraphAttentionLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_mult * d), nn.GELU(), nn.Linear(cfg.ffn_mult * d, d))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, geometry: Tensor, adj: Tensor, valid: Tensor) -> Tensor:
-        bias = self.geometry(geometry.to(x.dtype)).permute(0, 3, 1, 2)
-        # The bias's own dtype (bf16 under autocast): finfo(x.dtype).min would overflow to -inf
-        # there. Every row keeps its self loop, so no row is fully masked.
-        bias = bias.masked_fill(~adj[:, None], torch.finfo(bias.dtype).min)
+    def forward(self, x: Tensor, boxes: Tensor, adj: Tensor, valid: Tensor) -> Tensor:
+        # Every row keeps its self loop, so no row is fully masked.
+        bias = edge_bias(self.geometry, boxes, adj, x.dtype, self.attention)
         p = self.dropout if self.training else 0.0
         att = self_attend(self.qkv(self.norm1(x)), bias, self.heads, p, self.attention)
         x = x + self.drop(self.out(att))
@@ -74,9 +73,10 @@ class JointGraph(nn.Module):
         self.layers = nn.ModuleList(GraphAttentionLayer(cfg) for _ in range(cfg.graph_layers))
         self.norm = nn.LayerNorm(cfg.width)
 
-    def forward(self, x: Tensor, geometry: Tensor, adj: Tensor, valid: Tensor) -> Tensor:
+    def forward(self, x: Tensor, boxes: Tensor, adj: Tensor, valid: Tensor) -> Tensor:
+        """``boxes``: (B, N, 4) of the nodes, whose relative geometry each layer's bias reads."""
         for layer in self.layers:
-            x = layer(x, geometry, adj, valid)
+            x = layer(x, boxes, adj, valid)
         return self.norm(x).masked_fill(~valid[..., None], 0)
 
 
@@ -186,9 +186,8 @@ class ImageEncoder(nn.Module):
             overlap_threshold=self.cfg.overlap_threshold,
             region_edges=self.cfg.region_edges,
         )
-        geometry = relative_geometry(node_boxes(boxes, grid_size))
         x, valid = self._node_set(r, g, region_mask)
-        x = self.graph(x, geometry, adj, valid)
+        x = self.graph(x, node_boxes(boxes, grid_size), adj, valid)
         n_regions = region_mask.shape[1]
         return (x[:, :n_regions] if r is not None else None), (x[:, n_regions:] if g is not None else None)
 
