@@ -87,8 +87,6 @@ class Shape:
     # restricted to that kernel (an unsupported case is an error, not a silent fallback).
     text_sdpa: str = ""
     eager_random: bool = True  # train.compile_eager_random: dropout's random numbers from PyTorch's kernels
-    # The caption tower's AdamW deferred to the start of the next step, on its stream (FlatAdamW)
-    defer_captions: bool = False
 
 
 @dataclass
@@ -195,12 +193,9 @@ def autocast_for(v: Variant, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if v.precision == "bf16" else nullcontext()
 
 
-def make_update(model: torch.nn.Module, v: Variant, device: torch.device,
-                defer_captions: bool = False) -> tuple[Callable[[], None], Callable[[], None]]:
-    """Builds the optimizer and returns the update that follows backward (it steps and leaves the
-    gradients ready for the next backward) and what runs before the caption tower's forward:
-    with ``defer_captions`` (bf16w only) the caption tower's deferred update, else nothing.
-    bf16w also casts the model.
+def make_update(model: torch.nn.Module, v: Variant, device: torch.device) -> Callable[[], None]:
+    """Builds the optimizer and returns the update that follows backward: it steps and leaves the
+    gradients ready for the next backward. bf16w also casts the model.
 
     bf16w is the native engine's optimizer (trainer/flat_adamw.py) over the trainer's param
     groups: fp32 masters in flat buffers, the recipe's global-norm clip, a skipped non-finite
@@ -208,13 +203,11 @@ def make_update(model: torch.nn.Module, v: Variant, device: torch.device,
     host syncs either way: the update is CUDA-graph capturable."""
     if v.precision == "bf16w":
         optim = OptimConfig()
-        groups = param_groups(model, optim, model.param_groups_hint(), deferred=("text",) if defer_captions else ())
+        groups = param_groups(model, optim, model.param_groups_hint())
         opt = FlatAdamW(groups, precision="bf16", lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                         weight_decay=optim.weight_decay, max_norm=optim.grad_clip)
         model.to(torch.bfloat16)  # buffers; the parameters are views into the flat bf16 weights
-        return opt.step, opt.apply_deferred  # it drops the gradients itself
-    if defer_captions:
-        raise ValueError("--defer-caption-update needs a bf16w variant (FlatAdamW)")
+        return opt.step  # it drops the gradients itself
     fused = {"fused": True, "capturable": v.captured} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
 
@@ -222,11 +215,10 @@ def make_update(model: torch.nn.Module, v: Variant, device: torch.device,
         opt.step()
         opt.zero_grad(set_to_none=True)  # captured, the next replay re-allocates them in place
 
-    return update, lambda: None
+    return update
 
 
-def step_fn(model, update: Callable[[], None], before_captions: Callable[[], None], loss_cfg, ids, v: Variant,
-            shape: Shape):
+def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, shape: Shape):
     device = next(model.parameters()).device
     autocast = autocast_for(v, device)
 
@@ -243,17 +235,12 @@ def step_fn(model, update: Callable[[], None], before_captions: Callable[[], Non
         images, captions = (torch.compile(f, options=options) for f in (images, captions))
     stand_in = torch.randn(shape.batch, model.cfg.width, device=device)
 
-    def caption_tower(batch):
-        before_captions()
-        return captions(batch)
-
     def embed(batch):
         if shape.towers == "image":
-            before_captions()
             return images(batch), stand_in
         if shape.towers == "text":
-            return stand_in, caption_tower(batch)
-        return beside(lambda: images(batch), lambda: caption_tower(batch), device, enabled=shape.side_streams,
+            return stand_in, captions(batch)
+        return beside(lambda: images(batch), lambda: captions(batch), device, enabled=shape.side_streams,
                       high_priority=shape.side_priority == "high", side_first=shape.side_first)
 
     def step(batch):
@@ -348,11 +335,11 @@ def build_bench(v: Variant, shape: Shape, device: torch.device, hf_path: str | N
             raise ValueError("--text-sdpa needs the fused BERT caption tower")
         for layer in bert_layers:
             layer.attention = "sdpa"
-    update, before_captions = make_update(model, v, device, shape.defer_captions)
+    update = make_update(model, v, device)
     seq = shape.words + 4 if v.text == "bert" else shape.words
     # Several input sets so repeated steps don't just re-read one batch from cache.
     batches = [make_batch(shape, vocab, device, seq, feature_dtype(v)) for _ in range(3)]
-    step = step_fn(model, update, before_captions, LossConfig(), torch.arange(shape.batch, device=device), v, shape)
+    step = step_fn(model, update, LossConfig(), torch.arange(shape.batch, device=device), v, shape)
     if v.captured:
         step = capture_step(step, {k: t.clone() for k, t in batches[0].items()})
     return Bench(model, step, batches, cfg, seq)
@@ -518,8 +505,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --side-streams: launch (or capture) the caption tower first, or the image tower")
     p.add_argument("--fused-bert", choices=("on", "off"), default="on",
                    help="BERT as rgfusion's FusedBert (one query-key-value product per layer) or Hugging Face's module")
-    p.add_argument("--defer-caption-update", action="store_true",
-                   help="bf16w: the caption tower's AdamW runs at the start of the next step, before its forward")
     p.add_argument("--pad-shapes", action="store_true",
                    help="inductor pads every matrix product to aligned sizes (the geometry MLP's 5 inputs, "
                         "the box embedding's 7), compiled variants only")
@@ -540,8 +525,7 @@ def main(argv: list[str] | None = None) -> int:
                                 side_priority=args.side_priority,
                                 side_first=args.launch_order == "side", fused_bert=args.fused_bert == "on",
                                 towers=args.towers, text_sdpa=args.text_sdpa,
-                                eager_random=args.compile_random == "eager",
-                                defer_captions=args.defer_caption_update)
+                                eager_random=args.compile_random == "eager")
     if args.text_sdpa:  # the one kernel allowed: an unsupported case raises instead of falling back
         torch.backends.cuda.enable_flash_sdp(False)
         torch.backends.cuda.enable_math_sdp(False)

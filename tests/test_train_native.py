@@ -201,36 +201,6 @@ def test_bf16_weights_are_views_into_the_flat_buffers():
     assert engine.optimizer.state[flats[0].master]["step"] == 3
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-@pytest.mark.parametrize("compiled", [False, True])
-def test_a_deferred_group_steps_as_it_would_have_one_step_later(compiled):
-    """The first layer's groups deferred, applied before each forward: the same trajectory, clip
-    scales, learning rates and a skipped step included, as stepping every group at once; the
-    state dict holds the pending update, and a second apply changes nothing."""
-    def build(deferred: tuple[str, ...]) -> tuple[Mean, FlatAdamW]:
-        model = Mean()
-        groups = eng.param_groups(model, load_config(None, []).optim, {}, deferred=deferred)
-        return model, FlatAdamW(groups, precision="bf16", lr=1e-2, weight_decay=0.1, max_norm=0.5, compiled=compiled)
-
-    (now, now_opt), (later, later_opt) = build(()), build(("net.0",))
-    assert [g["deferred"] for g in later_opt.param_groups] == [False, True, False, True]
-    for i, (x, y) in enumerate(data(4)):
-        later_opt.apply_deferred()
-        for model, opt in ((now, now_opt), (later, later_opt)):
-            for g in opt.param_groups:
-                g["lr"] = 1e-2 / (i + 1)
-            (model(x.bfloat16(), y.bfloat16()) * (math.nan if i == 2 else 1)).backward()
-            opt.step()
-        first = list(later.net[0].parameters())
-        assert all(not torch.equal(a, b) for a, b in zip(now.net[0].parameters(), first)) or i == 2
-    state = later_opt.state_dict()  # applies the last update
-    for a, b in zip(now.parameters(), later.parameters()):
-        assert torch.equal(a, b)
-    assert [s["step"] for s in state["state"].values()] == [torch.tensor(3.0)] * 4
-    later_opt.apply_deferred()
-    assert all(torch.equal(a, b) for a, b in zip(now.parameters(), later.parameters()))
-
-
 def test_a_parameter_without_a_gradient_keeps_its_value():
     """A parameter backward never reached steps on a zero gradient: without weight decay it
     stays where it was."""

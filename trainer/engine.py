@@ -158,37 +158,33 @@ def read_deepspeed_file(path: str) -> dict:
     return data
 
 
-def param_groups(model: torch.nn.Module, optim: OptimConfig, hint: dict[str, float],
-                 deferred: tuple[str, ...] = ()) -> list[dict]:
-    """AdamW groups keyed by (lr multiplier, decays?, deferred?).
+def param_groups(model: torch.nn.Module, optim: OptimConfig, hint: dict[str, float]) -> list[dict]:
+    """AdamW groups keyed by (lr multiplier, decays?).
 
     A parameter takes the multiplier of the longest module prefix in ``hint`` that contains
-    it; 1-D parameters (norm scales, biases) get no weight decay. Parameters under a prefix in
-    ``deferred`` form groups of their own marked ``"deferred"`` (FlatAdamW steps them later).
+    it; 1-D parameters (norm scales, biases) get no weight decay.
     """
-    groups: dict[tuple[float, bool, bool], list[torch.nn.Parameter]] = {}
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    names: dict[tuple[float, bool], list[str]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = (lr_multiplier(name, hint), p.ndim > 1, any(_under(name, prefix) for prefix in deferred))
+        key = (lr_multiplier(name, hint), p.ndim > 1)
         groups.setdefault(key, []).append(p)
+        names.setdefault(key, []).append(name)
     return [{"params": groups[k], "lr": optim.lr * k[0], "lr_mult": k[0],
-             "weight_decay": optim.weight_decay if k[1] else 0.0, "deferred": k[2], "name": _group_name(k)}
+             "weight_decay": optim.weight_decay if k[1] else 0.0, "name": _group_name(k)}
             for k in sorted(groups)]
 
 
-def _group_name(key: tuple[float, bool, bool]) -> str:
-    return f"lr_x{key[0]:g}{'' if key[1] else '_no_decay'}{'_deferred' if key[2] else ''}"
-
-
-def _under(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
+def _group_name(key: tuple[float, bool]) -> str:
+    return f"lr_x{key[0]:g}{'' if key[1] else '_no_decay'}"
 
 
 def lr_multiplier(name: str, hint: dict[str, float]) -> float:
     best, mult = -1, 1.0
     for prefix, m in hint.items():
-        if _under(name, prefix) and len(prefix) > best:
+        if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
             best, mult = len(prefix), float(m)
     return mult
 

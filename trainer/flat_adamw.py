@@ -13,15 +13,6 @@ and writes master, moments and bf16 weights: 36 bytes per parameter in bf16. On 
 all updates are compiled as one graph. Learning rate, step count, clip coefficient and the
 finite-norm flag live on the device, so a step never waits for the host and can be captured in
 a CUDA graph.
-
-A group built with ``"deferred": True`` is stepped later: ``update`` keeps its gathered gradient,
-learning rate, clip scale and finite flag in persistent buffers, and ``apply_deferred`` makes
-that group's update. Called at the start of the next step, on the stream that runs the group's
-tower before its forward, the caption tower's update (two thirds of the parameters) leaves the
-end of the step, where it ran alone, for a stream that waits idle there (benchmarks/RESULTS.md,
-session 12). The arithmetic is the same; between the two calls the group's weights are one
-update behind: whatever reads them outside a step calls ``apply_deferred`` first (``state_dict``
-does).
 """
 
 from __future__ import annotations
@@ -84,43 +75,21 @@ def adamw_update(grad: Tensor, master: Tensor, exp_avg: Tensor, exp_avg_sq: Tens
 
 def clip_and_update(grads: list[list[Tensor]], masters: list[Tensor], exp_avgs: list[Tensor],
                     exp_avg_sqs: list[Tensor], weights: list[Tensor | None], lrs: list[Tensor], steps: list[Tensor],
-                    hypers: list[tuple[float, float, float, float]], max_norm: float, finite: Tensor,
-                    pending: list[Tensor | None], pending_lrs: list[Tensor | None], pending_scale: Tensor,
-                    pending_ok: Tensor) -> Tensor:
+                    hypers: list[tuple[float, float, float, float]], max_norm: float, finite: Tensor) -> Tensor:
     """Clip by the global L2 norm of all groups' gradients (``grads``: per group, per parameter)
     as ``nn.utils.clip_grad_norm_`` does, then ``adamw_update`` each group (``hypers``: beta1,
     beta2, eps, weight decay). A non-finite norm, or a false ``finite`` (0-d bool), skips the
-    update and does not count the step, as fused AdamW with ``found_inf`` does. A group with a
-    ``pending`` buffer is not stepped here: its flat gradient and learning rate go to ``pending``
-    and ``pending_lrs``, the clip scale and the skip flag to ``pending_scale`` and ``pending_ok``,
-    for ``deferred_update``. Returns the norm before clipping."""
+    update and does not count the step, as fused AdamW with ``found_inf`` does. Returns the norm
+    before clipping."""
     flats = [torch.cat([g.reshape(-1) for g in group]) for group in grads]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in flats]))
     ok = norm.isfinite() & finite
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for grad, master, m, v, w, lr, step, hyper, later, later_lr in zip(
-            flats, masters, exp_avgs, exp_avg_sqs, weights, lrs, steps, hypers, pending, pending_lrs):
-        if later is not None:
-            later.copy_(grad)
-            later_lr.copy_(lr)
-            continue
-        step.add_(ok)
-        adamw_update(grad, master, m, v, w, scale, ok, lr, step, *hyper)
-    pending_scale.copy_(scale)
-    pending_ok.copy_(ok)
-    return norm
-
-
-def deferred_update(grads: list[Tensor], masters: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                    weights: list[Tensor | None], lrs: list[Tensor], steps: list[Tensor],
-                    hypers: list[tuple[float, float, float, float]], scale: Tensor, ok: Tensor) -> None:
-    """The updates ``clip_and_update`` left pending (flat ``grads``, their ``lrs``, ``scale`` and
-    ``ok``), then ``ok`` cleared: a second call changes nothing."""
-    for grad, master, m, v, w, lr, step, hyper in zip(grads, masters, exp_avgs, exp_avg_sqs, weights, lrs, steps,
+    for grad, master, m, v, w, lr, step, hyper in zip(flats, masters, exp_avgs, exp_avg_sqs, weights, lrs, steps,
                                                        hypers):
         step.add_(ok)
         adamw_update(grad, master, m, v, w, scale, ok, lr, step, *hyper)
-    ok.fill_(False)
+    return norm
 
 
 class FlatAdamW(torch.optim.Optimizer):
@@ -131,8 +100,7 @@ class FlatAdamW(torch.optim.Optimizer):
     bf16 casts them. ``param_groups`` hold one flat fp32 master each, so torch's schedulers and
     ``state_dict`` work as for any optimizer. ``step`` has no host sync and no branch on a tensor
     value; after the first call it allocates alike every step (CUDA-graph capturable). It is
-    compiled where ``compiled`` says (default: on CUDA). Groups with ``"deferred": True`` are
-    stepped by ``apply_deferred`` (module docstring).
+    compiled where ``compiled`` says (default: on CUDA).
     """
 
     def __init__(self, groups: list[dict[str, Any]], *, precision: str = "bf16", lr: float,
@@ -150,17 +118,10 @@ class FlatAdamW(torch.optim.Optimizer):
         self._finite = torch.ones((), dtype=torch.bool, device=device)
         self.max_norm = max_norm
         self.norm: Tensor | None = None
-        # Persistent, so a captured step reads at its next replay what this one wrote.
-        self._pending = [torch.zeros_like(f.master if f.weights is None else f.weights) if g.get("deferred") else None
-                         for g, f in zip(self.param_groups, self.flats)]
-        self._pending_lrs = [torch.zeros((), device=device) if b is not None else None for b in self._pending]
-        self._pending_scale = torch.ones((), device=device)
-        self._pending_ok = torch.zeros((), dtype=torch.bool, device=device)
         compiled = device.type == "cuda" if compiled is None else compiled
         # Static shapes: the parameters never change size, and one symbol per gradient dimension
         # would slow compilation and every call's guards.
         self._update = torch.compile(clip_and_update, fullgraph=True) if compiled else clip_and_update
-        self._deferred_update = torch.compile(deferred_update, fullgraph=True) if compiled else deferred_update
 
     @torch.no_grad()
     def step(self) -> None:  # type: ignore[override]
@@ -185,35 +146,11 @@ class FlatAdamW(torch.optim.Optimizer):
         self.norm = self._update(
             [f.grads() for f in self.flats], [f.master for f in self.flats], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [f.weights for f in self.flats], self.lrs, [s["step"] for s in states],
-            self._hypers(), self.max_norm, finite, self._pending, self._pending_lrs, self._pending_scale,
-            self._pending_ok)
+            [(*g["betas"], g["eps"], g["weight_decay"]) for g in self.param_groups], self.max_norm, finite)
         self.zero_grad()
         # What torch's LR schedulers check to warn of a schedule stepped before its optimizer;
         # set here too, as a captured step calls only this part.
         self._opt_called = True
-
-    @torch.no_grad()
-    def apply_deferred(self) -> None:
-        """Step the deferred groups on what the last ``update`` left pending: at the start of the next
-        step, or before their weights are read. After a skipped update, or a second time, it
-        changes nothing. Capturable, like ``update``."""
-        chosen = [i for i, b in enumerate(self._pending) if b is not None]
-        if not chosen:
-            return
-        states = [self.state[self.flats[i].master] for i in chosen]
-        hypers = self._hypers()
-        self._deferred_update(
-            [self._pending[i] for i in chosen], [self.flats[i].master for i in chosen],
-            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [self.flats[i].weights for i in chosen],
-            [self._pending_lrs[i] for i in chosen], [s["step"] for s in states], [hypers[i] for i in chosen],
-            self._pending_scale, self._pending_ok)
-
-    def _hypers(self) -> list[tuple[float, float, float, float]]:
-        return [(*g["betas"], g["eps"], g["weight_decay"]) for g in self.param_groups]
-
-    def state_dict(self) -> dict[str, Any]:
-        self.apply_deferred()
-        return super().state_dict()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop (or zero) the model parameters' gradients: the next backward hands over fresh ones."""
@@ -234,7 +171,6 @@ class FlatAdamW(torch.optim.Optimizer):
         existing buffers, which a compiled or captured step keeps reading."""
         own = [self.state[f.master] for f in self.flats]
         super().load_state_dict(self._per_group(state_dict))
-        self._pending_ok.fill_(False)  # the loaded state replaces an update still pending
         for f, buffers in zip(self.flats, own):
             loaded = self.state[f.master]
             for key, buffer in buffers.items():
