@@ -165,13 +165,11 @@ def param_groups(model: torch.nn.Module, optim: OptimConfig, hint: dict[str, flo
     it; 1-D parameters (norm scales, biases) get no weight decay.
     """
     groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
-    names: dict[tuple[float, bool], list[str]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         key = (lr_multiplier(name, hint), p.ndim > 1)
         groups.setdefault(key, []).append(p)
-        names.setdefault(key, []).append(name)
     return [{"params": groups[k], "lr": optim.lr * k[0], "lr_mult": k[0],
              "weight_decay": optim.weight_decay if k[1] else 0.0, "name": _group_name(k)}
             for k in sorted(groups)]
