@@ -449,8 +449,10 @@ def test_edge_bias_kernels_equal_the_math_path_compiled(dtype):
     the bias on every edge and the MLP's weight gradients against the math path in float64."""
     from test_edge_bias import graph, mlp
 
+    from rgfusion.trainer.model import edge_bias as module
     from rgfusion.trainer.model.edge_bias import edge_bias
 
+    module.ops()  # before compiling, as RetrievalModel does
     boxes, adj = (t.to(DEVICE) for t in graph(16, 85))
     fused, ref = mlp(16, 8).to(DEVICE, dtype), mlp(16, 8).to(DEVICE, torch.float64)
     ref.load_state_dict(fused.state_dict())

@@ -28,9 +28,8 @@ def _box(boxes, index, mask):
 
 
 @triton.jit
-def _features(boxes, b, i, N, J: tl.constexpr, MIN: tl.constexpr):
-    """Node ``i``'s edges: the columns j, which exist, and the five features of j seen from i."""
-    j = tl.arange(0, J)
+def _features(boxes, b, i, j, N, MIN: tl.constexpr):
+    """Of node ``i``'s edges to nodes ``j``: which exist, and the five features of j seen from i."""
     real = j < N
     x1i, y1i, x2i, y2i = _box(boxes, b * N + i, True)
     x1j, y1j, x2j, y2j = _box(boxes, b * N + j, real)
@@ -43,7 +42,7 @@ def _features(boxes, b, i, N, J: tl.constexpr, MIN: tl.constexpr):
     area_i = tl.maximum(x2i - x1i, 0.0) * tl.maximum(y2i - y1i, 0.0)
     area_j = tl.maximum(x2j - x1j, 0.0) * tl.maximum(y2j - y1j, 0.0)
     iou = inter / tl.maximum(area_i + area_j - inter, MIN * MIN)
-    return j, real, dx, dy, dw, dh, iou
+    return real, dx, dy, dw, dh, iou
 
 
 @triton.jit
@@ -53,22 +52,24 @@ def _column(w, k, f, HID, F: tl.constexpr):
 
 
 @triton.jit
-def _pre_activation(w1, b1, dx, dy, dw, dh, iou, HID, HID_P: tl.constexpr, F: tl.constexpr):
-    """(J, HID_P) first layer before its ReLU, and the hidden units' indices."""
-    k = tl.arange(0, HID_P)
+def _pre_activation(w1, b1, k, dx, dy, dw, dh, iou, HID, F: tl.constexpr):
+    """(J, HID_P) first layer before its ReLU, for hidden units ``k``."""
     pre = tl.load(b1 + k, mask=k < HID, other=0.0).to(tl.float32)[None, :]
     pre += dx[:, None] * _column(w1, k, 0, HID, F) + dy[:, None] * _column(w1, k, 1, HID, F)
     pre += dw[:, None] * _column(w1, k, 2, HID, F) + dh[:, None] * _column(w1, k, 3, HID, F)
-    return pre + iou[:, None] * _column(w1, k, 4, HID, F), k
+    return pre + iou[:, None] * _column(w1, k, 4, HID, F)
 
 
 @triton.jit
 def _forward(boxes, adj, w1, b1, w2, b2, out, N, HID, fill, H: tl.constexpr, J: tl.constexpr,
              HID_P: tl.constexpr, F: tl.constexpr, MIN: tl.constexpr):
+    # The indices are made here, not returned by a helper: torch's analysis of which tensors a
+    # kernel writes takes every tensor a helper was given as written when a stored-to address
+    # depends on that helper's result, and would take the weights (leaves) as written.
     pid = tl.program_id(0)
-    b, i = pid // N, pid % N
-    j, real, dx, dy, dw, dh, iou = _features(boxes, b, i, N, J, MIN)
-    pre, k = _pre_activation(w1, b1, dx, dy, dw, dh, iou, HID, HID_P, F)
+    b, i, j, k = pid // N, pid % N, tl.arange(0, J), tl.arange(0, HID_P)
+    real, dx, dy, dw, dh, iou = _features(boxes, b, i, j, N, MIN)
+    pre = _pre_activation(w1, b1, k, dx, dy, dw, dh, iou, HID, F)
     hidden = tl.maximum(pre, 0.0)
     edge = tl.load(adj + pid * N + j, mask=real, other=0) != 0
     for h in tl.static_range(H):
@@ -84,9 +85,9 @@ def _backward(boxes, adj, w1, b1, w2, grad, shares, N, HID, H: tl.constexpr, J: 
     """This program's shares of the gradients, one row of ``shares``: the first-layer weight
     by input feature (F × HID_P), its bias (HID_P), the second-layer weight (H × HID_P), its bias (H)."""
     pid = tl.program_id(0)
-    b, i = pid // N, pid % N
-    j, real, dx, dy, dw, dh, iou = _features(boxes, b, i, N, J, MIN)
-    pre, k = _pre_activation(w1, b1, dx, dy, dw, dh, iou, HID, HID_P, F)
+    b, i, j, k = pid // N, pid % N, tl.arange(0, J), tl.arange(0, HID_P)  # here: see _forward
+    real, dx, dy, dw, dh, iou = _features(boxes, b, i, j, N, MIN)
+    pre = _pre_activation(w1, b1, k, dx, dy, dw, dh, iou, HID, F)
     hidden = tl.maximum(pre, 0.0)
     # A non-edge holds the fill, not the MLP's output: no gradient flows there.
     edge = (tl.load(adj + pid * N + j, mask=real, other=0) != 0) & real

@@ -25,7 +25,7 @@ def edge_bias(mlp: nn.Sequential, boxes: Tensor, adj: Tensor, dtype: torch.dtype
     ``dtype``; ``finfo(dtype).min`` where ``adj`` (B, N, N) has no edge."""
     first, _, last = mlp
     if impl == "triton" and (boxes.is_cuda or triton_attention.interpreting()):
-        return _ops().bias(boxes.float().contiguous(), adj.contiguous(), first.weight, first.bias, last.weight,
+        return ops().bias(boxes.float().contiguous(), adj.contiguous(), first.weight, first.bias, last.weight,
                            last.bias, dtype)
     bias = mlp(relative_geometry(boxes).to(dtype)).permute(0, 3, 1, 2)
     return bias.masked_fill(~adj[:, None], torch.finfo(bias.dtype).min)
@@ -34,8 +34,8 @@ def edge_bias(mlp: nn.Sequential, boxes: Tensor, adj: Tensor, dtype: torch.dtype
 _OPS = None
 
 
-def _ops():
-    """The custom operators, defined on first use (importing Triton is slow)."""
+def ops():
+    """The custom operators, defined on first use, as ``triton_attention.ops`` says."""
     global _OPS
     if _OPS is None:
         from . import _triton_geometry_kernels as kernels

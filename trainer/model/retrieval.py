@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import edge_bias, triton_attention
 from .config import ModelConfig
 from .image import ImageEncoder
 from .streams import beside
@@ -35,6 +37,9 @@ class RetrievalModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
+        if cfg.attention == "triton" and importlib.util.find_spec("triton") is not None:
+            triton_attention.ops()  # see there
+            edge_bias.ops()
         self.image = ImageEncoder(cfg, region_dim, grid_dim, self.grid_size)
         self.text = TextEncoder(cfg, vocab_size)
         self.side_streams = False

@@ -60,7 +60,7 @@ def _call(q: Tensor, kv: Tensor | None, bias: Tensor | None, heads: int, dropout
         # A program reads rows of one head's bias: a heads-last one (the graph's, a projection of
         # every edge) would be read at a stride of the head count, one element per memory sector.
         bias = bias.contiguous()
-    out, _ = _ops().attention(q, kv, bias, seed, heads, float(dropout_p))
+    out, _ = ops().attention(q, kv, bias, seed, heads, float(dropout_p))
     return out
 
 
@@ -76,9 +76,11 @@ def block_size(length: int, head_dim: int) -> int:
 _OPS = None
 
 
-def _ops():
+def ops():
     """The custom operators, defined on first use: importing Triton is slow and CUDA-only
-    machines without it never get here."""
+    machines without it never get here. A model on these kernels defines them when it is built
+    (``RetrievalModel``): dynamo cannot trace their definition, and a first call inside a compiled
+    tower would split its graph there."""
     global _OPS
     if _OPS is None:
         from . import _triton_attention_kernels as kernels
