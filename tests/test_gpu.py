@@ -445,8 +445,11 @@ def test_attention_bench_times_each_kernel(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_edge_bias_kernels_equal_the_math_path_compiled(dtype):
-    """The geometry bias at the step's shape (85 nodes, 8 heads), compiled as the towers are:
-    the bias on every edge and the MLP's weight gradients against the math path in float64."""
+    """The geometry bias at the step's shape (85 nodes, 8 heads), compiled as the towers are,
+    against the math path in float64: in float32, the bias on every edge and the MLP's weight
+    gradients within float32 rounding; in bf16, no further from float64 than the math path in
+    bf16 is. (TF32 products and the ReLU's kinks move a few summed gradients by more than a fixed
+    tolerance allows: session 12's run 4 failed one that way, 4.8 off in one of 80 entries.)"""
     from test_edge_bias import graph, mlp
 
     from rgfusion.trainer.model import edge_bias as module
@@ -454,16 +457,29 @@ def test_edge_bias_kernels_equal_the_math_path_compiled(dtype):
 
     module.ops()  # before compiling, as RetrievalModel does
     boxes, adj = (t.to(DEVICE) for t in graph(16, 85))
-    fused, ref = mlp(16, 8).to(DEVICE, dtype), mlp(16, 8).to(DEVICE, torch.float64)
-    ref.load_state_dict(fused.state_dict())
     grad = torch.randn(16, 8, 85, 85, device=DEVICE)
-    out = torch.compile(edge_bias, fullgraph=True)(fused, boxes, adj, dtype, "triton")
-    expected = edge_bias(ref, boxes.double(), adj, torch.float64, "math")
-    edges = adj[:, None].expand_as(out)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out[edges].double(), expected[edges], atol=tol, rtol=tol)
-    assert (out[~edges] == torch.finfo(dtype).min).all()
-    (out.float() * grad).sum().backward()
-    (expected * grad.double()).sum().backward()
-    for p, q in zip(fused.parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad.double(), q.grad, atol=tol * 20, rtol=tol * 4)
+    edges = adj[:, None].expand_as(grad)
+
+    def run(impl: str, precision: torch.dtype, compiled: bool):
+        layer = mlp(16, 8).to(DEVICE, dtype).to(precision)  # float64 holds the rounded weights exactly
+        bias = (torch.compile(edge_bias, fullgraph=True) if compiled else edge_bias)(
+            layer, boxes.to(precision if precision == torch.float64 else torch.float32), adj, precision, impl)
+        (bias.double() * grad.double()).sum().backward()
+        return bias.double(), [p.grad.double() for p in layer.parameters()]
+
+    want, want_grads = run("math", torch.float64, False)
+    got, got_grads = run("triton", dtype, True)
+    assert (got[~edges] == torch.finfo(dtype).min).all()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got[edges], want[edges], atol=1e-5, rtol=1e-5)
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, atol=2e-4, rtol=4e-5)
+        return
+    math, math_grads = run("math", dtype, False)
+
+    def error(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    assert error(got[edges], want[edges]) <= 2 * error(math[edges], want[edges])
+    for ours, theirs, exact in zip(got_grads, math_grads, want_grads):
+        assert error(ours, exact) <= 2 * error(theirs, exact)
