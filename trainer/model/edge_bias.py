@@ -20,15 +20,23 @@ from .attention import Attention
 from .geometry import relative_geometry
 
 
-def edge_bias(mlp: nn.Sequential, boxes: Tensor, adj: Tensor, dtype: torch.dtype, impl: Attention) -> Tensor:
+def edge_bias(mlp: nn.Sequential, boxes: Tensor, adj: Tensor, dtype: torch.dtype, impl: Attention,
+              geometry: Tensor | None = None) -> Tensor:
     """(B, heads, N, N) bias of node boxes (B, N, 4) through ``mlp`` (Linear, ReLU, Linear), in
-    ``dtype``; ``finfo(dtype).min`` where ``adj`` (B, N, N) has no edge."""
+    ``dtype``; ``finfo(dtype).min`` where ``adj`` (B, N, N) has no edge. ``geometry``: the boxes'
+    ``relative_geometry`` if already computed (the math path reads it; the kernels derive it)."""
     first, _, last = mlp
-    if impl == "triton" and (boxes.is_cuda or triton_attention.interpreting()):
+    if fused(impl, boxes):
         return ops().bias(boxes.float().contiguous(), adj.contiguous(), first.weight, first.bias, last.weight,
-                           last.bias, dtype)
-    bias = mlp(relative_geometry(boxes).to(dtype)).permute(0, 3, 1, 2)
+                          last.bias, dtype)
+    geometry = relative_geometry(boxes) if geometry is None else geometry
+    bias = mlp(geometry.to(dtype)).permute(0, 3, 1, 2)
     return bias.masked_fill(~adj[:, None], torch.finfo(bias.dtype).min)
+
+
+def fused(impl: Attention, boxes: Tensor) -> bool:
+    """Whether ``edge_bias`` runs the kernels for these boxes."""
+    return impl == "triton" and (boxes.is_cuda or triton_attention.interpreting())
 
 
 _OPS = None

@@ -7,8 +7,8 @@ from torch import Tensor, nn
 
 from .attention import cross_attend, self_attend
 from .config import ModelConfig
-from .edge_bias import edge_bias
-from .geometry import GEOMETRY_DIM, joint_adjacency, node_boxes
+from .edge_bias import edge_bias, fused
+from .geometry import GEOMETRY_DIM, joint_adjacency, node_boxes, relative_geometry
 from .pooling import additive_mask, build_pooling
 
 BOX_FEATURES = 7
@@ -55,9 +55,10 @@ class GraphAttentionLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_mult * d), nn.GELU(), nn.Linear(cfg.ffn_mult * d, d))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, boxes: Tensor, adj: Tensor, valid: Tensor) -> Tensor:
+    def forward(self, x: Tensor, boxes: Tensor, adj: Tensor, valid: Tensor, geometry: Tensor | None) -> Tensor:
+        """``geometry``: the boxes' relative geometry when the bias's math path reads it."""
         # Every row keeps its self loop, so no row is fully masked.
-        bias = edge_bias(self.geometry, boxes, adj, x.dtype, self.attention)
+        bias = edge_bias(self.geometry, boxes, adj, x.dtype, self.attention, geometry)
         p = self.dropout if self.training else 0.0
         att = self_attend(self.qkv(self.norm1(x)), bias, self.heads, p, self.attention)
         x = x + self.drop(self.out(att))
@@ -75,8 +76,10 @@ class JointGraph(nn.Module):
 
     def forward(self, x: Tensor, boxes: Tensor, adj: Tensor, valid: Tensor) -> Tensor:
         """``boxes``: (B, N, 4) of the nodes, whose relative geometry each layer's bias reads."""
+        impl = self.layers[0].attention if len(self.layers) else "math"
+        geometry = None if fused(impl, boxes) else relative_geometry(boxes)  # once for all layers
         for layer in self.layers:
-            x = layer(x, boxes, adj, valid)
+            x = layer(x, boxes, adj, valid, geometry)
         return self.norm(x).masked_fill(~valid[..., None], 0)
 
 
