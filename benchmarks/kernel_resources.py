@@ -1,7 +1,12 @@
-"""Registers, spills and shared memory of the Triton attention kernels, compiled for a GPU without one.
+"""Registers, spills and shared memory of the Triton kernels, compiled for a GPU without one.
 
     python3 benchmarks/kernel_resources.py                       # sm_90 (H100/H200), the default launch
     python3 benchmarks/kernel_resources.py --warps 4 8 --blocks 32 64 --arch 90
+    python3 benchmarks/kernel_resources.py --shapes geometry     # the graph's geometry-bias kernels
+
+The attention kernels at the BERT step's three shapes, and ``geometry``: the geometry-bias
+kernels at the graph's (85 nodes, 16 hidden units, 8 heads, a bf16 bias; the block column
+is the nodes per program, and --blocks and --dropout do not apply).
 
 Triton compiles to a cubin on any machine (its wheel ships ptxas and cuobjdump), so a kernel
 change can be checked for what bounds a latency-bound kernel, how many programs fit on an SM,
@@ -19,11 +24,13 @@ import re
 import subprocess
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from rgfusion.trainer.model import _triton_attention_kernels as kernels
+from rgfusion.trainer.model import _triton_geometry_kernels as geometry
 from rgfusion.trainer.model.triton_attention import block_size
 
 # (head size, heads, self-attention, bias, bias gradient, queries, keys) at the BERT step's shapes.
@@ -35,6 +42,8 @@ SHAPES = {
 KERNELS = {"forward": kernels._forward, "backward_query": kernels._backward_query,
            "backward_key": kernels._backward_key}
 CONSTANTS = ("H", "D", "BLOCK", "SELF", "HAS_BIAS", "DROPOUT", "EXACT", "BIAS_GRAD", "KEYS_FIT", "QUERIES_FIT")
+GEOMETRY_KERNELS = {"forward": geometry._forward, "backward": geometry._backward}
+GEOMETRY_TYPES = {"boxes": "*fp32", "adj": "*i1", "shares": "*fp32", "N": "i32", "HID": "i32", "fill": "fp32"}
 
 
 def signature(fn, dtype: str) -> dict[str, str]:
@@ -63,8 +72,21 @@ def resources(kernel: str, shape: str, block: int, warps: int, stages: int, drop
     values = dict(H=heads, D=head, BLOCK=block, SELF=self_attention, HAS_BIAS=bias, DROPOUT=dropout, EXACT=False,
                   BIAS_GRAD=bias_grad, KEYS_FIT=keys <= block, QUERIES_FIT=queries <= block)
     constants = {(i,): values[n] for i, n in enumerate(fn.arg_names) if n in CONSTANTS}
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature(fn, "bf16"), constexprs=constants),
-                              target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+    return usage(ASTSource(fn=fn, signature=signature(fn, "bf16"), constexprs=constants), warps, stages, arch)
+
+
+def geometry_resources(kernel: str, warps: int, stages: int, arch: int) -> dict:
+    fn = GEOMETRY_KERNELS[kernel]
+    meta = geometry._meta(torch.empty(1, 85, 4), torch.empty(16, 5), torch.empty(8, 16), torch.bfloat16)
+    constants = {(i,): meta[n] for i, n in enumerate(fn.arg_names) if n in meta}
+    types = {n: "constexpr" if n in meta else GEOMETRY_TYPES.get(n, "*bf16") for n in fn.arg_names}
+    return usage(ASTSource(fn=fn, signature=types, constexprs=constants), warps, stages, arch)
+
+
+def usage(source: ASTSource, warps: int, stages: int, arch: int) -> dict:
+    """Registers and spills (from the cubin), shared memory, and programs per SM of one kernel."""
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=warps, num_stages=stages))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -77,7 +99,7 @@ def resources(kernel: str, shape: str, block: int, warps: int, stages: int, drop
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--shapes", nargs="+", default=[*SHAPES, "geometry"], choices=[*SHAPES, "geometry"])
     p.add_argument("--warps", nargs="+", type=int, default=[kernels.LAUNCH.num_warps])
     p.add_argument("--stages", nargs="+", type=int, default=[kernels.LAUNCH.num_stages])
     p.add_argument("--blocks", nargs="+", type=int, default=[0], help="rows per tile (0: the kernels' own choice)")
@@ -86,15 +108,22 @@ def main() -> None:
     args = p.parse_args()
     print(f"{'shape':8s} {'kernel':15s} {'block':>5s} {'warps':>5s} {'stages':>6s} {'drop':>4s} "
           f"{'regs':>4s} {'spill B':>7s} {'smem B':>7s} {'per SM':>6s}")
-    for shape, kernel in itertools.product(args.shapes, KERNELS):
+    for kernel, warps, stages in itertools.product(GEOMETRY_KERNELS, args.warps, args.stages):
+        if "geometry" in args.shapes:
+            row("geometry", kernel, geometry.ROWS, warps, stages, 0, geometry_resources(kernel, warps, stages, args.arch))
+    for shape, kernel in itertools.product([s for s in args.shapes if s in SHAPES], KERNELS):
         head, *_, queries, keys = SHAPES[shape]
         for block, warps, stages, dropout in itertools.product(args.blocks, args.warps, args.stages, args.dropout):
             block = block or block_size(max(queries, keys), head)
             if kernel == "backward_query" and keys <= block:
                 continue  # keys in one block: no query pass
-            r = resources(kernel, shape, block, warps, stages, bool(dropout), args.arch)
-            print(f"{shape:8s} {kernel:15s} {block:5d} {warps:5d} {stages:6d} {dropout:4d} {r['registers']:4d} "
-                  f"{r['spill_bytes']:7d} {r['shared']:7d} {r['programs_per_sm']:6d}", flush=True)
+            row(shape, kernel, block, warps, stages, dropout,
+                resources(kernel, shape, block, warps, stages, bool(dropout), args.arch))
+
+
+def row(shape: str, kernel: str, block: int, warps: int, stages: int, dropout: int, r: dict) -> None:
+    print(f"{shape:8s} {kernel:15s} {block:5d} {warps:5d} {stages:6d} {dropout:4d} {r['registers']:4d} "
+          f"{r['spill_bytes']:7d} {r['shared']:7d} {r['programs_per_sm']:6d}", flush=True)
 
 
 if __name__ == "__main__":

@@ -225,11 +225,12 @@ def test_kernel_resources_compiles_for_a_gpu_this_machine_lacks():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
-    out = subprocess.run([sys.executable, str(script), "--shapes", "caption", "--blocks", "0", "16"], env=env,
-                         capture_output=True, text=True, timeout=300, check=True).stdout.splitlines()
+    out = subprocess.run([sys.executable, str(script), "--shapes", "caption", "geometry", "--blocks", "0", "16"],
+                         env=env, capture_output=True, text=True, timeout=300, check=True).stdout.splitlines()
     rows = [line.split() for line in out[1:]]
     # 20 words fit one 32-row block, so no query pass; 16-row blocks split them and need one.
-    assert [r[:3] for r in rows] == [["caption", "forward", "32"], ["caption", "forward", "16"],
+    assert [r[:3] for r in rows] == [["geometry", "forward", "8"], ["geometry", "backward", "8"],
+                                     ["caption", "forward", "32"], ["caption", "forward", "16"],
                                      ["caption", "backward_query", "16"], ["caption", "backward_key", "32"],
                                      ["caption", "backward_key", "16"]]
     for r in rows:
