@@ -64,7 +64,7 @@ def _first_layer(w1, b1, r, c, HID, F: tl.constexpr):
     """(P, P) first-layer weight as x·W: row f < F is input feature f, row F the bias; column k is
     hidden unit k."""
     w = tl.load(w1 + c * F + r, mask=(r < F) & (c < HID), other=0.0).to(tl.float32)
-    return w + tl.where(r == F, tl.load(b1 + c + r * 0, mask=(r == F) & (c < HID), other=0.0).to(tl.float32), 0.0)
+    return tl.where(r == F, tl.load(b1 + c, mask=c < HID, other=0.0).to(tl.float32), w)
 
 
 @triton.jit
