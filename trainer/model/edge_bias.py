@@ -36,7 +36,7 @@ def edge_bias(mlp: nn.Sequential, boxes: Tensor, adj: Tensor, dtype: torch.dtype
 
 def fused(impl: Attention, boxes: Tensor) -> bool:
     """Whether ``edge_bias`` runs the kernels for these boxes."""
-    return impl == "triton" and (boxes.is_cuda or triton_attention.interpreting())
+    return impl == "triton" and triton_attention.runs_on(boxes)
 
 
 _OPS = None

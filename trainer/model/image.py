@@ -73,11 +73,11 @@ class JointGraph(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(GraphAttentionLayer(cfg) for _ in range(cfg.graph_layers))
         self.norm = nn.LayerNorm(cfg.width)
+        self.attention = cfg.attention
 
     def forward(self, x: Tensor, boxes: Tensor, adj: Tensor, valid: Tensor) -> Tensor:
         """``boxes``: (B, N, 4) of the nodes, whose relative geometry each layer's bias reads."""
-        impl = self.layers[0].attention if len(self.layers) else "math"
-        geometry = None if fused(impl, boxes) else relative_geometry(boxes)  # once for all layers
+        geometry = None if fused(self.attention, boxes) else relative_geometry(boxes)  # once for all layers
         for layer in self.layers:
             x = layer(x, boxes, adj, valid, geometry)
         return self.norm(x).masked_fill(~valid[..., None], 0)

@@ -27,8 +27,13 @@ MAX_HEAD = 128
 
 def applies(x: Tensor, head_dim: int) -> bool:
     """Whether the kernels run on projections like ``x`` with heads of ``head_dim``."""
-    return ((x.is_cuda or interpreting()) and 16 <= head_dim <= MAX_HEAD and head_dim & (head_dim - 1) == 0
+    return (runs_on(x) and 16 <= head_dim <= MAX_HEAD and head_dim & (head_dim - 1) == 0
             and x.dtype in (torch.float32, torch.float16, torch.bfloat16))
+
+
+def runs_on(x: Tensor) -> bool:
+    """Whether Triton kernels can take ``x``: a CUDA tensor, or any tensor under the interpreter."""
+    return x.is_cuda or interpreting()
 
 
 def interpreting() -> bool:
@@ -57,8 +62,9 @@ def _call(q: Tensor, kv: Tensor | None, bias: Tensor | None, heads: int, dropout
     # The kernels read a head's columns as one contiguous run.
     q, kv = _unit_stride(q), None if kv is None else _unit_stride(kv)
     if bias is not None and bias.stride(-1) != 1 and bias.shape[-1] > 1:
-        # A program reads rows of one head's bias: a heads-last one (the graph's, a projection of
-        # every edge) would be read at a stride of the head count, one element per memory sector.
+        # A program reads rows of one head's bias: a heads-last one (a projection of every edge,
+        # as the graph's math path makes) would be read at a stride of the head count, one
+        # element per memory sector.
         bias = bias.contiguous()
     out, _ = ops().attention(q, kv, bias, seed, heads, float(dropout_p))
     return out
