@@ -87,6 +87,9 @@ class Shape:
     # restricted to that kernel (an unsupported case is an error, not a silent fallback).
     text_sdpa: str = ""
     eager_random: bool = True  # train.compile_eager_random: dropout's random numbers from PyTorch's kernels
+    # torch.compile mode of the image tower alone in compiled variants ("": the variant's mode), so
+    # inductor's GEMM autotuning (and its GELU epilogues) can be tried where most products are
+    image_compile: str = ""
 
 
 @dataclass
@@ -232,7 +235,8 @@ def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, shape:
 
     if v.compile_mode:  # each tower on its own, so the two can run on two streams
         options = compile_options(v.compile_mode, eager_random=shape.eager_random)
-        images, captions = (torch.compile(f, options=options) for f in (images, captions))
+        image_options = compile_options(shape.image_compile or v.compile_mode, eager_random=shape.eager_random)
+        images, captions = torch.compile(images, options=image_options), torch.compile(captions, options=options)
     stand_in = torch.randn(shape.batch, model.cfg.width, device=device)
 
     def embed(batch):
@@ -497,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="BERT's attention through SDPA restricted to this kernel (every SDPA call is)")
     p.add_argument("--compile-random", choices=("eager", "inductor"), default="eager",
                    help="compiled dropout's random numbers: PyTorch's kernels (the trainer's default) or inductor's")
+    p.add_argument("--image-compile", choices=("", "default", "max-autotune-no-cudagraphs"), default="",
+                   help="torch.compile mode of the image tower alone in compiled variants (default: the variant's)")
     p.add_argument("--side-streams", action="store_true",
                    help="run the caption tower beside the image tower on a side CUDA stream")
     p.add_argument("--side-priority", choices=("high", "normal"), default="high",
@@ -525,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
                                 side_priority=args.side_priority,
                                 side_first=args.launch_order == "side", fused_bert=args.fused_bert == "on",
                                 towers=args.towers, text_sdpa=args.text_sdpa,
-                                eager_random=args.compile_random == "eager")
+                                eager_random=args.compile_random == "eager", image_compile=args.image_compile)
     if args.text_sdpa:  # the one kernel allowed: an unsupported case raises instead of falling back
         torch.backends.cuda.enable_flash_sdp(False)
         torch.backends.cuda.enable_math_sdp(False)
