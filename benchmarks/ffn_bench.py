@@ -30,17 +30,14 @@ from rgfusion.trainer.model import ffn
 
 DEVICE = torch.device("cuda")
 SHAPES = {"graph": (128 * 85, 1024, 4096), "bert": (128 * 20, 768, 3072)}
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, TMA); inductor's best Triton product at the
-# graph's shape was 128, 128, 64, 4 warps, 3 stages (pointers), 17% slower than cuBLAS there.
-TILES = [(128, 128, 64, 4, 3, False), (128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False),
-         (128, 128, 64, 4, 4, False), (128, 128, 64, 4, 3, True), (128, 128, 64, 4, 4, True),
-         (128, 128, 64, 8, 4, True), (128, 256, 64, 8, 3, True), (128, 256, 64, 8, 4, True),
-         (256, 128, 64, 8, 3, True), (64, 256, 64, 4, 4, True)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
+         (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (64, 256, 64, 4, 4), (64, 128, 64, 4, 4)]
 
 
 def meta(tile: tuple) -> dict:
-    bm, bn, bk, warps, stages, tma = tile
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, TMA=tma, num_warps=warps, num_stages=stages)
+    bm, bn, bk, warps, stages = tile
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
 
 
 def error(a: torch.Tensor, b: torch.Tensor) -> float:

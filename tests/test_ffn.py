@@ -66,24 +66,14 @@ def test_the_bias_gradient_is_the_same_every_time():
     assert torch.equal(first, second)
 
 
-@pytest.mark.parametrize("tma", [False, True])
-@pytest.mark.parametrize("meta", [{}, {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}])
-def test_each_kernel_by_pointers_or_descriptors_and_any_tiles(tma, meta):
-    # Small tiles: 5 row blocks in groups of 2 (the last group short) by 5 column blocks.
+def test_the_kernels_write_the_pre_activation_and_the_gelu():
     from rgfusion.trainer.model import _triton_ffn_kernels as kernels
 
-    gen = torch.Generator().manual_seed(0)
-    x, dy = torch.randn(300, 32, generator=gen), torch.randn(300, 32, generator=gen)
-    w1, b1, w2 = torch.randn(160, 32, generator=gen), torch.randn(160, generator=gen), torch.randn(32, 160, generator=gen)
-    meta = {**meta, "TMA": tma}
-    pre, act = kernels.up_forward(x, w1, b1, meta)
-    want = x.double() @ w1.double().t() + b1.double()
-    torch.testing.assert_close(pre.double(), want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(act.double(), F.gelu(want), atol=1e-5, rtol=1e-5)
-    d_pre, d_b1 = kernels.up_backward(dy, w2, pre, meta)
-    want = torch.ops.aten.gelu_backward(dy.double() @ w2.double(), pre.double())
-    torch.testing.assert_close(d_pre.double(), want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(d_b1.double(), want.sum(0), atol=1e-4, rtol=1e-5)
+    x = torch.randn(70, 32, generator=torch.Generator().manual_seed(0))
+    up, _ = block(32, 48)
+    pre, act = kernels.up_forward(x, up.weight.detach(), up.bias.detach())
+    torch.testing.assert_close(pre, x @ up.weight.detach().t() + up.bias.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(act, F.gelu(pre), atol=1e-6, rtol=1e-6)
 
 
 def test_which_inputs_the_kernels_take():

@@ -52,52 +52,33 @@ def _blocks(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.cons
 
 
 @triton.jit
-def _product(a, b, m0, n0, M, N, K, s_am, s_ak, s_bk, s_bn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr, B_NK: tl.constexpr, EXACT: tl.constexpr, TMA: tl.constexpr):
-    """The tile at (m0, n0) of a·b in float32, a (M, K) and b (K, N); K is a multiple of BLOCK_K.
-
-    With TMA, ``a`` and ``b`` are tensor descriptors (Hopper's copy engine fills shared memory,
-    zeros past the ends), ``b`` one of an (N, K) tensor when B_NK. Otherwise they are pointers
-    read at their strides; rows and columns past the end wrap onto real ones, so the loads need
-    no mask, and their results are never stored."""
+def _product(a, b, rows, cols, M, N, K, s_am, s_ak, s_bk, s_bn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, EXACT: tl.constexpr):
+    """The (rows, cols) tile of a·b in float32, a (M, K) and b (K, N) at their strides; K is a
+    multiple of BLOCK_K. Rows and columns past the end wrap onto real ones, so the loads need no
+    mask; their results are never stored."""
+    k = tl.arange(0, BLOCK_K)
+    a_ptr = a + (rows % M)[:, None] * s_am + k[None, :] * s_ak
+    b_ptr = b + k[:, None] * s_bk + (cols % N)[None, :] * s_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    # Triton compiles the statements after a return in a constexpr branch too: hence if/else.
-    if TMA:
-        for k0 in range(0, K, BLOCK_K):
-            if B_NK:
-                b_tile = b.load([n0, k0]).T
-            else:
-                b_tile = b.load([k0, n0])
-            acc = _dot(a.load([m0, k0]), b_tile, acc, EXACT)
-    else:
-        k = tl.arange(0, BLOCK_K)
-        a_ptr = a + ((m0 + tl.arange(0, BLOCK_M)) % M)[:, None] * s_am + k[None, :] * s_ak
-        b_ptr = b + k[:, None] * s_bk + ((n0 + tl.arange(0, BLOCK_N)) % N)[None, :] * s_bn
-        for _k in range(0, K, BLOCK_K):
-            acc = _dot(tl.load(a_ptr), tl.load(b_ptr), acc, EXACT)
-            a_ptr += BLOCK_K * s_ak
-            b_ptr += BLOCK_K * s_bk
+    for _k in range(0, K, BLOCK_K):
+        if EXACT:
+            acc = tl.dot(tl.load(a_ptr), tl.load(b_ptr), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.load(a_ptr), tl.load(b_ptr), acc)
+        a_ptr += BLOCK_K * s_ak
+        b_ptr += BLOCK_K * s_bk
     return acc
 
 
 @triton.jit
-def _dot(a, b, acc, EXACT: tl.constexpr):
-    """acc + a·b; float32 inputs multiply in full float32, not TF32."""
-    if EXACT:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
-
-
-@triton.jit
 def _up_forward(x, w, bias, pre, act, M, N, K, s_xm, s_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EXACT: tl.constexpr, TMA: tl.constexpr):
+                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EXACT: tl.constexpr):
     """pre = x·wᵀ + bias and act = gelu(pre), (M, N) row-major; x (M, K) and w (N, K) are
-    contiguous along K (pointers, or descriptors with TMA). The GELU reads ``pre`` rounded, as
-    the backward will."""
+    contiguous along K. The GELU reads ``pre`` rounded, as the backward will."""
     block_m, block_n = _blocks(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = _product(x, w, block_m * BLOCK_M, block_n * BLOCK_N, M, N, K, s_xm, 1, 1, s_wn, BLOCK_M, BLOCK_N,
-                   BLOCK_K, True, EXACT, TMA)
     rows, cols = block_m * BLOCK_M + tl.arange(0, BLOCK_M), block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _product(x, w, rows, cols, M, N, K, s_xm, 1, 1, s_wn, BLOCK_M, BLOCK_N, BLOCK_K, EXACT)
     h = (acc + tl.load(bias + cols % N).to(tl.float32)).to(pre.dtype.element_ty)
     offsets = rows[:, None] * N + cols[None, :]
     inside = (rows < M)[:, None] & (cols < N)[None, :]
@@ -107,16 +88,13 @@ def _up_forward(x, w, bias, pre, act, M, N, K, s_xm, s_wn, BLOCK_M: tl.constexpr
 
 @triton.jit
 def _up_backward(grad, w, pre, d_pre, shares, M, N, K, s_gm, s_wk, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EXACT: tl.constexpr,
-                 TMA: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EXACT: tl.constexpr):
     """d_pre = (grad·w) ⊙ gelu'(pre), (M, N) row-major, grad (M, K) and w (K, N) contiguous along
-    their last dims (pointers, or descriptors with TMA); and in row ``block_m`` of ``shares``
-    this row block's column sums of d_pre as rounded, which b1's gradient sums, as cuBLAS's
-    path would."""
+    their last dims; and in row ``block_m`` of ``shares`` this row block's column sums of d_pre
+    as rounded, which b1's gradient sums, as cuBLAS's path would."""
     block_m, block_n = _blocks(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = _product(grad, w, block_m * BLOCK_M, block_n * BLOCK_N, M, N, K, s_gm, 1, s_wk, 1, BLOCK_M, BLOCK_N,
-                   BLOCK_K, False, EXACT, TMA)
     rows, cols = block_m * BLOCK_M + tl.arange(0, BLOCK_M), block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _product(grad, w, rows, cols, M, N, K, s_gm, 1, s_wk, 1, BLOCK_M, BLOCK_N, BLOCK_K, EXACT)
     offsets = rows[:, None] * N + cols[None, :]
     inside = (rows < M)[:, None] & (cols < N)[None, :]
     h = tl.load(pre + offsets, mask=inside, other=0.0).to(tl.float32)
@@ -128,22 +106,13 @@ def _up_backward(grad, w, pre, d_pre, shares, M, N, K, s_gm, s_wk, BLOCK_M: tl.c
 def tiles(m: int, n: int, k: int) -> dict:
     """Compile-time arguments for an (m, k)·(k, n) product."""
     block_k = next(b for b in (64, 32, 16) if k % b == 0)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, TMA=False, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def _grid(m: int, n: int, k: int, meta: dict) -> tuple[int]:
     if k % meta["BLOCK_K"]:
         raise ValueError(f"BLOCK_K={meta['BLOCK_K']} does not divide the product's depth {k}")
     return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-
-def _operand(t: Tensor, meta: dict, rows: str, cols: str):
-    """``t`` as the kernels read it: itself, or with TMA a descriptor of (meta[rows], meta[cols]) blocks."""
-    if not meta["TMA"]:
-        return t
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return TensorDescriptor.from_tensor(t, [meta[rows], meta[cols]])
 
 
 def up_forward(x: Tensor, w1: Tensor, b1: Tensor, meta: dict | None = None, launch=None) -> tuple[Tensor, Tensor]:
@@ -153,9 +122,8 @@ def up_forward(x: Tensor, w1: Tensor, b1: Tensor, meta: dict | None = None, laun
     meta = {**tiles(m, n, k), **(meta or {})}
     pre, act = x.new_empty(m, n), x.new_empty(m, n)
     kernel = launch(_up_forward) if launch else _up_forward
-    kernel[_grid(m, n, k, meta)](_operand(x, meta, "BLOCK_M", "BLOCK_K"), _operand(w1, meta, "BLOCK_N", "BLOCK_K"),
-                                 b1, pre, act, m, n, k, x.stride(0), w1.stride(0), EXACT=x.dtype == torch.float32,
-                                 **meta)
+    kernel[_grid(m, n, k, meta)](x, w1, b1, pre, act, m, n, k, x.stride(0), w1.stride(0),
+                              EXACT=x.dtype == torch.float32, **meta)
     return pre, act
 
 
@@ -167,9 +135,8 @@ def up_backward(grad: Tensor, w2: Tensor, pre: Tensor, meta: dict | None = None,
     d_pre = torch.empty_like(pre)
     shares = torch.empty(triton.cdiv(m, meta["BLOCK_M"]), n, device=grad.device, dtype=torch.float32)
     kernel = launch(_up_backward) if launch else _up_backward
-    kernel[_grid(m, n, k, meta)](_operand(grad, meta, "BLOCK_M", "BLOCK_K"), _operand(w2, meta, "BLOCK_K", "BLOCK_N"),
-                                 pre, d_pre, shares, m, n, k, grad.stride(0), w2.stride(0),
-                                 EXACT=grad.dtype == torch.float32, **meta)
+    kernel[_grid(m, n, k, meta)](grad, w2, pre, d_pre, shares, m, n, k, grad.stride(0), w2.stride(0),
+                              EXACT=grad.dtype == torch.float32, **meta)
     return d_pre, shares.sum(0)
 
 
