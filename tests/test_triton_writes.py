@@ -4,8 +4,10 @@ Inductor treats every tensor that analysis says a user kernel writes as mutated:
 gets copied, and a parameter fails the compile ("a leaf Variable that requires grad is being used
 in an in-place operation", an H200 run of session 12). The analysis takes every tensor passed to
 a helper as written once a stored-to address depends on that helper's result, so it can go wrong
-without any kernel writing out of bounds. It needs Triton's compiler, not its interpreter: the
-check runs in a subprocess, which compiles to Triton's IR for sm_90 (no GPU needed).
+without any kernel writing out of bounds; a kernel that fails to compile counts as writing every
+tensor. It needs Triton's compiler, not its interpreter: the check runs in a subprocess, which
+compiles to Triton's IR for sm_90 (no GPU needed), so it also catches what only the compiler
+rejects (a global that is not a constexpr runs in the interpreter).
 """
 
 from __future__ import annotations
