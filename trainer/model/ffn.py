@@ -27,4 +27,14 @@ def feed_forward(x: Tensor, up: nn.Linear, down: nn.Linear, impl: Attention) -> 
     return down(F.gelu(up(x)))
 
 
-ops = triton_attention.LazyOps("._triton_gelu_kernels")
+_OPS = None
+
+
+def ops():
+    """The custom operators, defined on first use, as ``triton_attention.ops`` says."""
+    global _OPS
+    if _OPS is None:
+        from . import _triton_gelu_kernels as kernels
+
+        _OPS = kernels.register()
+    return _OPS

@@ -38,7 +38,7 @@ class RetrievalModel(nn.Module):
         self.cfg = cfg
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         if cfg.attention == "triton" and importlib.util.find_spec("triton") is not None:
-            triton_attention.ops()  # see LazyOps there
+            triton_attention.ops()  # see there
             edge_bias.ops()
             ffn.ops()
         self.image = ImageEncoder(cfg, region_dim, grid_dim, self.grid_size)
