@@ -108,9 +108,10 @@ def main() -> None:
     args = p.parse_args()
     print(f"{'shape':8s} {'kernel':15s} {'block':>5s} {'warps':>5s} {'stages':>6s} {'drop':>4s} "
           f"{'regs':>4s} {'spill B':>7s} {'smem B':>7s} {'per SM':>6s}")
-    for kernel, warps, stages in itertools.product(GEOMETRY_KERNELS, args.warps, args.stages):
-        if "geometry" in args.shapes:
-            row("geometry", kernel, geometry.ROWS, warps, stages, 0, geometry_resources(kernel, warps, stages, args.arch))
+    if "geometry" in args.shapes:
+        for kernel, warps, stages in itertools.product(GEOMETRY_KERNELS, args.warps, args.stages):
+            row("geometry", kernel, geometry.ROWS, warps, stages, 0,
+                geometry_resources(kernel, warps, stages, args.arch))
     for shape, kernel in itertools.product([s for s in args.shapes if s in SHAPES], KERNELS):
         head, *_, queries, keys = SHAPES[shape]
         for block, warps, stages, dropout in itertools.product(args.blocks, args.warps, args.stages, args.dropout):
