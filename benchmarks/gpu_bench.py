@@ -488,6 +488,17 @@ def check_names(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[Va
     return [v for v in valid.values() if not wanted or v.name in wanted]
 
 
+def ffn_on_math_path() -> None:
+    """Every feed-forward block (graph layers, FusedBert) on PyTorch's path, whatever the model's
+    attention says; the process's models only, for comparing rows."""
+    from rgfusion.trainer.model import bert, ffn, image
+
+    def math(x, up, down, impl):
+        return ffn.feed_forward(x, up, down, "math")
+
+    bert.feed_forward = image.feed_forward = math
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -503,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="compiled dropout's random numbers: PyTorch's kernels (the trainer's default) or inductor's")
     p.add_argument("--image-compile", choices=("", "default", "max-autotune-no-cudagraphs"), default="",
                    help="torch.compile mode of the image tower alone in compiled variants (default: the variant's)")
+    p.add_argument("--ffn", choices=("model", "math"), default="model",
+                   help="math: the feed-forward blocks on PyTorch's path even with --attention triton "
+                        "(an ablation of model/ffn.py's kernels)")
     p.add_argument("--side-streams", action="store_true",
                    help="run the caption tower beside the image tower on a side CUDA stream")
     p.add_argument("--side-priority", choices=("high", "normal"), default="high",
@@ -545,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.inductor:
         set_inductor(p, item)
     chosen = check_names(p, args)
+    if args.ffn == "math":
+        ffn_on_math_path()
     hf_path = bert_dir(shape, args.tiny) if any(v.text == "bert" for v in chosen) or args.profile else None
     rows = []
     for v in chosen:

@@ -38,6 +38,7 @@ class Sm90:  # the analysis asks the active driver for its target; there is no G
 
 triton.runtime.driver.set_active(Sm90())
 from rgfusion.trainer.model import _triton_attention_kernels as att, _triton_geometry_kernels as geo
+from rgfusion.trainer.model import _triton_gelu_kernels as gelu
 
 q, bias = torch.rand(4, 85, 3 * 8 * 128), torch.rand(4, 8, 85, 85)
 shape = att._Shape(q, None, bias, 8, 0.1)
@@ -45,7 +46,9 @@ constants = {k: v for k, v in shape.meta.items() if k not in ("num_warps", "num_
 constants.update(KEYS_FIT=False, QUERIES_FIT=False, BIAS_GRAD=True)
 boxes, w1, w2 = torch.rand(2, 11, 4), torch.rand(16, 5), torch.rand(8, 16)
 constants.update({k: v for k, v in geo._meta(boxes, w1, w2, torch.bfloat16).items() if k != "num_warps"})
+constants.update(BLOCK_M=gelu.BLOCK_M, BLOCK_N=gelu.BLOCK_N)
 tensors = {"boxes": boxes, "adj": torch.ones(2, 11, 11, dtype=torch.bool), "w1": w1, "w2": w2}
+tensors.update({name: torch.empty(8, dtype=torch.bfloat16) for name in ("h", "act", "d_pre")})
 
 
 def argument(name):
@@ -65,7 +68,9 @@ def argument(name):
 
 
 writes = {}
-for module, names in ((att, ("_forward", "_backward_query", "_backward_key")), (geo, ("_forward", "_backward"))):
+kernels = ((att, ("_forward", "_backward_query", "_backward_key")), (geo, ("_forward", "_backward")),
+           (gelu, ("_forward", "_backward")))
+for module, names in kernels:
     for name in names:
         kernel = getattr(module, name)
         kwargs = {p: argument(p) for p in inspect.signature(kernel.fn).parameters}
@@ -85,4 +90,6 @@ def test_each_kernel_writes_only_its_outputs():
         "attention._backward_key": ["dbias", "dkv"],
         "geometry._forward": ["out"],
         "geometry._backward": ["shares"],
+        "gelu._forward": ["act"],
+        "gelu._backward": ["d_pre", "shares"],
     }

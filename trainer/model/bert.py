@@ -11,10 +11,10 @@ chain of the step on a GPU (benchmarks/RESULTS.md, session 5), so its kernel cou
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import Attention, self_attend
+from .ffn import feed_forward
 from .pooling import additive_mask
 
 
@@ -40,7 +40,7 @@ class FusedBertLayer(nn.Module):
         p = self.attention_dropout if self.training else 0.0
         att = self_attend(self.qkv(x), bias, self.heads, p, self.attention)
         x = self.norm1(x + self.drop(self.out(att)))
-        return self.norm2(x + self.drop(self.down(F.gelu(self.up(x)))))
+        return self.norm2(x + self.drop(feed_forward(x, self.up, self.down, self.attention)))
 
 
 class FusedBert(nn.Module):

@@ -78,7 +78,8 @@ class ModelConfig:
     # fused kernels) or 'math' (matrix products and a float32 softmax, see model/attention.py);
     # 'triton': the graph's, CGF's and FusedBert's attention as Triton kernels
     # (model/triton_attention.py) on CUDA with head sizes 16-128, the math path everywhere else
-    # (MAP, a Hugging Face encoder, the CPU); the graph's geometry bias too (model/edge_bias.py).
+    # (MAP, a Hugging Face encoder, the CPU); the graph's geometry bias too (model/edge_bias.py),
+    # and the GELU of the graph's and FusedBert's feed-forward (model/ffn.py).
     attention: Attention = "sdpa"
     # Dropout in projections, attention and fusion; 0.1 is the transformer default.
     dropout: float = 0.1

@@ -39,14 +39,4 @@ def fused(impl: Attention, boxes: Tensor) -> bool:
     return impl == "triton" and triton_attention.runs_on(boxes)
 
 
-_OPS = None
-
-
-def ops():
-    """The custom operators, defined on first use, as ``triton_attention.ops`` says."""
-    global _OPS
-    if _OPS is None:
-        from . import _triton_geometry_kernels as kernels
-
-        _OPS = kernels.register()
-    return _OPS
+ops = triton_attention.LazyOps("._triton_geometry_kernels")

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from .attention import cross_attend, self_attend
 from .config import ModelConfig
 from .edge_bias import edge_bias, fused
+from .ffn import feed_forward
 from .geometry import GEOMETRY_DIM, joint_adjacency, node_boxes, relative_geometry
 from .pooling import additive_mask, build_pooling
 
@@ -62,7 +63,7 @@ class GraphAttentionLayer(nn.Module):
         p = self.dropout if self.training else 0.0
         att = self_attend(self.qkv(self.norm1(x)), bias, self.heads, p, self.attention)
         x = x + self.drop(self.out(att))
-        x = x + self.drop(self.ffn(self.norm2(x)))
+        x = x + self.drop(feed_forward(self.norm2(x), self.ffn[0], self.ffn[2], self.attention))
         return x.masked_fill(~valid[..., None], 0)
 
 

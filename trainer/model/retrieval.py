@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import edge_bias, triton_attention
+from . import edge_bias, ffn, triton_attention
 from .config import ModelConfig
 from .image import ImageEncoder
 from .streams import beside
@@ -38,8 +38,9 @@ class RetrievalModel(nn.Module):
         self.cfg = cfg
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         if cfg.attention == "triton" and importlib.util.find_spec("triton") is not None:
-            triton_attention.ops()  # see there
+            triton_attention.ops()  # see LazyOps there
             edge_bias.ops()
+            ffn.ops()
         self.image = ImageEncoder(cfg, region_dim, grid_dim, self.grid_size)
         self.text = TextEncoder(cfg, vocab_size)
         self.side_streams = False

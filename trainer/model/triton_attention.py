@@ -16,7 +16,9 @@ The kernels run on CUDA tensors, or on any tensor under Triton's interpreter
 
 from __future__ import annotations
 
+import importlib
 import os
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -79,17 +81,20 @@ def block_size(length: int, head_dim: int) -> int:
     return min(max(16, 1 << (length - 1).bit_length()), 64 if head_dim <= 64 else 32)
 
 
-_OPS = None
+class LazyOps:
+    """The custom operators of one kernels module, defined on first call: importing Triton is
+    slow, and CUDA-only machines without it never get here. A model on these kernels defines them
+    when it is built (``RetrievalModel``): dynamo cannot trace their definition, and a first call
+    inside a compiled tower would split its graph there."""
+
+    def __init__(self, module: str) -> None:
+        self.module = module  # relative to this package
+        self.ops: SimpleNamespace | None = None
+
+    def __call__(self) -> SimpleNamespace:
+        if self.ops is None:
+            self.ops = importlib.import_module(self.module, __package__).register()
+        return self.ops
 
 
-def ops():
-    """The custom operators, defined on first use: importing Triton is slow and CUDA-only
-    machines without it never get here. A model on these kernels defines them when it is built
-    (``RetrievalModel``): dynamo cannot trace their definition, and a first call inside a compiled
-    tower would split its graph there."""
-    global _OPS
-    if _OPS is None:
-        from . import _triton_attention_kernels as kernels
-
-        _OPS = kernels.register()
-    return _OPS
+ops = LazyOps("._triton_attention_kernels")
