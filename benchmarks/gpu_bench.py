@@ -90,6 +90,9 @@ class Shape:
     # torch.compile mode of the image tower alone in compiled variants ("": the variant's mode), so
     # inductor's GEMM autotuning (and its GELU epilogues) can be tried where most products are
     image_compile: str = ""
+    # bf16w's FlatAdamW update: "kernels" (Triton, the gradients read in place) or "compiled"
+    # (inductor, the gradients gathered into one flat buffer first)
+    adamw: str = "kernels"
 
 
 @dataclass
@@ -196,19 +199,20 @@ def autocast_for(v: Variant, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if v.precision == "bf16" else nullcontext()
 
 
-def make_update(model: torch.nn.Module, v: Variant, device: torch.device) -> Callable[[], None]:
+def make_update(model: torch.nn.Module, v: Variant, device: torch.device, adamw: str) -> Callable[[], None]:
     """Builds the optimizer and returns the update that follows backward: it steps and leaves the
     gradients ready for the next backward. bf16w also casts the model.
 
     bf16w is the native engine's optimizer (trainer/flat_adamw.py) over the trainer's param
     groups: fp32 masters in flat buffers, the recipe's global-norm clip, a skipped non-finite
-    update, the bf16 weights written in the same pass. The others are torch's fused AdamW. No
+    update, the bf16 weights written in the same pass (``adamw``: see Shape). The others are torch's fused AdamW. No
     host syncs either way: the update is CUDA-graph capturable."""
     if v.precision == "bf16w":
         optim = OptimConfig()
         groups = param_groups(model, optim, model.param_groups_hint())
         opt = FlatAdamW(groups, precision="bf16", lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                        weight_decay=optim.weight_decay, max_norm=optim.grad_clip)
+                        weight_decay=optim.weight_decay, max_norm=optim.grad_clip,
+                        kernels=device.type == "cuda" and adamw == "kernels")
         model.to(torch.bfloat16)  # buffers; the parameters are views into the flat bf16 weights
         return opt.step  # it drops the gradients itself
     fused = {"fused": True, "capturable": v.captured} if device.type == "cuda" else {}
@@ -339,7 +343,7 @@ def build_bench(v: Variant, shape: Shape, device: torch.device, hf_path: str | N
             raise ValueError("--text-sdpa needs the fused BERT caption tower")
         for layer in bert_layers:
             layer.attention = "sdpa"
-    update = make_update(model, v, device)
+    update = make_update(model, v, device, shape.adamw)
     seq = shape.words + 4 if v.text == "bert" else shape.words
     # Several input sets so repeated steps don't just re-read one batch from cache.
     batches = [make_batch(shape, vocab, device, seq, feature_dtype(v)) for _ in range(3)]
@@ -514,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="compiled dropout's random numbers: PyTorch's kernels (the trainer's default) or inductor's")
     p.add_argument("--image-compile", choices=("", "default", "max-autotune-no-cudagraphs"), default="",
                    help="torch.compile mode of the image tower alone in compiled variants (default: the variant's)")
+    p.add_argument("--adamw", choices=("kernels", "compiled"), default="kernels",
+                   help="bf16w's optimizer update on CUDA: Triton kernels, or inductor's over gathered gradients")
     p.add_argument("--ffn", choices=("model", "math"), default="model",
                    help="math: the feed-forward blocks on PyTorch's path even with --attention triton "
                         "(an ablation of model/ffn.py's kernels)")
@@ -545,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
                                 side_priority=args.side_priority,
                                 side_first=args.launch_order == "side", fused_bert=args.fused_bert == "on",
                                 towers=args.towers, text_sdpa=args.text_sdpa,
-                                eager_random=args.compile_random == "eager", image_compile=args.image_compile)
+                                eager_random=args.compile_random == "eager", image_compile=args.image_compile,
+                                adamw=args.adamw)
     if args.text_sdpa:  # the one kernel allowed: an unsupported case raises instead of falling back
         torch.backends.cuda.enable_flash_sdp(False)
         torch.backends.cuda.enable_math_sdp(False)

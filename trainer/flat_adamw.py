@@ -9,14 +9,16 @@ gradients stay autograd's own tensors: backward hands its fresh gradient over wi
 whereas accumulating into a preallocated flat buffer cost one add kernel per parameter (0.8 ms
 per step on an H100, benchmarks/RESULTS.md). The update gathers them into one flat gradient per
 group, takes the global norm, and one pointwise pass per group reads gradient, master and moments
-and writes master, moments and bf16 weights: 36 bytes per parameter in bf16. On CUDA the clip and
-all updates are compiled as one graph. Learning rate, step count, clip coefficient and the
+and writes master, moments and bf16 weights: 36 bytes per parameter in bf16. On CUDA with Triton
+the kernels of flat_adamw_triton.py do the same without the gather (32 bytes); elsewhere the clip
+and all updates are compiled as one graph on CUDA. Learning rate, step count, clip coefficient and the
 finite-norm flag live on the device, so a step never waits for the host and can be captured in
 a CUDA graph.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -50,8 +52,14 @@ class FlatGroup:
         return [t.view(p.shape) for t, p in zip(flat.split([p.numel() for p in self.params]), self.params)]
 
     def grads(self) -> list[Tensor]:
-        """The parameters' gradients; zeros for one that got none this step."""
-        return [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+        """The parameters' gradients, contiguous and starting on 16 bytes (as the update kernels
+        read them); zeros for one that got none this step."""
+        return [aligned(torch.zeros_like(p) if p.grad is None else p.grad) for p in self.params]
+
+
+def aligned(t: Tensor) -> Tensor:
+    """``t``, or a fresh copy where it is not contiguous or does not start on 16 bytes (a view)."""
+    return t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
 def adamw_update(grad: Tensor, master: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, weights: Tensor | None,
@@ -99,13 +107,14 @@ class FlatAdamW(torch.optim.Optimizer):
     ``weight_decay``); building the optimizer moves the parameters into the flat buffers, and in
     bf16 casts them. ``param_groups`` hold one flat fp32 master each, so torch's schedulers and
     ``state_dict`` work as for any optimizer. ``step`` has no host sync and no branch on a tensor
-    value; after the first call it allocates alike every step (CUDA-graph capturable). It is
-    compiled where ``compiled`` says (default: on CUDA).
+    value; after the first call it allocates alike every step (CUDA-graph capturable). It runs
+    as Triton kernels where ``kernels`` says (default: on CUDA with Triton; elsewhere Triton's
+    interpreter), otherwise compiled where ``compiled`` says (default: on CUDA).
     """
 
     def __init__(self, groups: list[dict[str, Any]], *, precision: str = "bf16", lr: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 max_norm: float = math.inf, compiled: bool | None = None) -> None:
+                 max_norm: float = math.inf, compiled: bool | None = None, kernels: bool | None = None) -> None:
         self.flats = [FlatGroup.build(g["params"], bf16=precision == "bf16") for g in groups]
         super().__init__([{**g, "params": [f.master]} for g, f in zip(groups, self.flats)],
                          {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
@@ -118,10 +127,17 @@ class FlatAdamW(torch.optim.Optimizer):
         self._finite = torch.ones((), dtype=torch.bool, device=device)
         self.max_norm = max_norm
         self.norm: Tensor | None = None
+        if kernels is None:
+            kernels = device.type == "cuda" and importlib.util.find_spec("triton") is not None
         compiled = device.type == "cuda" if compiled is None else compiled
-        # Static shapes: the parameters never change size, and one symbol per gradient dimension
-        # would slow compilation and every call's guards.
-        self._update = torch.compile(clip_and_update, fullgraph=True) if compiled else clip_and_update
+        if kernels:
+            from rgfusion.trainer.flat_adamw_triton import TritonUpdate
+
+            self._update = TritonUpdate([[p.numel() for p in f.params] for f in self.flats], device)
+        else:
+            # Static shapes: the parameters never change size, and one symbol per gradient
+            # dimension would slow compilation and every call's guards.
+            self._update = torch.compile(clip_and_update, fullgraph=True) if compiled else clip_and_update
 
     @torch.no_grad()
     def step(self) -> None:  # type: ignore[override]

@@ -1,0 +1,82 @@
+"""FlatAdamW's Triton update (trainer/flat_adamw_triton.py) against its torch update
+(flat_adamw.clip_and_update), and the chunks it cuts the groups into against a brute-force
+cover. On a GPU the update runs there; without one the kernels run in Triton's interpreter
+(tests/conftest.py). The capture of the update in CUDA graphs is tested in tests/test_gpu.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("triton")
+
+from rgfusion.trainer.flat_adamw import FlatAdamW  # noqa: E402
+from rgfusion.trainer.flat_adamw_triton import cut  # noqa: E402
+
+torch.set_num_threads(1)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("sizes", [[5, 16, 40, 3, 8], [4104, 1, 2048, 2056], [8] * 5])
+def test_chunks_cover_every_element_once(sizes):
+    block, align = 32, 8
+    rows, aligned = cut(sizes, block, align)
+    seen = [torch.zeros(n, dtype=torch.int) for n in sizes]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    for k, (param, start, length, flat) in enumerate(rows):
+        assert 0 < length <= block and flat == offsets[param] + start
+        seen[param][start:start + length] += 1
+        fits = all(v % align == 0 for v in (start, length, flat))
+        assert fits == (k < aligned)  # the aligned chunks first, all of them
+    assert all(torch.equal(s, torch.ones_like(s)) for s in seen)
+
+
+def model(sizes: list[list[tuple[int, ...]]], seed: int) -> list[list[nn.Parameter]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [[nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in group] for group in sizes]
+
+
+# A bf16 group with a parameter that puts the ones after it off the 8-element grid, another
+# with parameters that span several 2,048-element blocks, and beta1 = 0 in one group.
+SIZES = [[(3, 700), (5,), (16, 130), (7,)], [(4100,), (24, 8)]]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_kernels_step_as_the_torch_update(precision):
+    """Several steps, a clip that scales the gradients, a parameter without a gradient, and a
+    non-finite gradient that changes nothing and does not count the step."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    runs = []
+    for kernels in (False, True):
+        groups = model(SIZES, seed=0)
+        opt = FlatAdamW([{"params": groups[0], "lr": 1e-2, "weight_decay": 0.1},
+                         {"params": groups[1], "lr": 3e-3, "betas": (0.0, 0.99)}],
+                        precision=precision, lr=1e-2, max_norm=5.0, kernels=kernels, compiled=False)
+        runs.append((groups, opt))
+    gen = torch.Generator().manual_seed(1)
+    for i in range(4):
+        grads = [[torch.randn(p.shape, generator=gen).to(DEVICE, dtype) * (3 if i == 0 else 0.1) for p in g]
+                 for g in runs[0][0]]
+        if i == 2:
+            grads[1][0][5] = math.inf
+        for groups, opt in runs:
+            for group, group_grads in zip(groups, grads):
+                for p, g in zip(group, group_grads):
+                    p.grad = None if p.shape == (7,) else g.clone()
+            opt.step()
+        (_, torch_opt), (_, kernel_opt) = runs
+        assert math.isfinite(float(kernel_opt.norm)) == (i != 2)
+        torch.testing.assert_close(kernel_opt.norm, torch_opt.norm, equal_nan=True)
+        for a, b in zip(torch_opt.flats, kernel_opt.flats):
+            torch.testing.assert_close(b.master, a.master, rtol=1e-5, atol=1e-6)
+            if b.weights is not None and DEVICE == "cuda":
+                assert torch.equal(b.weights, b.master.bfloat16())
+            elif b.weights is not None:  # the interpreter truncates to bf16 where a GPU rounds
+                torch.testing.assert_close(b.weights.float(), b.master, rtol=2**-7, atol=0)
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                torch.testing.assert_close(kernel_opt.state[b.master][key], torch_opt.state[a.master][key],
+                                           rtol=1e-5, atol=1e-7)
+    assert kernel_opt.state[kernel_opt.flats[0].master]["step"] == 3

@@ -1,0 +1,85 @@
+"""Triton kernels of FlatAdamW's update on CUDA (trainer/flat_adamw.py): the gradients' sum of
+squares and AdamW over a param group's flat buffers, reading each parameter's gradient where
+autograd left it.
+
+The gradients are fresh tensors each step, so the kernels take their addresses from a device
+table and cut the work into chunks: a chunk is at most BLOCK elements of one parameter. Chunk
+``c`` covers elements ``start[c]:start[c] + length[c]`` of parameter ``param[c]``, at
+``flat[c]`` in the group's buffers. Where the launch says ALIGNED, every chunk starts and ends on
+a multiple of ALIGN elements (and the gradients' addresses on 16 bytes), which lets the
+compiler load and store whole 16-byte vectors.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+BLOCK = 2048
+ALIGN = 8  # elements: a 16-byte vector of bf16
+
+
+@triton.jit
+def _chunk(table, param, start, length, c, ALIGNED: tl.constexpr):
+    """Chunk ``c``'s gradient address (an integer), first element and length."""
+    address = tl.load(table + tl.load(param + c))
+    first = tl.load(start + c)
+    count = tl.load(length + c)
+    if ALIGNED:
+        address = tl.multiple_of(address, 16)
+        first = tl.multiple_of(first, 8)
+        count = tl.multiple_of(count, 8)
+    return address, first, count
+
+
+@triton.jit
+def _gradient(address, first, count, GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """The chunk's gradient in fp32, zero past its end, and the mask of its elements."""
+    offs = tl.arange(0, BLOCK)
+    mask = offs < count
+    base = tl.multiple_of(address.to(tl.pointer_type(GRAD)), 16)
+    g = tl.load(base + first + offs, mask=mask, other=0.0)
+    return g.to(tl.float32), mask
+
+
+@triton.jit
+def _sum_squares(table, param, start, length, partial, GRAD: tl.constexpr, ALIGNED: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """``partial[c]``: the sum of chunk ``c``'s squared gradient elements."""
+    c = tl.program_id(0)
+    address, first, count = _chunk(table, param, start, length, c, ALIGNED)
+    g, _ = _gradient(address, first, count, GRAD, BLOCK)
+    tl.store(partial + c, tl.sum(g * g))
+
+
+@triton.jit
+def _adamw(table, param, start, length, flat, master, exp_avg, exp_avg_sq, weights, scale_ptr, ok_ptr, lr_ptr,
+           step_ptr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, GRAD: tl.constexpr,
+           HAS_WEIGHTS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """flat_adamw.adamw_update on chunk ``c``: AdamW on the gradient times ``scale``, master and
+    moments kept where ``ok`` is false, then the bf16 weights rounded from the master.
+    ``log_beta*`` are the betas' natural logarithms: ``beta ** step`` as one exp."""
+    c = tl.program_id(0)
+    address, first, count = _chunk(table, param, start, length, c, ALIGNED)
+    g, mask = _gradient(address, first, count, GRAD, BLOCK)
+    at = tl.load(flat + c)
+    if ALIGNED:
+        at = tl.multiple_of(at, 8)
+    at += tl.arange(0, BLOCK)
+    w = tl.load(master + at, mask=mask)
+    m0 = tl.load(exp_avg + at, mask=mask)
+    v0 = tl.load(exp_avg_sq + at, mask=mask)
+    g = g * tl.load(scale_ptr)
+    lr = tl.load(lr_ptr)
+    step = tl.load(step_ptr)
+    m = m0 + (1 - beta1) * (g - m0)  # torch.lerp's form for a weight below one half
+    v = v0 * beta2 + g * g * (1 - beta2)
+    denom = tl.sqrt(v) / tl.sqrt(1 - tl.exp(step * log_beta2)) + eps
+    new = w * (1 - lr * weight_decay) - lr / (1 - tl.exp(step * log_beta1)) * m / denom
+    ok = tl.load(ok_ptr) != 0
+    new = tl.where(ok, new, w)
+    tl.store(master + at, new, mask=mask)
+    tl.store(exp_avg + at, tl.where(ok, m, m0), mask=mask)
+    tl.store(exp_avg_sq + at, tl.where(ok, v, v0), mask=mask)
+    if HAS_WEIGHTS:
+        tl.store(weights + at, new.to(weights.dtype.element_ty), mask=mask)

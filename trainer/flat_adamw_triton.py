@@ -1,0 +1,144 @@
+"""FlatAdamW's clip and update as Triton kernels that read each gradient where autograd left it.
+
+The compiled update (flat_adamw.clip_and_update) first gathers a group's gradients into one flat
+buffer, then reads it for the norm and again for AdamW: on an H200, 0.21 ms of the BERT step's
+1.4 ms update went to the gather alone, at the end of the step where nothing runs beside it
+(benchmarks/RESULTS.md, session 14). Here a kernel sums the squares of every gradient in place,
+torch turns the sums into the clip scale, and one pass per group reads gradient, master and
+moments and writes master, moments and the bf16 weights (trainer/_triton_adamw_kernels.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton.language as tl
+from torch import Tensor
+
+from rgfusion.trainer import _triton_adamw_kernels as kernels
+
+GRAD_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def cut(sizes: list[int], block: int, align: int) -> tuple[list[tuple[int, int, int, int]], int]:
+    """The chunks of a group whose parameters have ``sizes`` elements, laid end to end: rows of
+    (parameter, first element, length, offset in the flat buffer), each at most ``block``
+    elements of one parameter. Chunks whose start and length are multiples of ``align``, in the
+    parameter and in the flat buffer, come first; the second value counts them."""
+    aligned, rest, offset = [], [], 0
+    for i, n in enumerate(sizes):
+        for start in range(0, n, block):
+            row = (i, start, min(block, n - start), offset + start)
+            fits = (offset + start) % align == 0 and row[2] % align == 0 and start % align == 0
+            (aligned if fits else rest).append(row)
+        offset += n
+    return aligned + rest, len(aligned)
+
+
+@dataclass
+class Launch:
+    """Consecutive chunks of one group that one kernel launch takes."""
+
+    param: Tensor
+    start: Tensor
+    length: Tensor
+    flat: Tensor
+    first: int  # index of its first chunk among all groups' (into the partial sums)
+    aligned: bool
+
+    @property
+    def count(self) -> int:
+        return len(self.param)
+
+
+def launches(sizes: list[int], first: int, device: torch.device) -> list[Launch]:
+    """A group's chunks as at most two launches: the aligned ones, then the rest."""
+    rows, aligned = cut(sizes, kernels.BLOCK, kernels.ALIGN)
+    columns = [torch.tensor(c, dtype=dtype, device=device)
+               for c, dtype in zip(zip(*rows), (torch.int32, torch.int64, torch.int32, torch.int64))]
+    parts = [(0, aligned, True), (aligned, len(rows), False)]
+    return [Launch(*(c[a:b] for c in columns), first + a, fits) for a, b, fits in parts if b > a]
+
+
+class GradientTable:
+    """The addresses of a group's gradients in a device tensor, for the kernels.
+
+    Autograd hands over new gradient tensors every step, mostly at the addresses of the step
+    before (the caching allocator) and always at the recorded ones in a replayed CUDA graph, so
+    the table is copied from pinned memory only when they change. A copy recorded in a graph
+    reads its host buffer at every replay: a capture takes a buffer pinned beforehand (by any
+    update outside a capture, as the warm-up before one is) and keeps it for good."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.addresses: list[int] = []
+        self.table: Tensor | None = None
+        self.spare: Tensor | None = None
+        self.recorded: list[Tensor] = []
+
+    def __call__(self, grads: list[Tensor]) -> Tensor:
+        addresses = [g.data_ptr() for g in grads]
+        if self.device.type != "cuda":  # Triton's interpreter reads host memory
+            return torch.tensor(addresses, dtype=torch.int64)
+        if torch.cuda.is_current_stream_capturing():
+            if self.spare is None:
+                raise RuntimeError("FlatAdamW: run one update outside a CUDA graph before capturing one")
+            host, self.spare = self.spare, None
+            self.recorded.append(host)
+            host.copy_(torch.tensor(addresses, dtype=torch.int64))
+            return host.to(self.device, non_blocking=True)
+        if self.spare is None:
+            self.spare = torch.empty(len(addresses), dtype=torch.int64, pin_memory=True)
+        if addresses != self.addresses:
+            self.addresses = addresses
+            host = torch.tensor(addresses, dtype=torch.int64).pin_memory()
+            self.table = host.to(self.device, non_blocking=True)
+        assert self.table is not None
+        return self.table
+
+
+class TritonUpdate:
+    """flat_adamw.clip_and_update's arguments and result, for the groups whose parameters have
+    ``sizes`` elements each; the gradients must be contiguous and start on 16 bytes
+    (``FlatGroup.grads`` sees to it)."""
+
+    def __init__(self, sizes: list[list[int]], device: torch.device) -> None:
+        self.groups: list[list[Launch]] = []
+        first = 0
+        for group in sizes:
+            self.groups.append(launches(group, first, device))
+            first += sum(launch.count for launch in self.groups[-1])
+        self.partial = torch.empty(first, device=device)
+        self.tables = [GradientTable(device) for _ in sizes]
+
+    def __call__(self, grads: list[list[Tensor]], masters: list[Tensor], exp_avgs: list[Tensor],
+                 exp_avg_sqs: list[Tensor], weights: list[Tensor | None], lrs: list[Tensor], steps: list[Tensor],
+                 hypers: list[tuple[float, float, float, float]], max_norm: float, finite: Tensor) -> Tensor:
+        tables = [table(group) for table, group in zip(self.tables, grads)]
+        types = [GRAD_TYPES[group[0].dtype] for group in grads]
+        for table, group, grad in zip(tables, self.groups, types):
+            for launch in group:
+                kernels._sum_squares[(launch.count,)](
+                    table, launch.param, launch.start, launch.length, self.partial[launch.first:], GRAD=grad,
+                    ALIGNED=launch.aligned, BLOCK=kernels.BLOCK, num_warps=8)
+        norm = self.partial.sum().sqrt()
+        ok = norm.isfinite() & finite
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for i, (table, group, grad) in enumerate(zip(tables, self.groups, types)):
+            steps[i].add_(ok)
+            beta1, beta2, eps, decay = hypers[i]
+            w = weights[i]
+            for launch in group:
+                kernels._adamw[(launch.count,)](
+                    table, launch.param, launch.start, launch.length, launch.flat, masters[i], exp_avgs[i],
+                    exp_avg_sqs[i], masters[i] if w is None else w, scale, ok, lrs[i], steps[i], beta1, beta2,
+                    log(beta1), log(beta2), eps, decay, GRAD=grad, HAS_WEIGHTS=w is not None,
+                    ALIGNED=launch.aligned, BLOCK=kernels.BLOCK, num_warps=8)
+        return norm
+
+
+def log(beta: float) -> float:
+    """A beta's logarithm, for ``beta ** step`` as ``exp(step * log(beta))``; a beta of 0 gives 0."""
+    return math.log(beta) if beta > 0 else -math.inf
