@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-BLOCK = 2048
+BLOCK, WARPS = 2048, 8  # elements and warps per program
 ALIGN = 8  # elements: a 16-byte vector of bf16
 
 

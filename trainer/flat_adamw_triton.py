@@ -53,9 +53,9 @@ class Launch:
         return len(self.param)
 
 
-def launches(sizes: list[int], first: int, device: torch.device) -> list[Launch]:
-    """A group's chunks as at most two launches: the aligned ones, then the rest."""
-    rows, aligned = cut(sizes, kernels.BLOCK, kernels.ALIGN)
+def launches(sizes: list[int], first: int, block: int, device: torch.device) -> list[Launch]:
+    """A group's chunks of ``block`` elements as at most two launches: the aligned ones, then the rest."""
+    rows, aligned = cut(sizes, block, kernels.ALIGN)
     columns = [torch.tensor(c, dtype=dtype, device=device)
                for c, dtype in zip(zip(*rows), (torch.int32, torch.int64, torch.int32, torch.int64))]
     parts = [(0, aligned, True), (aligned, len(rows), False)]
@@ -102,13 +102,16 @@ class GradientTable:
 class TritonUpdate:
     """flat_adamw.clip_and_update's arguments and result, for the groups whose parameters have
     ``sizes`` elements each; the gradients must be contiguous and start on 16 bytes
-    (``FlatGroup.grads`` sees to it)."""
+    (``FlatGroup.grads`` sees to it). A program of either kernel takes ``block`` elements on
+    ``warps`` warps (benchmarks/adamw_bench.py times the choices)."""
 
-    def __init__(self, sizes: list[list[int]], device: torch.device) -> None:
+    def __init__(self, sizes: list[list[int]], device: torch.device, block: int = kernels.BLOCK,
+                 warps: int = kernels.WARPS) -> None:
+        self.block, self.warps = block, warps
         self.groups: list[list[Launch]] = []
         first = 0
         for group in sizes:
-            self.groups.append(launches(group, first, device))
+            self.groups.append(launches(group, first, block, device))
             first += sum(launch.count for launch in self.groups[-1])
         self.partial = torch.empty(first, device=device)
         self.tables = [GradientTable(device) for _ in sizes]
@@ -122,7 +125,7 @@ class TritonUpdate:
             for launch in group:
                 kernels._sum_squares[(launch.count,)](
                     table, launch.param, launch.start, launch.length, self.partial[launch.first:], GRAD=grad,
-                    ALIGNED=launch.aligned, BLOCK=kernels.BLOCK, num_warps=8)
+                    ALIGNED=launch.aligned, BLOCK=self.block, num_warps=self.warps)
         norm = self.partial.sum().sqrt()
         ok = norm.isfinite() & finite
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -135,7 +138,7 @@ class TritonUpdate:
                     table, launch.param, launch.start, launch.length, launch.flat, masters[i], exp_avgs[i],
                     exp_avg_sqs[i], masters[i] if w is None else w, scale, ok, lrs[i], steps[i], beta1, beta2,
                     log(beta1), log(beta2), eps, decay, GRAD=grad, HAS_WEIGHTS=w is not None,
-                    ALIGNED=launch.aligned, BLOCK=kernels.BLOCK, num_warps=8)
+                    ALIGNED=launch.aligned, BLOCK=self.block, num_warps=self.warps)
         return norm
 
 

@@ -1,0 +1,116 @@
+"""Time FlatAdamW's whole update (clip and AdamW, bf16 weights) at the BERT recipe's parameter
+groups, replayed in a CUDA graph as in the captured step. Needs a CUDA device.
+
+    python3 benchmarks/adamw_bench.py --out adamw.json
+
+Rows: the Triton kernels (trainer/flat_adamw_triton.py) for each block size and warp count; the
+compiled torch update, which first gathers the gradients into one flat buffer
+(flat_adamw.clip_and_update); and inductor's AdamW pass alone on gradients already gathered
+(flat_adamw.adamw_update), the bandwidth the kernels' AdamW should reach. Each figure is the
+median over ``--iters`` replays, in µs, with the memory traffic it implies in TB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+import gpu_bench  # noqa: E402
+
+from rgfusion.trainer.config import OptimConfig  # noqa: E402
+from rgfusion.trainer.engine import param_groups  # noqa: E402
+from rgfusion.trainer.flat_adamw import FlatAdamW, adamw_update  # noqa: E402
+from rgfusion.trainer.flat_adamw_triton import TritonUpdate  # noqa: E402
+from rgfusion.trainer.model.retrieval import RetrievalModel  # noqa: E402
+
+DEVICE = torch.device("cuda")
+BYTES = 28  # per parameter in AdamW's pass: bf16 gradient read, fp32 master and moments read and written, bf16 weights written
+
+
+def group_sizes() -> list[tuple[list[int], float]]:
+    """The recipe's param groups of the full BERT model: sizes and weight decay."""
+    shape = gpu_bench.Shape()
+    v = next(v for v in gpu_bench.variants() if v.name == "full-bert-bf16w-compile-graph")
+    cfg = gpu_bench.model_config(v, shape, gpu_bench.bert_dir(shape, False))
+    model = RetrievalModel(cfg, region_dim=shape.region_dim, grid_dim=shape.grid_dim, grid_size=shape.grid,
+                           vocab_size=30522)
+    return [([p.numel() for p in g["params"]], g["weight_decay"])
+            for g in param_groups(model, OptimConfig(), model.param_groups_hint())]
+
+
+def replay_us(run, iters: int) -> float:
+    """Median µs of ``run`` replayed from a CUDA graph captured after one call outside it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--blocks", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    sizes = group_sizes()
+    params = [[nn.Parameter(torch.randn(n, device=DEVICE) * 0.02) for n in group] for group, _ in sizes]
+    grads = [[torch.randn(n, device=DEVICE, dtype=torch.bfloat16) for n in group] for group, _ in sizes]
+    total = sum(n for group, _ in sizes for n in group)
+    rows = []
+
+    def row(name: str, us: float) -> None:
+        rows.append({"name": name, "us": round(us, 1), "tb_per_s": round(BYTES * total / us / 1e6, 2)})
+        print(f"{name:28s} {us:8.1f} µs  {rows[-1]['tb_per_s']:5.2f} TB/s at {BYTES} B per parameter", flush=True)
+
+    for kernels in (True, False):
+        opt = FlatAdamW([{"params": ps, "weight_decay": wd} for ps, (_, wd) in zip(params, sizes)], precision="bf16",
+                        lr=1e-4, weight_decay=0.01, max_norm=2.0, kernels=kernels)
+
+        def update() -> None:
+            for ps, gs in zip(params, grads):
+                for p_, g in zip(ps, gs):
+                    p_.grad = g
+            opt.update()
+
+        if not kernels:
+            row("compiled, with the gather", replay_us(update, args.iters))
+            break
+        for block, warps in itertools.product(args.blocks, args.warps):
+            opt._update = TritonUpdate([group for group, _ in sizes], DEVICE, block, warps)
+            row(f"kernels block {block} warps {warps}", replay_us(update, args.iters))
+    flat = torch.cat([g for group in grads for g in group])
+    state = [torch.zeros(total, device=DEVICE) for _ in range(3)]
+    weights = torch.empty(total, device=DEVICE, dtype=torch.bfloat16)
+    one, ok, lr, step = (torch.tensor(v, device=DEVICE) for v in (1.0, True, 1e-4, 1.0))
+    compiled = torch.compile(adamw_update, fullgraph=True)
+    row("inductor AdamW pass alone", replay_us(
+        lambda: compiled(flat, *state, weights, one, ok, lr, step, 0.9, 0.999, 1e-8, 0.01), args.iters))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                              "parameters": total, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
