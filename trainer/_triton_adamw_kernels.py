@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-BLOCK, WARPS = 2048, 8  # elements and warps per program
+BLOCK, WARPS = 2048, 4  # elements and warps per program (benchmarks/adamw_bench.py)
 ALIGN = 8  # elements: a 16-byte vector of bf16
 
 
