@@ -3,7 +3,8 @@ groups, replayed in a CUDA graph as in the captured step. Needs a CUDA device.
 
     python3 benchmarks/adamw_bench.py --out adamw.json
 
-Rows: the Triton kernels (trainer/flat_adamw_triton.py) for each block size and warp count; the
+Rows: the Triton kernels (trainer/flat_adamw_triton.py) for each program shape (elements × warps)
+of AdamW's kernel, then, with the fastest of those, for each of the sums of squares'; the
 compiled torch update, which first gathers the gradients into one flat buffer
 (flat_adamw.clip_and_update); and inductor's AdamW pass alone on gradients already gathered
 (flat_adamw.adamw_update), the bandwidth the kernels' AdamW should reach. Each figure is the
@@ -13,7 +14,6 @@ median over ``--iters`` replays, in µs, with the memory traffic it implies in T
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import sys
@@ -67,10 +67,20 @@ def replay_us(run, iters: int) -> float:
     return statistics.median(times)
 
 
+def shape(text: str) -> tuple[int, int]:
+    """'2048x4' as (2048, 4)."""
+    elements, warps = text.split("x")
+    return int(elements), int(warps)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--blocks", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    p.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--updates", type=shape, nargs="+", default=[(1024, 2), (1024, 4), (2048, 2), (2048, 4), (4096, 4)],
+                   help="AdamW's program shapes, elements x warps")
+    p.add_argument("--sums", type=shape, nargs="+",
+                   default=[(2048, 4), (8192, 4), (8192, 8), (16384, 8), (32768, 8), (32768, 16)],
+                   help="the sums of squares' program shapes")
+    p.add_argument("--kernels-only", action="store_true", help="leave out the compiled update (its compile takes a minute)")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--out", default="")
     args = p.parse_args()
@@ -82,24 +92,30 @@ def main() -> None:
 
     def row(name: str, us: float) -> None:
         rows.append({"name": name, "us": round(us, 1), "tb_per_s": round(BYTES * total / us / 1e6, 2)})
-        print(f"{name:28s} {us:8.1f} µs  {rows[-1]['tb_per_s']:5.2f} TB/s at {BYTES} B per parameter", flush=True)
+        print(f"{name:36s} {us:8.1f} µs  {rows[-1]['tb_per_s']:5.2f} TB/s at {BYTES} B per parameter", flush=True)
 
-    for kernels in (True, False):
-        opt = FlatAdamW([{"params": ps, "weight_decay": wd} for ps, (_, wd) in zip(params, sizes)], precision="bf16",
-                        lr=1e-4, weight_decay=0.01, max_norm=2.0, kernels=kernels)
+    def optimizer(kernels: bool) -> FlatAdamW:
+        return FlatAdamW([{"params": ps, "weight_decay": wd} for ps, (_, wd) in zip(params, sizes)],
+                         precision="bf16", lr=1e-4, weight_decay=0.01, max_norm=2.0, kernels=kernels)
 
-        def update() -> None:
-            for ps, gs in zip(params, grads):
-                for p_, g in zip(ps, gs):
-                    p_.grad = g
-            opt.update()
+    def update(opt: FlatAdamW) -> None:
+        for ps, gs in zip(params, grads):
+            for p_, g in zip(ps, gs):
+                p_.grad = g
+        opt.update()
 
-        if not kernels:
-            row("compiled, with the gather", replay_us(update, args.iters))
-            break
-        for block, warps in itertools.product(args.blocks, args.warps):
-            opt._update = TritonUpdate([group for group, _ in sizes], DEVICE, block, warps)
-            row(f"kernels block {block} warps {warps}", replay_us(update, args.iters))
+    opt, groups = optimizer(kernels=True), [group for group, _ in sizes]
+    for u in args.updates:
+        opt._update = TritonUpdate(groups, DEVICE, update=u, sums=args.sums[0])
+        row(f"kernels update {u[0]}x{u[1]} sums {args.sums[0][0]}x{args.sums[0][1]}", replay_us(lambda: update(opt),
+                                                                                              args.iters))
+    best = min(zip(rows, args.updates), key=lambda r: r[0]["us"])[1]
+    for s in args.sums[1:]:
+        opt._update = TritonUpdate(groups, DEVICE, update=best, sums=s)
+        row(f"kernels update {best[0]}x{best[1]} sums {s[0]}x{s[1]}", replay_us(lambda: update(opt), args.iters))
+    if not args.kernels_only:
+        opt = optimizer(kernels=False)
+        row("compiled, with the gather", replay_us(lambda: update(opt), args.iters))
     flat = torch.cat([g for group in grads for g in group])
     state = [torch.zeros(total, device=DEVICE) for _ in range(3)]
     weights = torch.empty(total, device=DEVICE, dtype=torch.bfloat16)

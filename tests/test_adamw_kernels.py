@@ -13,8 +13,8 @@ from torch import nn
 
 pytest.importorskip("triton")
 
-from rgfusion.trainer.flat_adamw import FlatAdamW  # noqa: E402
-from rgfusion.trainer.flat_adamw_triton import cut  # noqa: E402
+from rgfusion.trainer.flat_adamw import FlatAdamW, clip_and_update  # noqa: E402
+from rgfusion.trainer.flat_adamw_triton import TritonUpdate, cut  # noqa: E402
 
 torch.set_num_threads(1)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -80,3 +80,27 @@ def test_kernels_step_as_the_torch_update(precision):
                 torch.testing.assert_close(kernel_opt.state[b.master][key], torch_opt.state[a.master][key],
                                            rtol=1e-5, atol=1e-7)
     assert kernel_opt.state[kernel_opt.flats[0].master]["step"] == 3
+
+
+@pytest.mark.parametrize("update,sums", [((16, 1), (64, 2)), ((128, 4), (16, 1))])
+def test_any_program_shapes_give_the_torch_update(update, sums):
+    """Small chunks: every parameter in several, the sums of squares cut apart from AdamW's."""
+    sizes = [[5 * 24, 40, 3], [300]]
+    gen = torch.Generator().manual_seed(2)
+
+    def state() -> list:
+        grads = [[torch.randn(n, generator=gen).to(DEVICE, torch.bfloat16) for n in group] for group in sizes]
+        buffers = [[torch.randn(sum(group), generator=gen).to(DEVICE).abs() for group in sizes] for _ in range(3)]
+        weights = [m.bfloat16() for m in buffers[0]]
+        steps = [torch.tensor(3.0, device=DEVICE) for _ in sizes]
+        lrs = [torch.tensor(lr, device=DEVICE) for lr in (1e-2, 3e-3)]
+        return [grads, *buffers, weights, lrs, steps, [(0.9, 0.99, 1e-8, 0.1), (0.8, 0.999, 1e-6, 0.0)], 2.0,
+                torch.tensor(True, device=DEVICE)]
+
+    reference = state()
+    gen.manual_seed(2)
+    kernel = state()
+    norms = [clip_and_update(*reference), TritonUpdate(sizes, torch.device(DEVICE), update, sums)(*kernel)]
+    torch.testing.assert_close(norms[1], norms[0])
+    for a, b in zip(reference[1:4] + [reference[6]], kernel[1:4] + [kernel[6]]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

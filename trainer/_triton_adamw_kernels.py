@@ -3,11 +3,11 @@ squares and AdamW over a param group's flat buffers, reading each parameter's gr
 autograd left it.
 
 The gradients are fresh tensors each step, so the kernels take their addresses from a device
-table and cut the work into chunks: a chunk is at most BLOCK elements of one parameter. Chunk
-``c`` covers elements ``start[c]:start[c] + length[c]`` of parameter ``param[c]``, at
-``flat[c]`` in the group's buffers. Where the launch says ALIGNED, every chunk starts and ends on
-a multiple of ALIGN elements (and the gradients' addresses on 16 bytes), which lets the
-compiler load and store whole 16-byte vectors.
+table and cut the work into chunks of at most BLOCK elements of one parameter (each kernel its
+own BLOCK). Chunk ``c`` covers elements ``start[c]:start[c] + length[c]`` of parameter
+``param[c]``, at ``flat[c]`` in the group's buffers. Where the launch says ALIGNED, every chunk
+starts and ends on a multiple of ALIGN elements (and the gradients' addresses on 16 bytes), which
+lets the compiler load and store whole 16-byte vectors.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-BLOCK, WARPS = 2048, 4  # elements and warps per program (benchmarks/adamw_bench.py)
+# Elements and warps per program, of AdamW's kernel and of the sums of squares' (benchmarks/adamw_bench.py).
+UPDATE, SUMS = (2048, 4), (2048, 4)
 ALIGN = 8  # elements: a 16-byte vector of bf16
 
 

@@ -102,18 +102,16 @@ class GradientTable:
 class TritonUpdate:
     """flat_adamw.clip_and_update's arguments and result, for the groups whose parameters have
     ``sizes`` elements each; the gradients must be contiguous and start on 16 bytes
-    (``FlatGroup.grads`` sees to it). A program of either kernel takes ``block`` elements on
-    ``warps`` warps (benchmarks/adamw_bench.py times the choices)."""
+    (``FlatGroup.grads`` sees to it). ``update`` and ``sums``: the elements and warps of one
+    program of AdamW's kernel and of the sum of squares' (benchmarks/adamw_bench.py times the
+    choices; the sums, which read 2 bytes per element where AdamW moves 28, take larger chunks)."""
 
-    def __init__(self, sizes: list[list[int]], device: torch.device, block: int = kernels.BLOCK,
-                 warps: int = kernels.WARPS) -> None:
-        self.block, self.warps = block, warps
-        self.groups: list[list[Launch]] = []
-        first = 0
-        for group in sizes:
-            self.groups.append(launches(group, first, block, device))
-            first += sum(launch.count for launch in self.groups[-1])
-        self.partial = torch.empty(first, device=device)
+    def __init__(self, sizes: list[list[int]], device: torch.device,
+                 update: tuple[int, int] = kernels.UPDATE, sums: tuple[int, int] = kernels.SUMS) -> None:
+        self.update_shape, self.sums_shape = update, sums
+        self.updates, _ = cover(sizes, update[0], device)
+        self.sums, chunks = cover(sizes, sums[0], device)
+        self.partial = torch.empty(chunks, device=device)
         self.tables = [GradientTable(device) for _ in sizes]
 
     def __call__(self, grads: list[list[Tensor]], masters: list[Tensor], exp_avgs: list[Tensor],
@@ -121,15 +119,17 @@ class TritonUpdate:
                  hypers: list[tuple[float, float, float, float]], max_norm: float, finite: Tensor) -> Tensor:
         tables = [table(group) for table, group in zip(self.tables, grads)]
         types = [GRAD_TYPES[group[0].dtype] for group in grads]
-        for table, group, grad in zip(tables, self.groups, types):
+        block, warps = self.sums_shape
+        for table, group, grad in zip(tables, self.sums, types):
             for launch in group:
                 kernels._sum_squares[(launch.count,)](
                     table, launch.param, launch.start, launch.length, self.partial[launch.first:], GRAD=grad,
-                    ALIGNED=launch.aligned, BLOCK=self.block, num_warps=self.warps)
+                    ALIGNED=launch.aligned, BLOCK=block, num_warps=warps)
         norm = self.partial.sum().sqrt()
         ok = norm.isfinite() & finite
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for i, (table, group, grad) in enumerate(zip(tables, self.groups, types)):
+        block, warps = self.update_shape
+        for i, (table, group, grad) in enumerate(zip(tables, self.updates, types)):
             steps[i].add_(ok)
             beta1, beta2, eps, decay = hypers[i]
             w = weights[i]
@@ -138,8 +138,18 @@ class TritonUpdate:
                     table, launch.param, launch.start, launch.length, launch.flat, masters[i], exp_avgs[i],
                     exp_avg_sqs[i], masters[i] if w is None else w, scale, ok, lrs[i], steps[i], beta1, beta2,
                     log(beta1), log(beta2), eps, decay, GRAD=grad, HAS_WEIGHTS=w is not None,
-                    ALIGNED=launch.aligned, BLOCK=self.block, num_warps=self.warps)
+                    ALIGNED=launch.aligned, BLOCK=block, num_warps=warps)
         return norm
+
+
+def cover(sizes: list[list[int]], block: int, device: torch.device) -> tuple[list[list[Launch]], int]:
+    """Every group's launches over chunks of ``block`` elements, numbered on across groups, and
+    how many chunks there are in all."""
+    groups, first = [], 0
+    for group in sizes:
+        groups.append(launches(group, first, block, device))
+        first += sum(launch.count for launch in groups[-1])
+    return groups, first
 
 
 def log(beta: float) -> float:
