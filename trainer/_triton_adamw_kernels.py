@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 # Elements and warps per program, of AdamW's kernel and of the sums of squares' (benchmarks/adamw_bench.py).
-UPDATE, SUMS = (2048, 4), (2048, 4)
+UPDATE, SUMS = (1024, 4), (32768, 8)
 ALIGN = 8  # elements: a 16-byte vector of bf16
 
 
