@@ -9,11 +9,10 @@ gradients stay autograd's own tensors: backward hands its fresh gradient over wi
 whereas accumulating into a preallocated flat buffer cost one add kernel per parameter (0.8 ms
 per step on an H100, benchmarks/RESULTS.md). The update gathers them into one flat gradient per
 group, takes the global norm, and one pointwise pass per group reads gradient, master and moments
-and writes master, moments and bf16 weights: 36 bytes per parameter in bf16. On CUDA with Triton
-the kernels of flat_adamw_triton.py do the same without the gather (32 bytes); elsewhere the clip
-and all updates are compiled as one graph on CUDA. Learning rate, step count, clip coefficient and the
-finite-norm flag live on the device, so a step never waits for the host and can be captured in
-a CUDA graph.
+and writes master, moments and bf16 weights: 34 bytes per parameter in bf16, compiled as one
+graph on CUDA. On CUDA with Triton the kernels of flat_adamw_triton.py do the same without the
+gather: 30 bytes. Learning rate, step count, clip coefficient and the finite-norm flag live on
+the device, so a step never waits for the host and can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
