@@ -6,7 +6,7 @@ The gradients are fresh tensors each step, so the kernels take their addresses f
 table and cut the work into chunks of at most BLOCK elements of one parameter (each kernel its
 own BLOCK). Chunk ``c`` covers elements ``start[c]:start[c] + length[c]`` of parameter
 ``param[c]``, at ``flat[c]`` in the group's buffers. Where the launch says ALIGNED, every chunk
-starts and ends on a multiple of ALIGN elements (and the gradients' addresses on 16 bytes), which
+starts and ends on a multiple of ALIGN elements, which, with gradients that start on 16 bytes,
 lets the compiler load and store whole 16-byte vectors.
 """
 
@@ -27,7 +27,6 @@ def _chunk(table, param, start, length, c, ALIGNED: tl.constexpr):
     first = tl.load(start + c)
     count = tl.load(length + c)
     if ALIGNED:
-        address = tl.multiple_of(address, 16)
         first = tl.multiple_of(first, 8)
         count = tl.multiple_of(count, 8)
     return address, first, count
@@ -35,7 +34,8 @@ def _chunk(table, param, start, length, c, ALIGNED: tl.constexpr):
 
 @triton.jit
 def _gradient(address, first, count, GRAD: tl.constexpr, BLOCK: tl.constexpr):
-    """The chunk's gradient in fp32, zero past its end, and the mask of its elements."""
+    """The chunk's gradient in fp32, zero past its end, and the mask of its elements. Every
+    gradient starts on 16 bytes (FlatGroup.grads sees to it)."""
     offs = tl.arange(0, BLOCK)
     mask = offs < count
     base = tl.multiple_of(address.to(tl.pointer_type(GRAD)), 16)
