@@ -47,20 +47,13 @@ def group_sizes() -> list[tuple[list[int], float]]:
 
 
 def replay_us(run, iters: int) -> float:
-    """Median µs of ``run`` replayed from a CUDA graph captured after one call outside it."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
+    """Median µs of ``run`` replayed from a CUDA graph, captured as gpu_bench captures a step."""
+    replay = gpu_bench.capture_step(lambda _: run(), {})
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        replay({})
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3)

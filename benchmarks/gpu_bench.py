@@ -212,7 +212,7 @@ def make_update(model: torch.nn.Module, v: Variant, device: torch.device, adamw:
         groups = param_groups(model, optim, model.param_groups_hint())
         opt = FlatAdamW(groups, precision="bf16", lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                         weight_decay=optim.weight_decay, max_norm=optim.grad_clip,
-                        kernels=device.type == "cuda" and adamw == "kernels")
+                        kernels=None if adamw == "kernels" else False)
         model.to(torch.bfloat16)  # buffers; the parameters are views into the flat bf16 weights
         return opt.step  # it drops the gradients itself
     fused = {"fused": True, "capturable": v.captured} if device.type == "cuda" else {}

@@ -84,12 +84,14 @@ def test_kernels_step_as_the_torch_update(precision):
 
 @pytest.mark.parametrize("update,sums", [((16, 1), (64, 2)), ((128, 4), (16, 1))])
 def test_any_program_shapes_give_the_torch_update(update, sums):
-    """Small chunks: every parameter in several, the sums of squares cut apart from AdamW's."""
+    """Small chunks: every parameter in several, the sums of squares cut apart from AdamW's, and
+    a gradient that is a view starting off 16 bytes (which the kernels read from a copy)."""
     sizes = [[5 * 24, 40, 3], [300]]
     gen = torch.Generator().manual_seed(2)
 
     def state() -> list:
         grads = [[torch.randn(n, generator=gen).to(DEVICE, torch.bfloat16) for n in group] for group in sizes]
+        grads[0][1] = torch.cat([grads[0][1][:1], grads[0][1]])[1:]
         buffers = [[torch.randn(sum(group), generator=gen).to(DEVICE).abs() for group in sizes] for _ in range(3)]
         weights = [m.bfloat16() for m in buffers[0]]
         steps = [torch.tensor(3.0, device=DEVICE) for _ in sizes]

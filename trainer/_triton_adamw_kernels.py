@@ -35,7 +35,7 @@ def _chunk(table, param, start, length, c, ALIGNED: tl.constexpr):
 @triton.jit
 def _gradient(address, first, count, GRAD: tl.constexpr, BLOCK: tl.constexpr):
     """The chunk's gradient in fp32, zero past its end, and the mask of its elements. Every
-    gradient starts on 16 bytes (FlatGroup.grads sees to it)."""
+    gradient starts on 16 bytes (flat_adamw_triton.readable sees to it)."""
     offs = tl.arange(0, BLOCK)
     mask = offs < count
     base = tl.multiple_of(address.to(tl.pointer_type(GRAD)), 16)

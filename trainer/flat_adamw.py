@@ -51,14 +51,8 @@ class FlatGroup:
         return [t.view(p.shape) for t, p in zip(flat.split([p.numel() for p in self.params]), self.params)]
 
     def grads(self) -> list[Tensor]:
-        """The parameters' gradients, contiguous and starting on 16 bytes (as the update kernels
-        read them); zeros for one that got none this step."""
-        return [aligned(torch.zeros_like(p) if p.grad is None else p.grad) for p in self.params]
-
-
-def aligned(t: Tensor) -> Tensor:
-    """``t``, or a fresh copy where it is not contiguous or does not start on 16 bytes (a view)."""
-    return t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
+        """The parameters' gradients; zeros for one that got none this step."""
+        return [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
 
 
 def adamw_update(grad: Tensor, master: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, weights: Tensor | None,
@@ -128,15 +122,16 @@ class FlatAdamW(torch.optim.Optimizer):
         self.norm: Tensor | None = None
         if kernels is None:
             kernels = device.type == "cuda" and importlib.util.find_spec("triton") is not None
-        compiled = device.type == "cuda" if compiled is None else compiled
         if kernels:
             from rgfusion.trainer.flat_adamw_triton import TritonUpdate
 
             self._update = TritonUpdate([[p.numel() for p in f.params] for f in self.flats], device)
-        else:
+        elif device.type == "cuda" if compiled is None else compiled:
             # Static shapes: the parameters never change size, and one symbol per gradient
             # dimension would slow compilation and every call's guards.
-            self._update = torch.compile(clip_and_update, fullgraph=True) if compiled else clip_and_update
+            self._update = torch.compile(clip_and_update, fullgraph=True)
+        else:
+            self._update = clip_and_update
 
     @torch.no_grad()
     def step(self) -> None:  # type: ignore[override]

@@ -101,8 +101,7 @@ class GradientTable:
 
 class TritonUpdate:
     """flat_adamw.clip_and_update's arguments and result, for the groups whose parameters have
-    ``sizes`` elements each; the gradients must be contiguous and start on 16 bytes
-    (``FlatGroup.grads`` sees to it). ``update`` and ``sums``: the elements and warps of one
+    ``sizes`` elements each. ``update`` and ``sums``: the elements and warps of one
     program of AdamW's kernel and of the sum of squares' (benchmarks/adamw_bench.py times the
     choices; the sums, which read 2 bytes per element where AdamW moves 28, take larger chunks)."""
 
@@ -117,6 +116,7 @@ class TritonUpdate:
     def __call__(self, grads: list[list[Tensor]], masters: list[Tensor], exp_avgs: list[Tensor],
                  exp_avg_sqs: list[Tensor], weights: list[Tensor | None], lrs: list[Tensor], steps: list[Tensor],
                  hypers: list[tuple[float, float, float, float]], max_norm: float, finite: Tensor) -> Tensor:
+        grads = [[readable(g) for g in group] for group in grads]  # alive until the kernels are queued
         tables = [table(group) for table, group in zip(self.tables, grads)]
         types = [GRAD_TYPES[group[0].dtype] for group in grads]
         block, warps = self.sums_shape
@@ -150,6 +150,12 @@ def cover(sizes: list[list[int]], block: int, device: torch.device) -> tuple[lis
         groups.append(launches(group, first, block, device))
         first += sum(launch.count for launch in groups[-1])
     return groups, first
+
+
+def readable(t: Tensor) -> Tensor:
+    """``t``, or a fresh copy where it is not contiguous or does not start on 16 bytes (a view),
+    as the kernels read gradients."""
+    return t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
 def log(beta: float) -> float:
