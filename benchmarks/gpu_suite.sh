@@ -12,6 +12,7 @@
 #                                                                           (TOWERS_ATTENTION=math: on the math path)
 #   TRAIN_IMAGES=6000 bash benchmarks/gpu_suite.sh setup data graphs      # 1 GPU: loader memory, trainer captured or not
 #   bash benchmarks/gpu_suite.sh setup attention                          # 1 GPU: the attention kernels per launch option
+#   AB="kernels:;compiled:--adamw compiled" bash benchmarks/gpu_suite.sh setup ab  # 1 GPU: BERT rows A, B, A, B
 # Results (logs, JSON, the MLflow store as a tarball) land in $OUT; more than 8 files there are
 # packed into one suite.tgz at the end, the most the device tool brings back.
 # `setup` installs from ./.whl, for machines without a network. Fill it on one with the network,
@@ -202,6 +203,21 @@ graphs() {  # one GPU: the CUDA tests, the loader with reused batch memory, the 
   # 700 steps: the shuffle buffers (2,000 per worker) fill during the first ~220.
   FEED_STEPS=${FEED_STEPS:-700} LOADER_WORKERS="" \
     FEED_RUNS="${GRAPH_RUNS:-captured:$g captured_fresh:$g,data.reuse_batch_memory=false eager:$n}" feed
+}
+
+ab() {  # one GPU: the BERT row once per "name:flags" in AB (';' between them), the whole set twice in turn
+  # Against a machine's drift: session 15's three machines gave the same code 11.27-11.55 ms, while the
+  # changes it compared moved the row by 0.03-0.09 ms. A second pass compiles from inductor's caches.
+  local row=${AB_ROW:-python3 benchmarks/gpu_bench.py --iters 30 --warmup 3 --no-eval --side-streams --pad-shapes \
+--launch-order main --only full-bert-bf16w-compile-graph --attention triton}
+  local pairs; IFS=';' read -ra pairs <<< "${AB:?AB=\"name:flags;name:flags\"}"
+  for pass in 1 2; do
+    for pair in "${pairs[@]}"; do
+      local name=${pair%%:*} flags=${pair#*:} file="$OUT/ab_${pair%%:*}_$pass"
+      $row $flags --out "$file.json" > "$file.log" 2>&1
+      echo "$name, pass $pass: $(grep -oE '"(step_ms|step_ms_spread|mfu_bf16_peak|error)": [^,}]*' "$file.log" | tr '\n' ' ')"
+    done
+  done | tee "$OUT/ab.txt"
 }
 
 pack() {  # the device tool brings back at most 8 files from $OUT: past that, one archive of them all
