@@ -213,7 +213,8 @@ ab() {  # one GPU: the BERT row once per "name:flags" in AB (';' between them), 
   local pairs; IFS=';' read -ra pairs <<< "${AB:?AB=\"name:flags;name:flags\"}"
   for pass in 1 2; do
     for pair in "${pairs[@]}"; do
-      local name=${pair%%:*} flags=${pair#*:} file="$OUT/ab_${pair%%:*}_$pass"
+      local name=${pair%%:*} flags=${pair#*:}
+      local file="$OUT/ab_${name}_$pass"
       $row $flags --out "$file.json" > "$file.log" 2>&1
       echo "$name, pass $pass: $(grep -oE '"(step_ms|step_ms_spread|mfu_bf16_peak|error)": [^,}]*' "$file.log" | tr '\n' ' ')"
     done

@@ -1,11 +1,13 @@
 """benchmarks/gpu_bench.py on a CPU with tiny shapes: the eager fp32 and bf16w steps run and
-report their batch; an unknown variant name is an error. Compile and CUDA-graph modes need a GPU."""
+report their batch; an unknown variant name is an error; gpu_suite.sh ab runs rows in turn.
+Compile and CUDA-graph modes need a GPU."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,21 @@ def test_one_tower_row_trains_that_tower_and_counts_its_flops(towers):
     assert moved == {towers}
     full = bench.row_flops(built, bench.dataclasses.replace(shape, towers="both"))
     assert 0 < bench.row_flops(built, shape) < full
+
+
+def test_suite_ab_runs_each_named_row_twice_in_turn(tmp_path):
+    # gpu_suite.sh ab with a tiny CPU row in place of the GPU one (AB_ROW).
+    import os
+    import subprocess
+
+    suite = BENCH.parent / "gpu_suite.sh"
+    row = f"{sys.executable} {BENCH} --device cpu --tiny --no-eval --iters 1 --warmup 1 --batch 4 --only full-bigru-fp32"
+    env = {**os.environ, "OUT": str(tmp_path), "AB_ROW": row, "AB": "plain:;math:--attention math"}
+    subprocess.run(["bash", str(suite), "ab"], env=env, check=True, capture_output=True, timeout=600)
+    with tarfile.open(tmp_path / "suite.tgz") as tar:  # past 8 files the suite packs them
+        lines = tar.extractfile("ab.txt").read().decode().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["plain, pass 1", "math, pass 1", "plain, pass 2", "math, pass 2"]
+    assert all('"step_ms":' in line and "error" not in line for line in lines)
+    del env["AB"]
+    missing = subprocess.run(["bash", str(suite), "ab"], env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and 'AB="name:flags;name:flags"' in missing.stderr
