@@ -77,7 +77,10 @@ class Shape:
     attention: str = "sdpa"  # ModelConfig.attention: the fused SDPA kernels or the math path
     side_streams: bool = False  # the caption tower (and BiGRU directions) on side CUDA streams
     side_priority: str = "high"  # of the caption tower's side stream: "high" or "normal"
-    side_first: bool = True  # the caption tower's kernels launched (or captured) before the image tower's
+    side_first: bool = True  # the side stream's tower launched (or captured) before the main stream's
+    # the tower on the side stream: "caption" (the default), or "image", so that the image tower,
+    # the longer chain since session 12, gets the side stream's high priority
+    side_tower: str = "caption"
     fused_bert: bool = True  # TextConfig.fused_bert: FusedBert or Hugging Face's BertModel
     # "both"; "image"/"text": only that tower runs, the other's embeddings are a fixed stand-in,
     # so the step's length is that tower's chain (plus loss and update) and how well the two
@@ -248,8 +251,10 @@ def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, shape:
             return images(batch), stand_in
         if shape.towers == "text":
             return stand_in, captions(batch)
-        return beside(lambda: images(batch), lambda: captions(batch), device, enabled=shape.side_streams,
-                      high_priority=shape.side_priority == "high", side_first=shape.side_first)
+        towers = (images, captions) if shape.side_tower == "caption" else (captions, images)
+        main, side = beside(lambda: towers[0](batch), lambda: towers[1](batch), device, enabled=shape.side_streams,
+                            high_priority=shape.side_priority == "high", side_first=shape.side_first)
+        return (main, side) if shape.side_tower == "caption" else (side, main)
 
     def step(batch):
         img, cap = embed(batch)
@@ -526,9 +531,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--side-streams", action="store_true",
                    help="run the caption tower beside the image tower on a side CUDA stream")
     p.add_argument("--side-priority", choices=("high", "normal"), default="high",
-                   help="priority of the caption tower's side stream (with --side-streams)")
+                   help="priority of the side stream (with --side-streams)")
+    p.add_argument("--side-tower", choices=("caption", "image"), default="caption",
+                   help="with --side-streams: the tower on the side stream; the other runs on the main stream")
     p.add_argument("--launch-order", choices=("side", "main"), default="side",
-                   help="with --side-streams: launch (or capture) the caption tower first, or the image tower")
+                   help="with --side-streams: launch (or capture) the side stream's tower first, or the main stream's")
     p.add_argument("--fused-bert", choices=("on", "off"), default="on",
                    help="BERT as rgfusion's FusedBert (one query-key-value product per layer) or Hugging Face's module")
     p.add_argument("--pad-shapes", action="store_true",
@@ -549,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     shape = Shape(batch=8, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200) if args.tiny else Shape()
     shape = dataclasses.replace(shape, attention=args.attention, side_streams=args.side_streams,
                                 side_priority=args.side_priority,
-                                side_first=args.launch_order == "side", fused_bert=args.fused_bert == "on",
+                                side_first=args.launch_order == "side", side_tower=args.side_tower,
+                                fused_bert=args.fused_bert == "on",
                                 towers=args.towers, text_sdpa=args.text_sdpa,
                                 eager_random=args.compile_random == "eager", image_compile=args.image_compile,
                                 adamw=args.adamw)

@@ -7,6 +7,7 @@ replayed inside a CUDA graph appear in the trace too, so a captured step can be 
 
     python benchmarks/trace_summary.py trace.json.gz --steps 5 [--timeline 500]
     python benchmarks/trace_summary.py trace.json.gz --steps 5 --origins 'reduce_kernel'
+    python benchmarks/trace_summary.py trace.json.gz --steps 5 --by-grid   # one line per kernel and grid
 
 ``--origins REGEX`` says where the matching kernels were launched from: the CPU ops and, in a
 trace recorded with Python stacks (``gpu_bench.py --profile V --stack``), the Python frames
@@ -65,7 +66,17 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def summarise(kernels: list[dict], steps: int, top: int) -> str:
+def label(kernel: dict, by_grid: bool) -> str:
+    """The kernel's name; with ``by_grid`` also its grid, which tells apart the calls of one Triton
+    kernel at different shapes (the graph's attention from BERT's, a GELU of 4,096 columns from
+    one of 3,072)."""
+    if not by_grid:
+        return kernel["name"]
+    grid = kernel.get("args", {}).get("grid")
+    return f"{kernel['name']} grid={'x'.join(map(str, grid)) if grid else '?'}"
+
+
+def summarise(kernels: list[dict], steps: int, top: int, by_grid: bool = False) -> str:
     if not kernels:
         raise SystemExit("no GPU kernels in the trace: was it recorded with ProfilerActivity.CUDA?")
     spans = [(float(k["ts"]), span_end(k)) for k in kernels]
@@ -84,12 +95,12 @@ def summarise(kernels: list[dict], steps: int, top: int) -> str:
     names: dict[str, list[float]] = defaultdict(list)
     for k in kernels:
         kinds[kind_of(k["name"])] += float(k["dur"])
-        names[k["name"]].append(float(k["dur"]))
+        names[label(k, by_grid)].append(float(k["dur"]))
     lines.append("kernel time by kind:")
     lines += [f"  {kind:18s} {ms(t)} {100 * t / summed:5.1f}%" for kind, t in sorted(kinds.items(), key=lambda kv: -kv[1])]
     lines.append(f"top {top} kernels (per step: time, calls, mean µs):")
     ranked = sorted(names.items(), key=lambda kv: -sum(kv[1]))[:top]
-    lines += [f"  {ms(sum(d))} {len(d) // steps:4d} {sum(d) / len(d):8.1f}  {name[:110]}" for name, d in ranked]
+    lines += [f"  {ms(sum(d))} {len(d) // steps:4d} {sum(d) / len(d):8.1f}  {name[:130]}" for name, d in ranked]
     return "\n".join(lines)
 
 
@@ -201,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--origins", default="", metavar="REGEX",
                    help="also print where the kernels whose name matches REGEX were launched from")
     p.add_argument("--depth", type=int, default=4, help="with --origins: host spans shown per launch, innermost")
+    p.add_argument("--by-grid", action="store_true", help="rank kernels by name and grid, not by name alone")
     args = p.parse_args(argv)
     try:
         pattern = re.compile(args.origins) if args.origins else None
@@ -209,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     events = load_events(args.trace)
     kernels = gpu_kernels(events)
     steps = max(args.steps, 1)
-    print(summarise(kernels, steps, args.top))
+    print(summarise(kernels, steps, args.top, args.by_grid))
     if args.timeline > 0:
         print(timeline(kernels, steps, args.timeline))
     if pattern is not None:

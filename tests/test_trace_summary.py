@@ -114,3 +114,18 @@ def test_a_bad_origins_pattern_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         load().main([str(path), "--origins", "reduce_kernel<(128"])
     assert "--origins" in capsys.readouterr().err
+
+
+def test_by_grid_ranks_one_kernel_per_shape(tmp_path, capsys):
+    # One Triton kernel at two grids (the graph's attention and BERT's): by name it is one line of
+    # 3 calls; by grid two lines, the larger grid's 2 calls first.
+    events = [{**kernel("_forward", t, d, 7), "args": {"grid": g, "block": [128, 1, 1]}}
+              for t, d, g in ((0, 30, [3072, 1, 1]), (40, 30, [3072, 1, 1]), (80, 5, [1536, 1, 1]))]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    assert load().main([str(path), "--by-grid"]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if "_forward" in line]
+    assert lines == [["0.060", "ms", "2", "30.0", "_forward", "grid=3072x1x1"],
+                     ["0.005", "ms", "1", "5.0", "_forward", "grid=1536x1x1"]]
+    assert load().main([str(path)]) == 0
+    assert [line.split()[-1] for line in capsys.readouterr().out.splitlines() if "_forward" in line] == ["_forward"]
