@@ -508,6 +508,17 @@ def ffn_on_math_path() -> None:
     bert.feed_forward = image.feed_forward = math
 
 
+def geometry_per_layer() -> None:
+    """The graph layers' geometry biases from one kernel call per layer, as before session 16,
+    instead of one pass for all layers; the process's models only, for comparing rows."""
+    from rgfusion.trainer.model import edge_bias, image
+
+    def per_layer(mlps, boxes, adj, dtype, impl):
+        return [edge_bias.edge_biases([mlp], boxes, adj, dtype, impl)[0] for mlp in mlps]
+
+    image.edge_biases = per_layer
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -528,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ffn", choices=("model", "math"), default="model",
                    help="math: the feed-forward blocks on PyTorch's path even with --attention triton "
                         "(an ablation of model/ffn.py's kernels)")
+    p.add_argument("--geometry", choices=("layers", "per-layer"), default="layers",
+                   help="per-layer: the graph's geometry biases one kernel call per layer, not all layers "
+                        "in one (an ablation, with --attention triton)")
     p.add_argument("--side-streams", action="store_true",
                    help="run the caption tower beside the image tower on a side CUDA stream")
     p.add_argument("--side-priority", choices=("high", "normal"), default="high",
@@ -576,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = check_names(p, args)
     if args.ffn == "math":
         ffn_on_math_path()
+    if args.geometry == "per-layer":
+        geometry_per_layer()
     hf_path = bert_dir(shape, args.tiny) if any(v.text == "bert" for v in chosen) or args.profile else None
     rows = []
     for v in chosen:

@@ -5,7 +5,7 @@
     python3 benchmarks/kernel_resources.py --shapes geometry     # the graph's geometry-bias kernels
 
 The attention kernels at the BERT step's three shapes, and ``geometry``: the geometry-bias
-kernels at the graph's (85 nodes, 16 hidden units, 8 heads, a bf16 bias; the block column
+kernels at the graph's (85 nodes, two layers of 16 hidden units and 8 heads, a bf16 bias; the block column
 is the nodes per program, and --blocks and --dropout do not apply).
 
 Triton compiles to a cubin on any machine (its wheel ships ptxas and cuobjdump), so a kernel
@@ -43,7 +43,8 @@ KERNELS = {"forward": kernels._forward, "backward_query": kernels._backward_quer
            "backward_key": kernels._backward_key}
 CONSTANTS = ("H", "D", "BLOCK", "SELF", "HAS_BIAS", "DROPOUT", "EXACT", "BIAS_GRAD", "KEYS_FIT", "QUERIES_FIT")
 GEOMETRY_KERNELS = {"forward": geometry._forward, "backward": geometry._backward}
-GEOMETRY_TYPES = {"boxes": "*fp32", "adj": "*i1", "shares": "*fp32", "N": "i32", "HID": "i32", "fill": "fp32"}
+GEOMETRY_TYPES = {"boxes": "*fp32", "adj": "*i1", "shares": "*fp32", "B": "i32", "N": "i32", "L": "i32", "HID": "i32",
+                  "fill": "fp32"}
 
 
 def signature(fn, dtype: str) -> dict[str, str]:
@@ -77,7 +78,7 @@ def resources(kernel: str, shape: str, block: int, warps: int, stages: int, drop
 
 def geometry_resources(kernel: str, warps: int, stages: int, arch: int) -> dict:
     fn = GEOMETRY_KERNELS[kernel]
-    meta = geometry._meta(torch.empty(1, 85, 4), torch.empty(16, 5), torch.empty(8, 16), torch.bfloat16)
+    meta = geometry._meta(torch.empty(1, 85, 4), torch.empty(2, 16, 5), torch.empty(2, 8, 16), torch.bfloat16)
     constants = {(i,): meta[n] for i, n in enumerate(fn.arg_names) if n in meta}
     types = {n: "constexpr" if n in meta else GEOMETRY_TYPES.get(n, "*bf16") for n in fn.arg_names}
     return usage(ASTSource(fn=fn, signature=types, constexprs=constants), warps, stages, arch)

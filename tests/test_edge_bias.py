@@ -1,6 +1,7 @@
 """The joint graph's geometry bias as Triton kernels (trainer/model/edge_bias.py) against the math
-path in float64: the bias on every edge, the fill elsewhere, and the MLP's weight gradients. Without
-a GPU the kernels run in Triton's interpreter (tests/conftest.py)."""
+path in float64: the bias on every edge, the fill elsewhere, and the MLPs' weight gradients, for
+one layer and for several computed at once. Without a GPU the kernels run in Triton's interpreter
+(tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 
 pytest.importorskip("triton")
 
-from rgfusion.trainer.model.edge_bias import edge_bias  # noqa: E402
+from rgfusion.trainer.model.edge_bias import edge_biases  # noqa: E402
 from rgfusion.trainer.model.geometry import GEOMETRY_DIM  # noqa: E402
 
 torch.set_num_threads(1)
@@ -30,26 +31,36 @@ def graph(b: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return boxes, adj
 
 
-def mlp(hidden: int, heads: int) -> nn.Sequential:
-    torch.manual_seed(1)
+def mlp(hidden: int, heads: int, seed: int = 1) -> nn.Sequential:
+    torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(GEOMETRY_DIM, hidden), nn.ReLU(), nn.Linear(hidden, heads))
 
 
-@pytest.mark.parametrize("b,n,hidden,heads", [(3, 11, 16, 8), (2, 40, 12, 3), (1, 85, 16, 8)])
-def test_bias_and_weight_gradients_equal_the_math_path(b, n, hidden, heads):
+def edge_bias(layer: nn.Sequential, boxes, adj, dtype, impl) -> torch.Tensor:
+    return edge_biases([layer], boxes, adj, dtype, impl)[0]
+
+
+@pytest.mark.parametrize("b,n,hidden,heads,layers", [(3, 11, 16, 8, 1), (2, 40, 12, 3, 1), (1, 85, 16, 8, 2),
+                                                      (2, 13, 16, 8, 2), (2, 9, 12, 3, 3)])
+def test_bias_and_weight_gradients_equal_the_math_path(b, n, hidden, heads, layers):
+    """Three layers: their hidden units and heads fill the kernels' padded blocks unevenly."""
     boxes, adj = graph(b, n)
-    fused, ref = mlp(hidden, heads), mlp(hidden, heads).double()
-    grad = torch.randn(b, heads, n, n, generator=torch.Generator().manual_seed(2))
-    out = edge_bias(fused, boxes, adj, torch.float32, "triton")
-    expected = edge_bias(ref, boxes.double(), adj, torch.float64, "math")
-    edges = adj[:, None].expand_as(out)
-    torch.testing.assert_close(out[edges].double(), expected[edges], atol=2e-5, rtol=2e-5)
-    assert (out[~edges] == torch.finfo(torch.float32).min).all()
-    (out * grad).sum().backward()
-    (expected * grad.double()).sum().backward()
-    for p, q in zip(fused.parameters(), ref.parameters()):
-        assert p.grad.dtype == p.dtype
-        torch.testing.assert_close(p.grad.double(), q.grad, atol=1e-4, rtol=1e-4)
+    fused = [mlp(hidden, heads, seed) for seed in range(layers)]
+    ref = [mlp(hidden, heads, seed).double() for seed in range(layers)]
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.randn(b, heads, n, n, generator=gen) for _ in range(layers)]
+    outs = edge_biases(fused, boxes, adj, torch.float32, "triton")
+    expected = edge_biases(ref, boxes.double(), adj, torch.float64, "math")
+    edges = adj[:, None].expand(b, heads, n, n)
+    for out, want in zip(outs, expected, strict=True):
+        torch.testing.assert_close(out[edges].double(), want[edges], atol=2e-5, rtol=2e-5)
+        assert (out[~edges] == torch.finfo(torch.float32).min).all()
+    sum((out * grad).sum() for out, grad in zip(outs, grads)).backward()
+    sum((want * grad.double()).sum() for want, grad in zip(expected, grads)).backward()
+    for layer, layer_ref in zip(fused, ref):
+        for p, q in zip(layer.parameters(), layer_ref.parameters(), strict=True):
+            assert p.grad.dtype == p.dtype
+            torch.testing.assert_close(p.grad.double(), q.grad, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

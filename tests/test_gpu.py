@@ -445,27 +445,30 @@ def test_attention_bench_times_each_kernel(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_edge_bias_kernels_equal_the_math_path_compiled(dtype):
-    """The geometry bias at the step's shape (85 nodes, 8 heads), compiled as the towers are,
-    against the math path in float64: in float32, the bias on every edge and the MLP's weight
-    gradients within float32 rounding; in bf16, no further from float64 than the math path in
-    bf16 is. (TF32 products and the ReLU's kinks move a few summed gradients by more than a fixed
-    tolerance allows: session 12's run 4 failed one that way, 4.8 off in one of 80 entries.)"""
+    """The geometry biases of the step's two graph layers at its shape (85 nodes, 8 heads), in one
+    pass of the kernels, compiled as the towers are, against the math path in float64: in
+    float32, the biases on every edge and the MLPs' weight gradients within float32 rounding; in
+    bf16, no further from float64 than the math path in bf16 is. (TF32 products and the ReLU's
+    kinks move a few summed gradients by more than a fixed tolerance allows: session 12's run 4
+    failed one that way, 4.8 off in one of 80 entries.)"""
     from test_edge_bias import graph, mlp
 
     from rgfusion.trainer.model import edge_bias as module
-    from rgfusion.trainer.model.edge_bias import edge_bias
+    from rgfusion.trainer.model.edge_bias import edge_biases
 
     module.ops()  # before compiling, as RetrievalModel does
     boxes, adj = (t.to(DEVICE) for t in graph(16, 85))
-    grad = torch.randn(16, 8, 85, 85, device=DEVICE)
-    edges = adj[:, None].expand_as(grad)
+    grads = torch.randn(2, 16, 8, 85, 85, device=DEVICE)
+    edges = adj[None, :, None].expand_as(grads)
 
     def run(impl: str, precision: torch.dtype, compiled: bool):
-        layer = mlp(16, 8).to(DEVICE, dtype).to(precision)  # float64 holds the rounded weights exactly
-        bias = (torch.compile(edge_bias, fullgraph=True) if compiled else edge_bias)(
-            layer, boxes.to(precision if precision == torch.float64 else torch.float32), adj, precision, impl)
-        (bias.double() * grad.double()).sum().backward()
-        return bias.double(), [p.grad.double() for p in layer.parameters()]
+        # float64 holds the rounded weights exactly
+        layers = [mlp(16, 8, seed).to(DEVICE, dtype).to(precision) for seed in range(2)]
+        biases = (torch.compile(edge_biases, fullgraph=True) if compiled else edge_biases)(
+            layers, boxes.to(precision if precision == torch.float64 else torch.float32), adj, precision, impl)
+        bias = torch.stack(biases).double()
+        (bias * grads.double()).sum().backward()
+        return bias, [p.grad.double() for layer in layers for p in layer.parameters()]
 
     want, want_grads = run("math", torch.float64, False)
     got, got_grads = run("triton", dtype, True)

@@ -2,8 +2,12 @@
 
 Imported on first use only: it imports Triton. A program takes ROWS nodes of one image. For each
 node ``i`` it computes the relative geometry of all its edges ``j`` from the two boxes, as
-:func:`trainer.model.geometry.relative_geometry` does, then the MLP as two (edges × 16) products
-in registers, and writes every head's bias. The backward recomputes the same and accumulates the
+:func:`trainer.model.geometry.relative_geometry` does, then every graph layer's MLP at once, as
+two small products in registers (the layers' first weights side by side, their second weights
+block-diagonal), and writes every layer's and head's bias. The features, the boxes and the
+adjacency are read once for all layers: with one kernel per layer the two layers' bias kernels
+took 0.70 ms of an H200 step, each bound by its loop's latency, not its work (session 16). The
+backward recomputes the same and accumulates the
 weight gradients as products over the edges, then writes them once as the program's share;
 PyTorch sums the shares (no atomics, so the sum is deterministic). A first version took one node
 per program and reduced each gradient across its threads: its backward took 560 µs per layer on
@@ -32,97 +36,114 @@ def _box(boxes, index, mask):
 
 
 @triton.jit
-def _features(boxes, b, i, j, N, MIN: tl.constexpr):
-    """Of node ``i``'s edges to nodes ``j``: which exist, and the five features of j seen from i."""
+def _targets(boxes, b, j, N, MIN: tl.constexpr):
+    """What an edge's features take from its target node, for nodes ``j``: whether each exists,
+    its box, centre, log width and height, and area. The same for every source node, so a
+    program loads and computes them once, not in each step of its loop."""
     real = j < N
+    x1, y1, x2, y2 = _box(boxes, b * N + j, real)
+    return (real, x1, y1, x2, y2, (x1 + x2) / 2, (y1 + y2) / 2, tl.log(tl.maximum(x2 - x1, MIN)),
+            tl.log(tl.maximum(y2 - y1, MIN)), tl.maximum(x2 - x1, 0.0) * tl.maximum(y2 - y1, 0.0))
+
+
+@triton.jit
+def _inputs(boxes, b, i, N, real, x1j, y1j, x2j, y2j, cxj, cyj, lwj, lhj, area_j, c, MIN: tl.constexpr):
+    """(J, P) first-layer inputs of node ``i``'s edges to the ``_targets``: the five features of j
+    seen from i in columns 0-4, a 1 in column 5 (the first layer's bias), zeros after."""
     x1i, y1i, x2i, y2i = _box(boxes, b * N + i, True)
-    x1j, y1j, x2j, y2j = _box(boxes, b * N + j, real)
-    dx = (x1j + x2j) / 2 - (x1i + x2i) / 2
-    dy = (y1j + y2j) / 2 - (y1i + y2i) / 2
-    dw = tl.log(tl.maximum(x2j - x1j, MIN)) - tl.log(tl.maximum(x2i - x1i, MIN))
-    dh = tl.log(tl.maximum(y2j - y1j, MIN)) - tl.log(tl.maximum(y2i - y1i, MIN))
+    dx = cxj - (x1i + x2i) / 2
+    dy = cyj - (y1i + y2i) / 2
+    dw = lwj - tl.log(tl.maximum(x2i - x1i, MIN))
+    dh = lhj - tl.log(tl.maximum(y2i - y1i, MIN))
     inter = (tl.maximum(tl.minimum(x2i, x2j) - tl.maximum(x1i, x1j), 0.0)
              * tl.maximum(tl.minimum(y2i, y2j) - tl.maximum(y1i, y1j), 0.0))
     area_i = tl.maximum(x2i - x1i, 0.0) * tl.maximum(y2i - y1i, 0.0)
-    area_j = tl.maximum(x2j - x1j, 0.0) * tl.maximum(y2j - y1j, 0.0)
     iou = inter / tl.maximum(area_i + area_j - inter, MIN * MIN)
-    return real, dx, dy, dw, dh, iou
-
-
-@triton.jit
-def _inputs(boxes, b, i, j, c, N, MIN: tl.constexpr):
-    """(J, P) first-layer inputs of node ``i``'s edges to nodes ``j``: the five features in columns
-    0-4, a 1 in column 5 (the first layer's bias), zeros after; and which edges exist."""
-    real, dx, dy, dw, dh, iou = _features(boxes, b, i, j, N, MIN)
     x = tl.where(c == 0, dx[:, None], tl.where(c == 1, dy[:, None], tl.where(c == 2, dw[:, None], 0.0)))
     x = tl.where(c == 3, dh[:, None], tl.where(c == 4, iou[:, None], tl.where(c == 5, 1.0, x)))
-    return tl.where(real[:, None], x, 0.0), real
+    return tl.where(real[:, None], x, 0.0)
 
 
 @triton.jit
-def _first_layer(w1, b1, r, c, HID, F: tl.constexpr):
-    """(P, P) first-layer weight as x·W: row f < F is input feature f, row F the bias; column k is
-    hidden unit k."""
-    w = tl.load(w1 + c * F + r, mask=(r < F) & (c < HID), other=0.0).to(tl.float32)
-    return tl.where(r == F, tl.load(b1 + c, mask=c < HID, other=0.0).to(tl.float32), w)
+def _first_layers(w1, b1, r, k, L, HID, P: tl.constexpr, F: tl.constexpr):
+    """(P, K) first-layer weights of every layer as x·W: row f < F is input feature f, row F the
+    bias; column k is hidden unit k % P of layer k // P."""
+    layer, unit = k // P, k % P
+    ok = (layer < L) & (unit < HID)
+    w = tl.load(w1 + (layer * HID + unit) * F + r, mask=(r < F) & ok, other=0.0).to(tl.float32)
+    return tl.where(r == F, tl.load(b1 + layer * HID + unit, mask=ok, other=0.0).to(tl.float32), w)
 
 
 @triton.jit
-def _forward(boxes, adj, w1, b1, w2, b2, out, N, HID, fill, H: tl.constexpr, J: tl.constexpr,
-             P: tl.constexpr, F: tl.constexpr, ROWS: tl.constexpr, MIN: tl.constexpr, EXACT: tl.constexpr):
-    """ROWS nodes of one image: each one's bias over all its edges, every head, in two small products."""
+def _second_layers(w2, k, o, L, HID, H: tl.constexpr, P: tl.constexpr):
+    """(K, O) second-layer weights of every layer, block-diagonal: hidden unit k of layer k // P to
+    head o % H of layer o // H."""
+    layer, unit = k // P, k % P
+    ok = (layer == o // H) & (layer < L) & (unit < HID)
+    return tl.load(w2 + (layer * H + o % H) * HID + unit, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _forward(boxes, adj, w1, b1, w2, b2, out, B, N, L, HID, fill, H: tl.constexpr, J: tl.constexpr,
+             P: tl.constexpr, K: tl.constexpr, O: tl.constexpr, F: tl.constexpr, ROWS: tl.constexpr,
+             MIN: tl.constexpr, EXACT: tl.constexpr):
+    """ROWS nodes of one image: each one's bias over all its edges, every head of every layer, in
+    two small products."""
     # Index vectors are made here, not returned by a helper: torch's analysis of which tensors a
     # kernel writes takes every tensor a helper was given as written when a stored-to address
     # depends on that helper's result, and would take the weights (leaves) as written.
     pid = tl.program_id(0)
     blocks = tl.cdiv(N, ROWS)
     b, first = pid // blocks, pid % blocks * ROWS
-    j, p = tl.arange(0, J), tl.arange(0, P)
-    r, c = p[:, None], p[None, :]
-    weight1 = _first_layer(w1, b1, r, c, HID, F)
-    weight2 = tl.load(w2 + c * HID + r, mask=(r < HID) & (c < H), other=0.0).to(tl.float32)  # (k, h)
-    bias2 = tl.load(b2 + p, mask=p < H, other=0.0).to(tl.float32)[None, :]
+    j = tl.arange(0, J)
+    c, k, o = tl.arange(0, P)[None, :], tl.arange(0, K), tl.arange(0, O)
+    weight1 = _first_layers(w1, b1, tl.arange(0, P)[:, None], k[None, :], L, HID, P, F)
+    weight2 = _second_layers(w2, k[:, None], o[None, :], L, HID, H, P)
+    bias2 = tl.load(b2 + o, mask=o < L * H, other=0.0).to(tl.float32)[None, :]
+    real, x1j, y1j, x2j, y2j, cxj, cyj, lwj, lhj, area_j = _targets(boxes, b, j, N, MIN)
     for i in range(first, tl.minimum(first + ROWS, N)):
-        x, real = _inputs(boxes, b, i, j, c, N, MIN)
+        x = _inputs(boxes, b, i, N, real, x1j, y1j, x2j, y2j, cxj, cyj, lwj, lhj, area_j, c, MIN)
         hidden = tl.maximum(_mm(x, weight1, EXACT), 0.0)
         value = _mm(hidden, weight2, EXACT) + bias2
         edge = tl.load(adj + (b * N + i) * N + j, mask=real, other=0) != 0
         value = tl.where(edge[:, None], value, tl.cast(fill, tl.float32))
-        tl.store(out + ((b * H + c) * N + i) * N + j[:, None], value.to(out.dtype.element_ty),
-                 mask=real[:, None] & (c < H))
+        tl.store(out + (((o[None, :] // H) * B + b) * H + o[None, :] % H) * N * N + i * N + j[:, None],
+                 value.to(out.dtype.element_ty), mask=real[:, None] & (o[None, :] < L * H))
 
 
 @triton.jit
-def _backward(boxes, adj, w1, b1, w2, grad, shares, N, HID, H: tl.constexpr, J: tl.constexpr,
-              P: tl.constexpr, F: tl.constexpr, ROWS: tl.constexpr, MIN: tl.constexpr, EXACT: tl.constexpr):
-    """ROWS nodes of one image: their share of the gradients, one row of ``shares``: the first
-    layer's weight and bias as ``_first_layer`` lays them out (P × P), the second layer's weight
-    by (hidden unit, head) (P × P), its bias (P)."""
+def _backward(boxes, adj, w1, b1, w2, grad, shares, B, N, L, HID, H: tl.constexpr, J: tl.constexpr,
+              P: tl.constexpr, K: tl.constexpr, O: tl.constexpr, F: tl.constexpr, ROWS: tl.constexpr,
+              MIN: tl.constexpr, EXACT: tl.constexpr):
+    """ROWS nodes of one image: their share of every layer's gradients, one row of ``shares``: the
+    first layers' weights and biases as ``_first_layers`` lays them out (P × K), the second layers'
+    weights as ``_second_layers`` does (K × O), their biases (O)."""
     pid = tl.program_id(0)
     blocks = tl.cdiv(N, ROWS)
     b, first = pid // blocks, pid % blocks * ROWS
-    j, p = tl.arange(0, J), tl.arange(0, P)  # here: see _forward
-    r, c = p[:, None], p[None, :]
-    weight1 = _first_layer(w1, b1, r, c, HID, F)
-    weight2_t = tl.load(w2 + r * HID + c, mask=(r < H) & (c < HID), other=0.0).to(tl.float32)  # (h, k)
-    d_weight1 = tl.zeros((P, P), tl.float32)
-    d_weight2 = tl.zeros((P, P), tl.float32)
-    d_bias2 = tl.zeros((P,), tl.float32)
+    j = tl.arange(0, J)  # here: see _forward
+    c, k, o = tl.arange(0, P)[None, :], tl.arange(0, K), tl.arange(0, O)
+    weight1 = _first_layers(w1, b1, tl.arange(0, P)[:, None], k[None, :], L, HID, P, F)
+    weight2_t = _second_layers(w2, k[None, :], o[:, None], L, HID, H, P)  # (O, K)
+    d_weight1 = tl.zeros((P, K), tl.float32)
+    d_weight2 = tl.zeros((K, O), tl.float32)
+    d_bias2 = tl.zeros((O,), tl.float32)
+    real, x1j, y1j, x2j, y2j, cxj, cyj, lwj, lhj, area_j = _targets(boxes, b, j, N, MIN)
     for i in range(first, tl.minimum(first + ROWS, N)):
-        x, real = _inputs(boxes, b, i, j, c, N, MIN)
+        x = _inputs(boxes, b, i, N, real, x1j, y1j, x2j, y2j, cxj, cyj, lwj, lhj, area_j, c, MIN)
         pre = _mm(x, weight1, EXACT)
         # A non-edge holds the fill, not the MLP's output: no gradient flows there.
         edge = (tl.load(adj + (b * N + i) * N + j, mask=real, other=0) != 0) & real
-        g = tl.load(grad + ((b * H + c) * N + i) * N + j[:, None], mask=edge[:, None] & (c < H),
-                    other=0.0).to(tl.float32)
+        g = tl.load(grad + (((o[None, :] // H) * B + b) * H + o[None, :] % H) * N * N + i * N + j[:, None],
+                    mask=edge[:, None] & (o[None, :] < L * H), other=0.0).to(tl.float32)
         d_weight2 += _mm(tl.trans(tl.maximum(pre, 0.0)), g, EXACT)
         d_bias2 += tl.sum(g, 0)
         d_pre = tl.where(pre > 0, _mm(g, weight2_t, EXACT), 0.0)
         d_weight1 += _mm(tl.trans(x), d_pre, EXACT)
-    share = shares + pid * (2 * P * P + P) + r * P + c
-    tl.store(share, d_weight1)
-    tl.store(share + P * P, d_weight2)
-    tl.store(shares + pid * (2 * P * P + P) + 2 * P * P + p, d_bias2)
+    share = shares + pid * (P * K + K * O + O)
+    tl.store(share + tl.arange(0, P)[:, None] * K + k[None, :], d_weight1)
+    tl.store(share + P * K + k[:, None] * O + o[None, :], d_weight2)
+    tl.store(share + P * K + K * O + o, d_bias2)
 
 
 # Nodes per program: enough to amortise loading the weights and writing a share of the gradients.
@@ -130,11 +151,13 @@ ROWS = 8
 
 
 def _meta(boxes: Tensor, w1: Tensor, w2: Tensor, dtype: torch.dtype) -> dict:
-    """Compile-time arguments. A bias in float32 takes float32 products; in 16 bits, TF32 ones on
-    tensor cores, which need 166 registers for the backward at sm_90 where float32 ones spill."""
-    n = boxes.shape[1]
-    p = max(16, triton.next_power_of_2(max(w1.shape[0], w2.shape[0], GEOMETRY_DIM + 1)))
-    return dict(H=w2.shape[0], J=max(16, triton.next_power_of_2(n)), P=p, F=GEOMETRY_DIM, ROWS=ROWS, MIN=MIN_SIZE,
+    """Compile-time arguments of stacked weights ``w1`` (L, hidden, 5) and ``w2`` (L, heads,
+    hidden). A bias in float32 takes float32 products; in 16 bits, TF32 ones on tensor cores,
+    which need 166 registers for the one-layer backward at sm_90 where float32 ones spill."""
+    layers, hidden, heads, n = w1.shape[0], w1.shape[1], w2.shape[1], boxes.shape[1]
+    p = max(16, triton.next_power_of_2(max(hidden, GEOMETRY_DIM + 1)))
+    return dict(H=heads, J=max(16, triton.next_power_of_2(n)), P=p, K=triton.next_power_of_2(layers * p),
+                O=max(16, triton.next_power_of_2(layers * heads)), F=GEOMETRY_DIM, ROWS=ROWS, MIN=MIN_SIZE,
                 EXACT=dtype == torch.float32, num_warps=4)
 
 
@@ -148,20 +171,21 @@ def register() -> SimpleNamespace:
     @triton_op("rgfusion::geometry_bias", mutates_args=())
     def bias_op(boxes: Tensor, adj: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                 dtype: torch.dtype) -> Tensor:
+        """(L, B, heads, N, N): every layer's bias from the layers' stacked weights."""
         batch, n = boxes.shape[:2]
-        out = torch.empty(batch, w2.shape[0], n, n, device=boxes.device, dtype=dtype)
-        wrap_triton(_forward)[(_programs(boxes),)](boxes, adj, w1, b1, w2, b2, out, n, w1.shape[0],
-                                            torch.finfo(dtype).min, **_meta(boxes, w1, w2, dtype))
+        out = torch.empty(w1.shape[0], batch, w2.shape[1], n, n, device=boxes.device, dtype=dtype)
+        wrap_triton(_forward)[(_programs(boxes),)](boxes, adj, w1, b1, w2, b2, out, batch, n, w1.shape[0], w1.shape[1],
+                                                   torch.finfo(dtype).min, **_meta(boxes, w1, w2, dtype))
         return out
 
     @triton_op("rgfusion::geometry_bias_backward", mutates_args=())
     def backward_op(grad: Tensor, boxes: Tensor, adj: Tensor, w1: Tensor, b1: Tensor, w2: Tensor) -> Tensor:
-        """The four weight gradients in float32, summed over the programs' shares (see ``_backward``)."""
+        """The weight gradients in float32, summed over the programs' shares (see ``_backward``)."""
         meta = _meta(boxes, w1, w2, grad.dtype)
-        p = meta["P"]
-        shares = torch.empty(_programs(boxes), 2 * p * p + p, device=boxes.device, dtype=torch.float32)
-        wrap_triton(_backward)[(_programs(boxes),)](boxes, adj, w1, b1, w2, grad, shares, boxes.shape[1], w1.shape[0],
-                                                    **meta)
+        p, k, o = meta["P"], meta["K"], meta["O"]
+        shares = torch.empty(_programs(boxes), p * k + k * o + o, device=boxes.device, dtype=torch.float32)
+        wrap_triton(_backward)[(_programs(boxes),)](boxes, adj, w1, b1, w2, grad, shares, boxes.shape[0],
+                                                    boxes.shape[1], w1.shape[0], w1.shape[1], **meta)
         return shares.sum(0)
 
     def setup_context(ctx, inputs, output) -> None:
@@ -172,12 +196,22 @@ def register() -> SimpleNamespace:
     def backward(ctx, grad: Tensor):
         boxes, adj, w1, b1, w2 = ctx.saved_tensors
         total = backward_op(grad.contiguous(), boxes, adj, w1, b1, w2)
-        (hid, f), heads = w1.shape, w2.shape[0]
-        p = _meta(boxes, w1, w2, grad.dtype)["P"]
-        first, second, bias2 = total.split([p * p, p * p, p])
-        first, second = first.view(p, p), second.view(p, p)
-        grads = first[:f, :hid].t(), first[f, :hid], second[:hid, :heads].t(), bias2[:heads]
+        grads = _unpack(total, w1, w2, _meta(boxes, w1, w2, grad.dtype))
         return None, None, *(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)), None
 
     register_autograd(bias_op, backward, setup_context=setup_context)
     return SimpleNamespace(bias=bias_op, backward=backward_op)
+
+
+def _unpack(total: Tensor, w1: Tensor, w2: Tensor, meta: dict) -> tuple[Tensor, ...]:
+    """The summed shares as the stacked weights' gradients: (L, hidden, 5), (L, hidden),
+    (L, heads, hidden), (L, heads)."""
+    (layers, hid, f), heads = w1.shape, w2.shape[1]
+    p, k, o = meta["P"], meta["K"], meta["O"]
+    first, second, bias2 = total.split([p * k, k * o, o])
+    # Column l·P + u of the first block is unit u of layer l; the second block is block-diagonal.
+    first = first.view(p, k)[:, : layers * p].view(p, layers, p)[:, :, :hid]  # (feature row, layer, unit)
+    second = second.view(k, o)[: layers * p, : layers * heads].view(layers, p, layers, heads)
+    second = torch.stack([second[l, :hid, l] for l in range(layers)])  # (layer, unit, head)
+    return (first[:f].permute(1, 2, 0), first[f], second.transpose(1, 2),
+            bias2[: layers * heads].view(layers, heads))

@@ -6,11 +6,13 @@ edge. At batch 128 that is 925,000 edges through two products padded from 5 and 
 ReLU, a layout copy and a masked fill forward, twice as many kernels backward: about 0.85 ms of
 an H200 step's kernel time for 0.02% of its FLOPs (benchmarks/RESULTS.md, session 12). With
 ``triton`` one kernel computes the features from the boxes, the MLP in registers and the masked
-bias in its final layout; one more gives the MLP's weight gradients
-(model/_triton_geometry_kernels.py). Edge features are then float32 throughout.
+bias in its final layout, for every graph layer at once; one more gives the MLPs' weight
+gradients (model/_triton_geometry_kernels.py). Edge features are then float32 throughout.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -20,22 +22,26 @@ from .attention import Attention
 from .geometry import relative_geometry
 
 
-def edge_bias(mlp: nn.Sequential, boxes: Tensor, adj: Tensor, dtype: torch.dtype, impl: Attention,
-              geometry: Tensor | None = None) -> Tensor:
-    """(B, heads, N, N) bias of node boxes (B, N, 4) through ``mlp`` (Linear, ReLU, Linear), in
-    ``dtype``; ``finfo(dtype).min`` where ``adj`` (B, N, N) has no edge. ``geometry``: the boxes'
-    ``relative_geometry`` if already computed (the math path reads it; the kernels derive it)."""
-    first, _, last = mlp
+def edge_biases(mlps: Sequence[nn.Sequential], boxes: Tensor, adj: Tensor, dtype: torch.dtype,
+                impl: Attention) -> list[Tensor]:
+    """One (B, heads, N, N) bias per MLP (Linear, ReLU, Linear) of node boxes (B, N, 4), in
+    ``dtype``; ``finfo(dtype).min`` where ``adj`` (B, N, N) has no edge. The edge features are
+    computed once for all of them, and the kernels compute all of them in one pass."""
     if fused(impl, boxes):
-        return ops().bias(boxes.float().contiguous(), adj.contiguous(), first.weight, first.bias, last.weight,
-                          last.bias, dtype)
-    geometry = relative_geometry(boxes) if geometry is None else geometry
-    bias = mlp(geometry.to(dtype)).permute(0, 3, 1, 2)
-    return bias.masked_fill(~adj[:, None], torch.finfo(bias.dtype).min)
+        first, last = [mlp[0] for mlp in mlps], [mlp[2] for mlp in mlps]
+        weights = [torch.stack([getattr(linear, name) for linear in layers])
+                   for layers in (first, last) for name in ("weight", "bias")]
+        return list(ops().bias(boxes.float().contiguous(), adj.contiguous(), *weights, dtype).unbind(0))
+    geometry = relative_geometry(boxes).to(dtype)
+    biases = []
+    for mlp in mlps:
+        bias = mlp(geometry).permute(0, 3, 1, 2)  # under autocast, not necessarily in ``dtype``
+        biases.append(bias.masked_fill(~adj[:, None], torch.finfo(bias.dtype).min))
+    return biases
 
 
 def fused(impl: Attention, boxes: Tensor) -> bool:
-    """Whether ``edge_bias`` runs the kernels for these boxes."""
+    """Whether ``edge_biases`` runs the kernels for these boxes."""
     return impl == "triton" and triton_attention.runs_on(boxes)
 
 

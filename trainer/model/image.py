@@ -7,9 +7,9 @@ from torch import Tensor, nn
 
 from .attention import cross_attend, self_attend
 from .config import ModelConfig
-from .edge_bias import edge_bias, fused
+from .edge_bias import edge_biases
 from .ffn import feed_forward
-from .geometry import GEOMETRY_DIM, joint_adjacency, node_boxes, relative_geometry
+from .geometry import GEOMETRY_DIM, joint_adjacency, node_boxes
 from .pooling import additive_mask, build_pooling
 
 BOX_FEATURES = 7
@@ -56,10 +56,9 @@ class GraphAttentionLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_mult * d), nn.GELU(), nn.Linear(cfg.ffn_mult * d, d))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, boxes: Tensor, adj: Tensor, valid: Tensor, geometry: Tensor | None) -> Tensor:
-        """``geometry``: the boxes' relative geometry when the bias's math path reads it."""
-        # Every row keeps its self loop, so no row is fully masked.
-        bias = edge_bias(self.geometry, boxes, adj, x.dtype, self.attention, geometry)
+    def forward(self, x: Tensor, bias: Tensor, valid: Tensor) -> Tensor:
+        """``bias``: this layer's geometry bias (``self.geometry`` through ``edge_biases``), whose
+        masked edges every row keeps its self loop among, so no row is fully masked."""
         p = self.dropout if self.training else 0.0
         att = self_attend(self.qkv(self.norm1(x)), bias, self.heads, p, self.attention)
         x = x + self.drop(self.out(att))
@@ -78,9 +77,9 @@ class JointGraph(nn.Module):
 
     def forward(self, x: Tensor, boxes: Tensor, adj: Tensor, valid: Tensor) -> Tensor:
         """``boxes``: (B, N, 4) of the nodes, whose relative geometry each layer's bias reads."""
-        geometry = None if fused(self.attention, boxes) else relative_geometry(boxes)  # once for all layers
-        for layer in self.layers:
-            x = layer(x, boxes, adj, valid, geometry)
+        biases = edge_biases([layer.geometry for layer in self.layers], boxes, adj, x.dtype, self.attention)
+        for layer, bias in zip(self.layers, biases):
+            x = layer(x, bias, valid)
         return self.norm(x).masked_fill(~valid[..., None], 0)
 
 
