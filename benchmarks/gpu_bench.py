@@ -263,6 +263,7 @@ def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, shape:
         update()
         return loss
 
+    step.embed = embed  # (image, caption) embeddings without the loss and update
     return step
 
 

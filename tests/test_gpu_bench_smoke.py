@@ -88,6 +88,46 @@ def test_one_tower_row_trains_that_tower_and_counts_its_flops(towers):
     assert 0 < bench.row_flops(built, shape) < full
 
 
+def tiny_bench(bench, **shape):
+    shape = bench.Shape(batch=4, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200, **shape)
+    v = next(v for v in bench.variants() if v.name == "full-bigru-fp32")
+    return bench.build_bench(v, shape, bench.torch.device("cpu"), None, tiny=True)
+
+
+def test_side_tower_image_gives_each_tower_its_own_embeddings():
+    """On the CPU no stream is made, but the towers swap places in ``beside``: each embedding must
+    still come back as its own."""
+    bench = load_bench()
+    embedded = []
+    for side in ("caption", "image"):
+        built = tiny_bench(bench, side_streams=True, side_tower=side)
+        built.model.eval()  # no dropout: both see the same function
+        embedded.append(built.step.embed(built.batches[0]))
+    (img, cap), (img_swapped, cap_swapped) = embedded
+    assert not bench.torch.allclose(img, cap)
+    bench.torch.testing.assert_close(img_swapped, img)
+    bench.torch.testing.assert_close(cap_swapped, cap)
+
+
+def test_geometry_per_layer_gives_the_one_pass_biases(monkeypatch):
+    """``--geometry per-layer`` (one kernel call per graph layer) against the default one pass for
+    all layers, through Triton's interpreter: the same image embeddings."""
+    pytest.importorskip("triton")
+    from rgfusion.trainer.model import image
+
+    bench = load_bench()
+    monkeypatch.setattr(image, "edge_biases", image.edge_biases)  # restored after the test
+    built = tiny_bench(bench, attention="triton")
+    built.model.eval()
+    b = built.batches[0]
+    with bench.torch.no_grad():
+        embed = lambda: built.model.embed_images(b["regions"], b["boxes"], b["region_mask"], b["grids"])  # noqa: E731
+        one_pass = embed()
+        bench.geometry_per_layer()
+        assert image.edge_biases.__name__ == "per_layer"
+        bench.torch.testing.assert_close(embed(), one_pass, atol=1e-6, rtol=1e-5)
+
+
 def test_suite_ab_runs_each_named_row_twice_in_turn(tmp_path):
     # gpu_suite.sh ab with a tiny CPU row in place of the GPU one (AB_ROW).
     import os
