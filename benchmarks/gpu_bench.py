@@ -361,7 +361,10 @@ def build_bench(v: Variant, shape: Shape, device: torch.device, hf_path: str | N
 
 def bench_variant(v: Variant, shape: Shape, device, hf_path, args) -> dict:
     bench = build_bench(v, shape, device, hf_path, args.tiny)
-    times = time_steps(bench.step, bench.batches, device, args.warmup, args.iters)
+    # Passes back to back: a machine whose clock falls as it warms shows in their medians.
+    passes = [time_steps(bench.step, bench.batches, device, args.warmup if i == 0 else 0, args.iters)
+              for i in range(args.passes)]
+    times = [t for p in passes for t in p]
     synced = time_steps(bench.step, bench.batches, device, 0, args.iters, back_to_back=False)
     med = statistics.median(times)
     flops = row_flops(bench, shape)
@@ -374,6 +377,7 @@ def bench_variant(v: Variant, shape: Shape, device, hf_path, args) -> dict:
         "params": count_parameters(bench.model),
         "step_ms": round(med * 1e3, 2),
         "step_ms_spread": round((max(times) - min(times)) * 1e3, 2),
+        **({"step_ms_passes": [round(statistics.median(p) * 1e3, 2) for p in passes]} if args.passes > 1 else {}),
         "step_ms_synced": round(statistics.median(synced) * 1e3, 2),
         "pairs_per_s": round(pairs, 1),
         "train_flops_per_pair": 3 * flops,
@@ -559,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="set torch._inductor.config.KEY (a Python literal), e.g. coordinate_descent_tuning=True")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--passes", type=int, default=1,
+                   help="time --iters steps this many times back to back; the row adds each pass's median")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--profile", default="", help="variant name to profile (table printed)")

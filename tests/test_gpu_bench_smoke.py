@@ -47,6 +47,16 @@ def test_tiny_cpu_fp32_and_bf16w_steps(tmp_path, attention):
     assert json.loads(out.read_text())["shape"]["attention"] == attention
 
 
+def test_passes_report_each_pass_median(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--tiny", "--no-eval", "--iters", "2", "--passes", "3", "--warmup", "1", "--batch", "4",
+            "--only", "full-bigru-fp32", "--out", str(out)]
+    assert load_bench().main(argv) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert len(row["step_ms_passes"]) == 3 and all(ms > 0 for ms in row["step_ms_passes"])
+    assert min(row["step_ms_passes"]) <= row["step_ms"] <= max(row["step_ms_passes"])
+
+
 def test_unknown_variant_is_an_error(capsys):
     with pytest.raises(SystemExit) as exc:
         load_bench().main(["--device", "cpu", "--tiny", "--no-eval", "--only", "full-bigru-fp32,no-such-variant"])
