@@ -547,6 +547,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--geometry", choices=("layers", "per-layer"), default="layers",
                    help="per-layer: the graph's geometry biases one kernel call per layer, not all layers "
                         "in one (an ablation, with --attention triton)")
+    p.add_argument("--sm-carveout", type=int, default=None, metavar="SMS",
+                   help="matrix products leave this many SMs free (torch's experimental cuBLASLt SM count "
+                        "target): persistent products then keep to one wave beside the other stream's kernels")
+    p.add_argument("--blas", choices=("cublas", "cublaslt"), default=None,
+                   help="torch.backends.cuda.preferred_blas_library for the products (default: torch's)")
     p.add_argument("--side-streams", action="store_true",
                    help="run the caption tower beside the image tower on a side CUDA stream")
     p.add_argument("--side-priority", choices=("high", "normal"), default="high",
@@ -597,6 +602,10 @@ def main(argv: list[str] | None = None) -> int:
     chosen = check_names(p, args)
     if args.ffn == "math":
         ffn_on_math_path()
+    if args.sm_carveout is not None:
+        torch._C._set_sm_carveout_experimental(args.sm_carveout)
+    if args.blas is not None:
+        torch.backends.cuda.preferred_blas_library(args.blas)
     if args.geometry == "per-layer":
         geometry_per_layer()
     hf_path = bert_dir(shape, args.tiny) if any(v.text == "bert" for v in chosen) or args.profile else None
@@ -607,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # one failing variant (e.g. a compile error) must not lose the rest
             rows.append({"name": v.name, "batch": shape.batch, "error": f"{type(e).__name__}: {e}"[:300]})
         print(json.dumps(rows[-1]), flush=True)
-    result = {"device": device_name(device), "torch": torch.__version__, "shape": dataclasses.asdict(shape), "rows": rows}
+    result = {"device": device_name(device), "torch": torch.__version__, "shape": dataclasses.asdict(shape),
+              "sm_carveout": torch._C._get_sm_carveout_experimental(), "rows": rows}
     if not args.no_eval:
         result["eval"] = bench_eval(shape, device, args)
         print(json.dumps(result["eval"]), flush=True)

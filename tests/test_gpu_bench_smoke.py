@@ -57,6 +57,22 @@ def test_passes_report_each_pass_median(tmp_path):
     assert min(row["step_ms_passes"]) <= row["step_ms"] <= max(row["step_ms_passes"])
 
 
+def test_sm_carveout_and_blas_library_are_set_and_recorded(tmp_path):
+    """cuBLAS, not cuBLASLt: a CPU build of torch refuses the latter."""
+    bench = load_bench()
+    out = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--tiny", "--no-eval", "--iters", "1", "--warmup", "1", "--batch", "4",
+            "--only", "full-bigru-fp32", "--sm-carveout", "16", "--blas", "cublas", "--out", str(out)]
+    library = bench.torch.backends.cuda.preferred_blas_library()
+    try:
+        assert bench.main(argv) == 0
+        assert bench.torch.backends.cuda.preferred_blas_library() == bench.torch._C._BlasBackend.Cublas
+    finally:
+        bench.torch._C._set_sm_carveout_experimental(None)
+        bench.torch.backends.cuda.preferred_blas_library(library)
+    assert json.loads(out.read_text())["sm_carveout"] == 16
+
+
 def test_unknown_variant_is_an_error(capsys):
     with pytest.raises(SystemExit) as exc:
         load_bench().main(["--device", "cpu", "--tiny", "--no-eval", "--only", "full-bigru-fp32,no-such-variant"])
