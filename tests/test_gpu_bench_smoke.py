@@ -73,6 +73,13 @@ def test_sm_carveout_and_blas_library_are_set_and_recorded(tmp_path):
     assert json.loads(out.read_text())["sm_carveout"] == 16
 
 
+def test_passes_below_one_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        load_bench().main(["--device", "cpu", "--tiny", "--no-eval", "--passes", "0"])
+    assert exc.value.code == 2
+    assert "--passes 0: at least 1" in capsys.readouterr().err
+
+
 def test_unknown_variant_is_an_error(capsys):
     with pytest.raises(SystemExit) as exc:
         load_bench().main(["--device", "cpu", "--tiny", "--no-eval", "--only", "full-bigru-fp32,no-such-variant"])

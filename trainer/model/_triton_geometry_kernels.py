@@ -84,14 +84,21 @@ def _second_layers(w2, k, o, L, HID, H: tl.constexpr, P: tl.constexpr):
 
 
 @triton.jit
+def _bias_offsets(o, b, i, j, B, N, H: tl.constexpr):
+    """Offsets of node ``i``'s row of every layer's bias, (L, B, H, N, N), as a (J, O) block:
+    column o is head o % H of layer o // H. Offsets, not addresses: see ``_forward``."""
+    return (((o[None, :] // H) * B + b) * H + o[None, :] % H) * N * N + i * N + j[:, None]
+
+
+@triton.jit
 def _forward(boxes, adj, w1, b1, w2, b2, out, B, N, L, HID, fill, H: tl.constexpr, J: tl.constexpr,
              P: tl.constexpr, K: tl.constexpr, O: tl.constexpr, F: tl.constexpr, ROWS: tl.constexpr,
              MIN: tl.constexpr, EXACT: tl.constexpr):
     """ROWS nodes of one image: each one's bias over all its edges, every head of every layer, in
     two small products."""
-    # Index vectors are made here, not returned by a helper: torch's analysis of which tensors a
-    # kernel writes takes every tensor a helper was given as written when a stored-to address
-    # depends on that helper's result, and would take the weights (leaves) as written.
+    # Index vectors are made here, and a helper gives offsets, never addresses: torch's analysis
+    # of which tensors a kernel writes takes every tensor a helper was given as written when a
+    # stored-to address depends on that helper's result, and would take the weights (leaves) as written.
     pid = tl.program_id(0)
     blocks = tl.cdiv(N, ROWS)
     b, first = pid // blocks, pid % blocks * ROWS
@@ -107,8 +114,8 @@ def _forward(boxes, adj, w1, b1, w2, b2, out, B, N, L, HID, fill, H: tl.constexp
         value = _mm(hidden, weight2, EXACT) + bias2
         edge = tl.load(adj + (b * N + i) * N + j, mask=real, other=0) != 0
         value = tl.where(edge[:, None], value, tl.cast(fill, tl.float32))
-        tl.store(out + (((o[None, :] // H) * B + b) * H + o[None, :] % H) * N * N + i * N + j[:, None],
-                 value.to(out.dtype.element_ty), mask=real[:, None] & (o[None, :] < L * H))
+        tl.store(out + _bias_offsets(o, b, i, j, B, N, H), value.to(out.dtype.element_ty),
+                 mask=real[:, None] & (o[None, :] < L * H))
 
 
 @triton.jit
@@ -134,8 +141,8 @@ def _backward(boxes, adj, w1, b1, w2, grad, shares, B, N, L, HID, H: tl.constexp
         pre = _mm(x, weight1, EXACT)
         # A non-edge holds the fill, not the MLP's output: no gradient flows there.
         edge = (tl.load(adj + (b * N + i) * N + j, mask=real, other=0) != 0) & real
-        g = tl.load(grad + (((o[None, :] // H) * B + b) * H + o[None, :] % H) * N * N + i * N + j[:, None],
-                    mask=edge[:, None] & (o[None, :] < L * H), other=0.0).to(tl.float32)
+        g = tl.load(grad + _bias_offsets(o, b, i, j, B, N, H), mask=edge[:, None] & (o[None, :] < L * H),
+                    other=0.0).to(tl.float32)
         d_weight2 += _mm(tl.trans(tl.maximum(pre, 0.0)), g, EXACT)
         d_bias2 += tl.sum(g, 0)
         d_pre = tl.where(pre > 0, _mm(g, weight2_t, EXACT), 0.0)

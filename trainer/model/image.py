@@ -57,8 +57,8 @@ class GraphAttentionLayer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, bias: Tensor, valid: Tensor) -> Tensor:
-        """``bias``: this layer's geometry bias (``self.geometry`` through ``edge_biases``), whose
-        masked edges every row keeps its self loop among, so no row is fully masked."""
+        """``bias``: this layer's geometry bias, ``self.geometry`` through ``edge_biases``. Every
+        row keeps its self loop, so no row is fully masked."""
         p = self.dropout if self.training else 0.0
         att = self_attend(self.qkv(self.norm1(x)), bias, self.heads, p, self.attention)
         x = x + self.drop(self.out(att))
