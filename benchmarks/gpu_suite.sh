@@ -13,6 +13,7 @@
 #   TRAIN_IMAGES=6000 bash benchmarks/gpu_suite.sh setup data graphs      # 1 GPU: loader memory, trainer captured or not
 #   bash benchmarks/gpu_suite.sh setup attention                          # 1 GPU: the attention kernels per launch option
 #   AB="kernels:;compiled:--adamw compiled" bash benchmarks/gpu_suite.sh setup ab  # 1 GPU: BERT rows A, B, A, B
+#   AB="main:;q4:CUDA_SCALE_LAUNCH_QUEUES=4x" ...                                   # (a row's environment first)
 # Results (logs, JSON, the MLflow store as a tarball) land in $OUT; more than 8 files there are
 # packed into one suite.tgz at the end, the most the device tool brings back.
 # `setup` installs from ./.whl, for machines without a network. Fill it on one with the network,
@@ -215,7 +216,12 @@ ab() {  # one GPU: the BERT row once per "name:flags" in AB (';' between them), 
     for pair in "${pairs[@]}"; do
       local name=${pair%%:*} flags=${pair#*:}
       local file="$OUT/ab_${name}_$pass"
-      $row $flags --out "$file.json" > "$file.log" 2>&1
+      # Leading NAME=VALUE words are the row's environment, e.g. "q4:CUDA_SCALE_LAUNCH_QUEUES=4x".
+      local envs=() args=() word
+      for word in $flags; do
+        if [[ ${#args[@]} -eq 0 && $word =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; then envs+=("$word"); else args+=("$word"); fi
+      done
+      env "${envs[@]}" $row "${args[@]}" --out "$file.json" > "$file.log" 2>&1
       echo "$name, pass $pass: $(grep -oE '"(step_ms|step_ms_spread|mfu_bf16_peak|error)": [^,}]*' "$file.log" | tr '\n' ' ')"
     done
   done | tee "$OUT/ab.txt"

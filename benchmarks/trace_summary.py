@@ -8,6 +8,7 @@ replayed inside a CUDA graph appear in the trace too, so a captured step can be 
     python benchmarks/trace_summary.py trace.json.gz --steps 5 [--timeline 500]
     python benchmarks/trace_summary.py trace.json.gz --steps 5 --origins 'reduce_kernel'
     python benchmarks/trace_summary.py trace.json.gz --steps 5 --by-grid   # one line per kernel and grid
+    python benchmarks/trace_summary.py trace.json.gz --steps 5 --per-step  # when each stream starts and ends
 
 ``--origins REGEX`` says where the matching kernels were launched from: the CPU ops and, in a
 trace recorded with Python stacks (``gpu_bench.py --profile V --stack``), the Python frames
@@ -135,6 +136,41 @@ def timeline(kernels: list[dict], steps: int, bucket_us: float, name_width: int 
     return "\n".join(lines)
 
 
+def replays(kernels: list[dict], steps: int) -> list[list[dict]]:
+    """The kernels of each of the ``steps`` CUDA-graph replays, in time order. A replay's kernels
+    share the correlation id of its graph launch; the copies into the captured batch before it
+    have their own ids and are left out."""
+    groups: dict[object, list[dict]] = defaultdict(list)
+    for k in kernels:
+        groups[k.get("args", {}).get("correlation")].append(k)
+    groups.pop(None, None)
+    largest = sorted(groups.values(), key=len, reverse=True)[:steps]
+    if len(largest) < steps or len(largest[-1]) < 2:
+        raise SystemExit(f"--per-step: fewer than {steps} graph replays in the trace (was the step captured?)")
+    return sorted(largest, key=lambda g: min(float(k["ts"]) for k in g))
+
+
+def per_step(kernels: list[dict], steps: int) -> str:
+    """Per replay: the idle gap since the previous replay's last kernel, then per CUDA stream its
+    first kernel's start, its last kernel's end and its busy time, all in µs from the replay's
+    first kernel. Unlike the first step's timeline, later steps start on a GPU that was busy:
+    a stream that starts late there waits inside the graph, not for the host."""
+    lines = ["per step (one CUDA-graph replay each; µs from its first kernel): gap before | "
+             "per stream: first..last (busy) | end"]
+    previous_end = None
+    for i, group in enumerate(replays(kernels, steps)):
+        t0, end = min(float(k["ts"]) for k in group), max(span_end(k) for k in group)
+        by_stream: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for k in group:
+            by_stream[str(k.get("tid"))].append((float(k["ts"]), span_end(k)))
+        cells = [f"stream {s} {min(a for a, _ in ivs) - t0:6.0f}..{max(b for _, b in ivs) - t0:6.0f} "
+                 f"({union_length(ivs):6.0f})" for s, ivs in sorted(by_stream.items())]
+        gap = "" if previous_end is None else f"{t0 - previous_end:6.0f}"
+        lines.append(f"  {i + 1:3d} | {gap:>6s} | " + " | ".join(cells) + f" | {end - t0:6.0f}")
+        previous_end = end
+    return "\n".join(lines)
+
+
 HOST_SPANS = ("cpu_op", "python_function", "user_annotation")
 
 
@@ -213,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also print where the kernels whose name matches REGEX were launched from")
     p.add_argument("--depth", type=int, default=4, help="with --origins: host spans shown per launch, innermost")
     p.add_argument("--by-grid", action="store_true", help="rank kernels by name and grid, not by name alone")
+    p.add_argument("--per-step", action="store_true",
+                   help="also print, per captured step, when each stream starts and ends")
     args = p.parse_args(argv)
     try:
         pattern = re.compile(args.origins) if args.origins else None
@@ -224,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     print(summarise(kernels, steps, args.top, args.by_grid))
     if args.timeline > 0:
         print(timeline(kernels, steps, args.timeline))
+    if args.per_step:
+        print(per_step(kernels, steps))
     if pattern is not None:
         print(origins(events, kernels, pattern, steps, max(args.depth, 1), args.top))
     return 0

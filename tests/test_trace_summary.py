@@ -129,3 +129,31 @@ def test_by_grid_ranks_one_kernel_per_shape(tmp_path, capsys):
                      ["0.005", "ms", "1", "5.0", "_forward", "grid=1536x1x1"]]
     assert load().main([str(path)]) == 0
     assert [line.split()[-1] for line in capsys.readouterr().out.splitlines() if "_forward" in line] == ["_forward"]
+
+
+def replayed(name, ts, dur, stream, correlation):
+    return {**kernel(name, ts, dur, stream), "args": {"correlation": correlation}}
+
+
+def test_per_step_reads_each_graph_replay_by_its_launch(tmp_path, capsys):
+    # Two replays of 100 µs (correlations 5 and 8), each after a copy of its own (4 and 7). In the
+    # second, stream 9 starts 30 µs late; the first starts 10 µs after the copy before it.
+    events = [replayed("Memcpy DtoD", 0, 5, 7, 4), replayed("nvjet_gemm", 10, 60, 7, 5),
+              replayed("triton_poi_add", 80, 30, 7, 5), replayed("cutlass_wmma", 10, 40, 9, 5),
+              replayed("Memcpy DtoD", 115, 5, 7, 7), replayed("nvjet_gemm", 120, 100, 7, 8),
+              replayed("cutlass_wmma", 150, 20, 9, 8), replayed("cutlass_wmma", 160, 30, 9, 8)]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    assert load().main([str(path), "--steps", "2", "--per-step"]) == 0
+    rows = capsys.readouterr().out.split("per step (")[1].splitlines()[1:]
+    assert [r.split() for r in rows] == [
+        ["1", "|", "|", "stream", "7", "0..", "100", "(", "90)", "|", "stream", "9", "0..", "40", "(", "40)", "|", "100"],
+        ["2", "|", "10", "|", "stream", "7", "0..", "100", "(", "100)", "|", "stream", "9", "30..", "70", "(", "40)",
+         "|", "100"]]
+
+
+def test_per_step_without_graph_replays_is_an_error(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": [kernel("nvjet_gemm", 0, 10, 7)]}))
+    with pytest.raises(SystemExit, match="fewer than 2 graph replays"):
+        load().main([str(path), "--steps", "2", "--per-step"])
