@@ -93,6 +93,9 @@ class Shape:
     # torch.compile mode of the image tower alone in compiled variants ("": the variant's mode), so
     # inductor's GEMM autotuning (and its GELU epilogues) can be tried where most products are
     image_compile: str = ""
+    # inductor options of the image tower's compile alone, e.g. (("triton.mix_order_reduction", False),):
+    # its stream holds the step's critical path since session 17
+    image_inductor: tuple[tuple[str, object], ...] = ()
     # bf16w's FlatAdamW update: "kernels" (Triton, the gradients read in place) or "compiled"
     # (inductor, the gradients gathered into one flat buffer first)
     adamw: str = "kernels"
@@ -242,7 +245,8 @@ def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, shape:
 
     if v.compile_mode:  # each tower on its own, so the two can run on two streams
         options = compile_options(v.compile_mode, eager_random=shape.eager_random)
-        image_options = compile_options(shape.image_compile or v.compile_mode, eager_random=shape.eager_random)
+        image_options = {**compile_options(shape.image_compile or v.compile_mode, eager_random=shape.eager_random),
+                         **dict(shape.image_inductor)}
         images, captions = torch.compile(images, options=image_options), torch.compile(captions, options=options)
     stand_in = torch.randn(shape.batch, model.cfg.width, device=device)
 
@@ -482,14 +486,15 @@ def profile_variant(v: Variant, shape: Shape, device, hf_path, args) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90)
 
 
-def set_inductor(p: argparse.ArgumentParser, item: str) -> None:
-    """``KEY=VALUE`` into torch._inductor.config; an unknown key or a bad literal is a usage error."""
+def inductor_option(p: argparse.ArgumentParser, flag: str, item: str) -> tuple[str, object]:
+    """``KEY=VALUE`` as a torch._inductor.config key and value; an unknown key or a bad literal is
+    a usage error."""
     key, _, value = item.partition("=")
     try:
         getattr(torch._inductor.config, key)  # an unknown key raises here instead of being set
-        setattr(torch._inductor.config, key, ast.literal_eval(value))
+        return key, ast.literal_eval(value)
     except (AttributeError, ValueError, SyntaxError) as e:
-        p.error(f"--inductor {item}: {type(e).__name__}: {e}")
+        p.error(f"{flag} {item}: {type(e).__name__}: {e}")
 
 
 def check_names(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[Variant]:
@@ -539,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="compiled dropout's random numbers: PyTorch's kernels (the trainer's default) or inductor's")
     p.add_argument("--image-compile", choices=("", "default", "max-autotune-no-cudagraphs"), default="",
                    help="torch.compile mode of the image tower alone in compiled variants (default: the variant's)")
+    p.add_argument("--image-inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="an inductor option of the image tower's compile alone, e.g. triton.mix_order_reduction=False")
     p.add_argument("--adamw", choices=("kernels", "compiled"), default="kernels",
                    help="bf16w's optimizer update on CUDA: Triton kernels, or inductor's over gathered gradients")
     p.add_argument("--ffn", choices=("model", "math"), default="model",
@@ -588,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
                                 fused_bert=args.fused_bert == "on",
                                 towers=args.towers, text_sdpa=args.text_sdpa,
                                 eager_random=args.compile_random == "eager", image_compile=args.image_compile,
+                                image_inductor=tuple(inductor_option(p, "--image-inductor", i) for i in args.image_inductor),
                                 adamw=args.adamw)
     if args.text_sdpa:  # the one kernel allowed: an unsupported case raises instead of falling back
         torch.backends.cuda.enable_flash_sdp(False)
@@ -600,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.allow_tf32 = True
     torch._inductor.config.force_shape_pad = args.pad_shapes
     for item in args.inductor:
-        set_inductor(p, item)
+        setattr(torch._inductor.config, *inductor_option(p, "--inductor", item))
     chosen = check_names(p, args)
     if args.ffn == "math":
         ffn_on_math_path()

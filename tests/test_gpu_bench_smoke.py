@@ -94,6 +94,22 @@ def test_bad_inductor_option_is_a_usage_error(capsys):
     assert "--inductor no_such_option=1" in capsys.readouterr().err
 
 
+def test_image_inductor_options_reach_the_image_towers_compile_alone(monkeypatch, capsys):
+    bench = load_bench()
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--device", "cpu", "--tiny", "--no-eval", "--image-inductor", "triton.no_such_option=1"])
+    assert exc.value.code == 2 and "--image-inductor triton.no_such_option=1" in capsys.readouterr().err
+    compiled = []
+    monkeypatch.setattr(bench.torch, "compile", lambda fn, options: compiled.append((fn.__name__, options)) or fn)
+    shape = bench.Shape(batch=4, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200,
+                        image_inductor=(("triton.mix_order_reduction", False),))
+    v = next(v for v in bench.variants() if v.name == "full-bigru-fp32-default")
+    bench.build_bench(v, shape, bench.torch.device("cpu"), None, tiny=True)
+    options = dict(compiled)
+    assert options["images"]["triton.mix_order_reduction"] is False
+    assert "triton.mix_order_reduction" not in options["captions"]
+
+
 def test_profile_writes_a_gzipped_chrome_trace(tmp_path):
     import gzip
 
@@ -168,7 +184,7 @@ def test_suite_ab_runs_each_named_row_twice_in_turn(tmp_path):
 
     suite = BENCH.parent / "gpu_suite.sh"
     row = f"{sys.executable} {BENCH} --device cpu --tiny --no-eval --iters 1 --warmup 1 --batch 4 --only full-bigru-fp32"
-    env = {**os.environ, "OUT": str(tmp_path), "AB_ROW": row, "AB": "plain:;math:--attention math"}
+    env = {**os.environ, "OUT": str(tmp_path), "AB_ROW": row, "AB": "plain:;math:RGF_ROW=math --attention math"}
     subprocess.run(["bash", str(suite), "ab"], env=env, check=True, capture_output=True, timeout=600)
     with tarfile.open(tmp_path / "suite.tgz") as tar:  # past 8 files the suite packs them
         lines = tar.extractfile("ab.txt").read().decode().splitlines()
