@@ -3,6 +3,7 @@
     python3 benchmarks/kernel_resources.py                       # sm_90 (H100/H200), the default launch
     python3 benchmarks/kernel_resources.py --warps 4 8 --blocks 32 64 --arch 90
     python3 benchmarks/kernel_resources.py --shapes geometry     # the graph's geometry-bias kernels
+    python3 benchmarks/kernel_resources.py --shapes graph --forward-keys 0 64 128   # the forward's key tiles
 
 The attention kernels at the BERT step's three shapes, and ``geometry``: the geometry-bias
 kernels at the graph's (85 nodes, two layers of 16 hidden units and 8 heads, a bf16 bias; the block column
@@ -41,7 +42,8 @@ SHAPES = {
 }
 KERNELS = {"forward": kernels._forward, "backward_query": kernels._backward_query,
            "backward_key": kernels._backward_key}
-CONSTANTS = ("H", "D", "BLOCK", "SELF", "HAS_BIAS", "DROPOUT", "EXACT", "BIAS_GRAD", "KEYS_FIT", "QUERIES_FIT")
+CONSTANTS = ("H", "D", "BLOCK", "KEY_BLOCK", "SELF", "HAS_BIAS", "DROPOUT", "HALVES", "EXACT", "BIAS_GRAD", "KEYS_FIT",
+             "QUERIES_FIT")
 GEOMETRY_KERNELS = {"forward": geometry._forward, "backward": geometry._backward}
 GEOMETRY_TYPES = {"boxes": "*fp32", "adj": "*i1", "shares": "*fp32", "B": "i32", "N": "i32", "L": "i32", "HID": "i32",
                   "fill": "fp32"}
@@ -67,11 +69,14 @@ def signature(fn, dtype: str) -> dict[str, str]:
     return types
 
 
-def resources(kernel: str, shape: str, block: int, warps: int, stages: int, dropout: bool, arch: int) -> dict:
+def resources(kernel: str, shape: str, block: int, warps: int, stages: int, dropout: bool, arch: int,
+              key_block: int) -> dict:
+    """``key_block``: keys per tile of the forward (the backward's tiles are ``block`` square)."""
     head, heads, self_attention, bias, bias_grad, queries, keys = SHAPES[shape]
     fn = KERNELS[kernel]
-    values = dict(H=heads, D=head, BLOCK=block, SELF=self_attention, HAS_BIAS=bias, DROPOUT=dropout, EXACT=False,
-                  BIAS_GRAD=bias_grad, KEYS_FIT=keys <= block, QUERIES_FIT=queries <= block)
+    values = dict(H=heads, D=head, BLOCK=block, KEY_BLOCK=key_block, SELF=self_attention, HAS_BIAS=bias,
+                  DROPOUT=dropout, HALVES=True, EXACT=False, BIAS_GRAD=bias_grad,
+                  KEYS_FIT=keys <= (key_block if kernel == "forward" else block), QUERIES_FIT=queries <= block)
     constants = {(i,): values[n] for i, n in enumerate(fn.arg_names) if n in CONSTANTS}
     return usage(ASTSource(fn=fn, signature=signature(fn, "bf16"), constexprs=constants), warps, stages, arch)
 
@@ -105,9 +110,11 @@ def main() -> None:
     p.add_argument("--stages", nargs="+", type=int, default=[kernels.LAUNCH.num_stages])
     p.add_argument("--blocks", nargs="+", type=int, default=[0], help="rows per tile (0: the kernels' own choice)")
     p.add_argument("--dropout", nargs="+", type=int, default=[1], help="1: with dropout's mask, 0: without")
+    p.add_argument("--forward-keys", nargs="+", type=int, default=[0],
+                   help="keys per tile of the forward (0: as many as its rows)")
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for Hopper")
     args = p.parse_args()
-    print(f"{'shape':8s} {'kernel':15s} {'block':>5s} {'warps':>5s} {'stages':>6s} {'drop':>4s} "
+    print(f"{'shape':8s} {'kernel':15s} {'block':>7s} {'warps':>5s} {'stages':>6s} {'drop':>4s} "
           f"{'regs':>4s} {'spill B':>7s} {'smem B':>7s} {'per SM':>6s}")
     if "geometry" in args.shapes:
         for kernel, warps, stages in itertools.product(GEOMETRY_KERNELS, args.warps, args.stages):
@@ -115,16 +122,20 @@ def main() -> None:
                 geometry_resources(kernel, warps, stages, args.arch))
     for shape, kernel in itertools.product([s for s in args.shapes if s in SHAPES], KERNELS):
         head, *_, queries, keys = SHAPES[shape]
-        for block, warps, stages, dropout in itertools.product(args.blocks, args.warps, args.stages, args.dropout):
+        key_tiles = args.forward_keys if kernel == "forward" else [0]
+        for block, key_block, warps, stages, dropout in itertools.product(args.blocks, key_tiles, args.warps,
+                                                                         args.stages, args.dropout):
             block = block or block_size(max(queries, keys), head)
             if kernel == "backward_query" and keys <= block:
                 continue  # keys in one block: no query pass
-            row(shape, kernel, block, warps, stages, dropout,
-                resources(kernel, shape, block, warps, stages, bool(dropout), args.arch))
+            tile = f"{block}" if not key_block or key_block == block else f"{block}x{key_block}"
+            row(shape, kernel, tile, warps, stages, dropout,
+                resources(kernel, shape, block, warps, stages, bool(dropout), args.arch, key_block or block))
 
 
-def row(shape: str, kernel: str, block: int, warps: int, stages: int, dropout: int, r: dict) -> None:
-    print(f"{shape:8s} {kernel:15s} {block:5d} {warps:5d} {stages:6d} {dropout:4d} {r['registers']:4d} "
+def row(shape: str, kernel: str, tile: int | str, warps: int, stages: int, dropout: int, r: dict) -> None:
+    """``tile``: rows per tile, or ROWSxKEYS for a forward whose key tiles differ."""
+    print(f"{shape:8s} {kernel:15s} {tile!s:>7s} {warps:5d} {stages:6d} {dropout:4d} {r['registers']:4d} "
           f"{r['spill_bytes']:7d} {r['shared']:7d} {r['programs_per_sm']:6d}", flush=True)
 
 

@@ -379,6 +379,38 @@ def test_triton_attention_equals_the_reference(dtype, shape):
         torch.testing.assert_close(a.double(), b.double(), atol=tol * 4, rtol=tol * 4)
 
 
+@pytest.mark.parametrize("launch", [dict(), dict(dropout_bits=32), dict(forward_keys=128)])
+def test_triton_attention_dropout_is_the_mask_the_backward_assumes(launch, monkeypatch):
+    """Compiled for the GPU at the graph's shape (85 nodes: three tiles of 32 keys backward; heads
+    of 128): the weights the forward drops, read back as in test_triton_attention.keep_mask, are
+    the ones the backward's gradients assume, with 16 or 32 random bits and any forward key tile."""
+    from test_triton_attention import reference
+
+    from rgfusion.trainer.model import _triton_attention_kernels as kernels
+    from rgfusion.trainer.model import triton_attention
+
+    monkeypatch.setattr(kernels, "LAUNCH", kernels.Launch(**launch))
+    b, t, heads, d, p = 2, 85, 2, 128, 0.1
+    probe = torch.zeros(b, t, heads, 3, d, device=DEVICE)
+    probe[:, :, :, 2, :t] = torch.eye(t, device=DEVICE)[None, :, None]  # q = k = 0, values the unit vectors
+    torch.manual_seed(3)
+    dropped = triton_attention.self_attention(probe.permute(0, 1, 3, 2, 4).reshape(b, t, -1), None, heads, p)
+    keep = (dropped.view(b, t, heads, d)[..., :t].permute(0, 2, 1, 3) > 0).cpu()
+    assert 0.87 < keep.double().mean().item() < 0.93
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(b, t, 3 * heads * d, generator=g).double().requires_grad_(),
+              torch.randn(b, heads, t, t, generator=g).double().requires_grad_()]
+    ours = [x.detach().float().to(DEVICE).requires_grad_() for x in inputs]
+    torch.manual_seed(3)
+    out = triton_attention.self_attention(ours[0], ours[1], heads, p)
+    ref = reference(inputs[0], None, inputs[1], heads, keep, p)
+    torch.testing.assert_close(out.cpu().double(), ref.detach(), atol=1e-4, rtol=1e-4)
+    weight = torch.randn(ref.shape, dtype=torch.float64)
+    got = torch.autograd.grad((out * weight.float().to(DEVICE)).sum(), ours)
+    for a, want in zip(got, torch.autograd.grad((ref * weight).sum(), inputs)):
+        torch.testing.assert_close(a.cpu().double(), want, atol=4e-4, rtol=4e-4)
+
+
 def test_compiled_captured_bert_with_the_triton_kernel_draws_new_dropout_each_replay():
     """Compiled as the trainer compiles (PyTorch's random numbers) and captured in a CUDA graph,
     the kernel's forward matches the eager one from the same generator state, and each replay
@@ -434,10 +466,11 @@ def test_attention_bench_times_each_kernel(tmp_path, monkeypatch):
     spec.loader.exec_module(attention_bench)
     out = tmp_path / "sweep.json"
     monkeypatch.setattr(sys, "argv", ["attention_bench", "--shapes", "graph", "caption", "--batch", "4", "--iters", "2",
-                                      "--blocks", "0", "64", "--dropout", "0.1", "0", "--out", str(out)])
+                                      "--blocks", "0", "64", "--dropout", "0.1", "0", "--dropout-bits", "16", "32",
+                                      "--out", str(out)])
     attention_bench.main()
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 8 and all("error" not in r for r in rows)
+    assert len(rows) == 16 and all("error" not in r for r in rows)
     graph = [r for r in rows if r["shape"] == "graph" and r["block"] == "auto"][0]
     assert set(graph["kernels_us"]) == {"_forward", "_backward_query", "_backward_key"}
 

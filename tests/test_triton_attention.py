@@ -29,8 +29,8 @@ def reference(q, kv, bias, heads, keep=None, p=0.0):
         (q,), (k, v) = heads_of(q, q.shape[1], heads, 1), heads_of(kv, kv.shape[1], heads, 2)
     scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
     weights = torch.softmax(scores if bias is None else scores + bias.double(), dim=-1)
-    if keep is not None:
-        weights = weights * keep / (1 - p)
+    if keep is not None:  # the kernels' rate: p in 65,536ths
+        weights = weights * keep / (1 - triton_attention.dropout_rate(p))
     out = weights @ v
     return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
 
@@ -214,6 +214,27 @@ def test_any_block_size_gives_the_same_result(block, monkeypatch):
     torch.manual_seed(4)
     out = triton_attention.self_attention(qkv, bias, 2, 0.2)
     assert_same(out, reference(qkv, None, bias, 2, keep, 0.2), [qkv, bias], 1e-5)
+
+
+@pytest.mark.parametrize("launch", [dict(dropout_bits=32), dict(forward_keys=64), dict(block=16, forward_keys=64)])
+def test_dropout_bits_and_forward_key_tiles_keep_forward_and_backward_in_step(launch, monkeypatch):
+    # The backward redraws the forward's mask with its own tiles: 33 keys in one 64-key tile
+    # forward, in 32- or 16-key tiles backward, must meet the same random numbers.
+    from rgfusion.trainer.model import _triton_attention_kernels as kernels
+
+    monkeypatch.setattr(kernels, "LAUNCH", kernels.Launch(**launch))
+    qkv, _ = case(b=2, t=33, heads=2, d=32, lengths=(33, 33))
+    bias = torch.randn(2, 2, 33, 33).requires_grad_()
+    keep = keep_mask(2, 33, 2, 0.2, rng_seed=4)
+    assert 0.7 < keep.double().mean().item() < 0.9
+    torch.manual_seed(4)
+    out = triton_attention.self_attention(qkv, bias, 2, 0.2)
+    assert_same(out, reference(qkv, None, bias, 2, keep, 0.2), [qkv, bias], 1e-5)
+
+
+def test_dropout_rate_is_the_asked_one_in_65536ths():
+    assert triton_attention.dropout_rate(0.1) == 6554 / 65536
+    assert triton_attention.dropout_rate(0.0) == 0.0 and triton_attention.dropout_rate(0.5) == 0.5
 
 
 def test_kernel_resources_compiles_for_a_gpu_this_machine_lacks():
