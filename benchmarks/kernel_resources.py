@@ -42,7 +42,7 @@ SHAPES = {
 }
 KERNELS = {"forward": kernels._forward, "backward_query": kernels._backward_query,
            "backward_key": kernels._backward_key}
-CONSTANTS = ("H", "D", "BLOCK", "KEY_BLOCK", "SELF", "HAS_BIAS", "DROPOUT", "HALVES", "EXACT", "BIAS_GRAD", "KEYS_FIT",
+CONSTANTS = ("H", "D", "BLOCK", "KEY_BLOCK", "SELF", "HAS_BIAS", "DROPOUT", "EXACT", "BIAS_GRAD", "KEYS_FIT",
              "QUERIES_FIT")
 GEOMETRY_KERNELS = {"forward": geometry._forward, "backward": geometry._backward}
 GEOMETRY_TYPES = {"boxes": "*fp32", "adj": "*i1", "shares": "*fp32", "B": "i32", "N": "i32", "L": "i32", "HID": "i32",
@@ -75,7 +75,7 @@ def resources(kernel: str, shape: str, block: int, warps: int, stages: int, drop
     head, heads, self_attention, bias, bias_grad, queries, keys = SHAPES[shape]
     fn = KERNELS[kernel]
     values = dict(H=heads, D=head, BLOCK=block, KEY_BLOCK=key_block, SELF=self_attention, HAS_BIAS=bias,
-                  DROPOUT=dropout, HALVES=True, EXACT=False, BIAS_GRAD=bias_grad,
+                  DROPOUT=dropout, EXACT=False, BIAS_GRAD=bias_grad,
                   KEYS_FIT=keys <= (key_block if kernel == "forward" else block), QUERIES_FIT=queries <= block)
     constants = {(i,): values[n] for i, n in enumerate(fn.arg_names) if n in CONSTANTS}
     return usage(ASTSource(fn=fn, signature=signature(fn, "bf16"), constexprs=constants), warps, stages, arch)
@@ -111,7 +111,7 @@ def main() -> None:
     p.add_argument("--blocks", nargs="+", type=int, default=[0], help="rows per tile (0: the kernels' own choice)")
     p.add_argument("--dropout", nargs="+", type=int, default=[1], help="1: with dropout's mask, 0: without")
     p.add_argument("--forward-keys", nargs="+", type=int, default=[0],
-                   help="keys per tile of the forward (0: as many as its rows)")
+                   help="keys per tile of the forward (0: the kernels' own choice)")
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for Hopper")
     args = p.parse_args()
     print(f"{'shape':8s} {'kernel':15s} {'block':>7s} {'warps':>5s} {'stages':>6s} {'drop':>4s} "
@@ -128,9 +128,10 @@ def main() -> None:
             block = block or block_size(max(queries, keys), head)
             if kernel == "backward_query" and keys <= block:
                 continue  # keys in one block: no query pass
-            tile = f"{block}" if not key_block or key_block == block else f"{block}x{key_block}"
+            key_block = key_block or (kernels.forward_key_block(keys, block) if kernel == "forward" else block)
+            tile = f"{block}" if key_block == block else f"{block}x{key_block}"
             row(shape, kernel, tile, warps, stages, dropout,
-                resources(kernel, shape, block, warps, stages, bool(dropout), args.arch, key_block or block))
+                resources(kernel, shape, block, warps, stages, bool(dropout), args.arch, key_block))
 
 
 def row(shape: str, kernel: str, tile: int | str, warps: int, stages: int, dropout: int, r: dict) -> None:

@@ -29,8 +29,8 @@ def reference(q, kv, bias, heads, keep=None, p=0.0):
         (q,), (k, v) = heads_of(q, q.shape[1], heads, 1), heads_of(kv, kv.shape[1], heads, 2)
     scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
     weights = torch.softmax(scores if bias is None else scores + bias.double(), dim=-1)
-    if keep is not None:  # the kernels' rate: p in 65,536ths
-        weights = weights * keep / (1 - triton_attention.dropout_rate(p))
+    if keep is not None:
+        weights = weights * keep / (1 - p)
     out = weights @ v
     return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
 
@@ -216,10 +216,11 @@ def test_any_block_size_gives_the_same_result(block, monkeypatch):
     assert_same(out, reference(qkv, None, bias, 2, keep, 0.2), [qkv, bias], 1e-5)
 
 
-@pytest.mark.parametrize("launch", [dict(dropout_bits=32), dict(forward_keys=64), dict(block=16, forward_keys=64)])
-def test_dropout_bits_and_forward_key_tiles_keep_forward_and_backward_in_step(launch, monkeypatch):
-    # The backward redraws the forward's mask with its own tiles: 33 keys in one 64-key tile
-    # forward, in 32- or 16-key tiles backward, must meet the same random numbers.
+@pytest.mark.parametrize("launch", [dict(forward_keys=16), dict(block=16), dict(block=16, forward_keys=32)])
+def test_forward_key_tiles_keep_forward_and_backward_in_step(launch, monkeypatch):
+    # The backward redraws the forward's mask with its own tiles: 33 keys in 16-key tiles under
+    # 64 rows, in one tile of 64 (the default under 16 rows) or in 32-key tiles forward, must meet
+    # the same random numbers in the backward's tiles.
     from rgfusion.trainer.model import _triton_attention_kernels as kernels
 
     monkeypatch.setattr(kernels, "LAUNCH", kernels.Launch(**launch))
@@ -232,9 +233,13 @@ def test_dropout_bits_and_forward_key_tiles_keep_forward_and_backward_in_step(la
     assert_same(out, reference(qkv, None, bias, 2, keep, 0.2), [qkv, bias], 1e-5)
 
 
-def test_dropout_rate_is_the_asked_one_in_65536ths():
-    assert triton_attention.dropout_rate(0.1) == 6554 / 65536
-    assert triton_attention.dropout_rate(0.0) == 0.0 and triton_attention.dropout_rate(0.5) == 0.5
+def test_forward_takes_keys_over_more_than_two_tiles_in_one():
+    from rgfusion.trainer.model._triton_attention_kernels import forward_key_block
+
+    # The graph's 85 nodes, CGF's 36 regions and 49 cells, BERT's 20 words, at heads of 128 (32-row
+    # tiles); 200 keys would need a tile past 128.
+    assert [forward_key_block(n, 32) for n in (85, 36, 49, 20, 200)] == [128, 32, 32, 32, 32]
+    assert forward_key_block(70, 16) == 128 and forward_key_block(70, 64) == 64
 
 
 def test_kernel_resources_compiles_for_a_gpu_this_machine_lacks():

@@ -106,40 +106,24 @@ def _scores(q, k, bias, b, h, sb_b, sb_h, sb_i, sb_j, rows, keys, NQ, NK, scale,
 
 
 @triton.jit
-def _keep(seed_ptr, bh, rows, first_key, NQ, NK, p_drop, KEYS: tl.constexpr, HALVES: tl.constexpr):
-    """Dropout's keep mask of the ``KEYS`` keys from ``first_key`` (a multiple of 8) on: a Philox
-    stream keyed by the call's seed and each score's place, whatever the tiling.
-
-    Each Philox call runs ten rounds and gives four 32-bit numbers. tl.rand uses one per call,
-    and its rounds were most of the arithmetic of a tile; here one call serves four neighbouring
-    keys, or eight with HALVES, each key then taking 16 bits against the rate in 65,536ths
-    (``triton_attention.dropout_rate`` rounds it there), as FlashAttention takes 8."""
-    if HALVES:
-        r0, r1, r2, r3 = _philox(seed_ptr, bh, rows, first_key, NQ, NK, KEYS, 8)
-        low = tl.interleave(tl.interleave(r0 & 0xFFFF, r2 & 0xFFFF), tl.interleave(r1 & 0xFFFF, r3 & 0xFFFF))
-        high = tl.interleave(tl.interleave(r0 >> 16, r2 >> 16), tl.interleave(r1 >> 16, r3 >> 16))
-        # Key 8i + 2j takes the low half of number j of call i, key 8i + 2j + 1 its high half.
-        keep = tl.interleave(low, high) >= (p_drop * 65536.0).to(tl.uint32)
-    else:
-        r0, r1, r2, r3 = _philox(seed_ptr, bh, rows, first_key, NQ, NK, KEYS, 4)
-        # Interleaved, key 4i + j takes number j of call i.
-        keep = uint_to_uniform_float(tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))) >= p_drop
-    return keep
-
-
-@triton.jit
-def _philox(seed_ptr, bh, rows, first_key, NQ, NK, KEYS: tl.constexpr, PER_CALL: tl.constexpr):
-    """The four numbers of each Philox call that serves ``PER_CALL`` keys, per row and call."""
-    calls = first_key // PER_CALL + tl.arange(0, KEYS // PER_CALL)
-    offsets = (bh * NQ + rows[:, None]) * tl.cdiv(NK, PER_CALL) + calls[None, :]
-    return tl.randint4x(tl.load(seed_ptr).to(tl.uint32), offsets)
+def _keep(seed_ptr, bh, rows, first_key, NQ, NK, p_drop, KEYS: tl.constexpr):
+    """Dropout's keep mask of the ``KEYS`` keys from ``first_key`` (a multiple of 4) on: a Philox
+    stream keyed by the call's seed and each score's place, whatever the tiling. Each Philox call
+    gives four numbers, for four neighbouring keys; tl.rand uses one per call, and its ten rounds
+    per score were most of the arithmetic of a tile. (Eight keys per call, on 16 bits each, was
+    no faster: benchmarks/RESULTS.md, session 17.)"""
+    quads = first_key // 4 + tl.arange(0, KEYS // 4)
+    offsets = (bh * NQ + rows[:, None]) * tl.cdiv(NK, 4) + quads[None, :]
+    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr).to(tl.uint32), offsets)
+    # Interleaved, key 4i + j takes number j of call i.
+    return uint_to_uniform_float(tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))) >= p_drop
 
 
 @triton.jit
 def _forward(q_src, kv_src, bias, seed_ptr, out, lse, NQ, NK, NQP, N_BLOCKS, s_qb, s_qt, s_kb, s_kt,
              sb_b, sb_h, sb_i, sb_j, s_ob, s_ot, scale, p_drop, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
              KEY_BLOCK: tl.constexpr, SELF: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-             HALVES: tl.constexpr, KEYS_FIT: tl.constexpr, EXACT: tl.constexpr):
+             KEYS_FIT: tl.constexpr, EXACT: tl.constexpr):
     """BLOCK queries over keys in tiles of KEY_BLOCK (KEYS_FIT: all keys in one)."""
     bh, b, h, rows, q_col, k_col, v_col, scale, p_drop = _program(N_BLOCKS, scale, p_drop, H, D, BLOCK, SELF)
     q = _rows(q_src, b, q_col, s_qb, s_qt, rows, NQ, D)
@@ -157,7 +141,7 @@ def _forward(q_src, kv_src, bias, seed_ptr, out, lse, NQ, NK, NQP, N_BLOCKS, s_q
         e = tl.exp(s - m_new[:, None])
         total = total * rescale + tl.sum(e, 1)
         if DROPOUT:
-            e = tl.where(_keep(seed_ptr, bh, rows, start, NQ, NK, p_drop, KEY_BLOCK, HALVES), e, 0.0)
+            e = tl.where(_keep(seed_ptr, bh, rows, start, NQ, NK, p_drop, KEY_BLOCK), e, 0.0)
         acc = acc * rescale[:, None] + _mm(e.to(v.dtype), v, EXACT)
         m = m_new
     tl.store(lse + bh * NQP + rows, m + tl.log(total))
@@ -170,7 +154,7 @@ def _forward(q_src, kv_src, bias, seed_ptr, out, lse, NQ, NK, NQP, N_BLOCKS, s_q
 def _backward_query(q_src, kv_src, bias, seed_ptr, lse, delta, out, dout, dq, NQ, NK, NQP, N_BLOCKS,
                     s_qb, s_qt, s_kb, s_kt, sb_b, sb_h, sb_i, sb_j, s_ob, s_ot, s_gb, s_gt, scale, p_drop,
                     H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SELF: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, HALVES: tl.constexpr, EXACT: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EXACT: tl.constexpr):
     """First pass with several key blocks: one block of queries' gradient and dO·O row sums."""
     bh, b, h, rows, q_col, k_col, v_col, scale, p_drop = _program(N_BLOCKS, scale, p_drop, H, D, BLOCK, SELF)
     q = _rows(q_src, b, q_col, s_qb, s_qt, rows, NQ, D)
@@ -188,8 +172,7 @@ def _backward_query(q_src, kv_src, bias, seed_ptr, lse, delta, out, dout, dq, NQ
                    - row_lse[:, None])
         dp = _mm(do, tl.trans(v), EXACT)
         if DROPOUT:
-            dp = tl.where(_keep(seed_ptr, bh, rows, start, NQ, NK, p_drop, BLOCK, HALVES), dp / (1.0 - p_drop),
-                          0.0)
+            dp = tl.where(_keep(seed_ptr, bh, rows, start, NQ, NK, p_drop, BLOCK), dp / (1.0 - p_drop), 0.0)
         acc += _mm((p * (dp - dl[:, None]) * scale).to(k.dtype), k, EXACT)
     _store_rows(dq, acc, b, q_col, s_gb, s_gt, rows, NQ, D)
 
@@ -198,7 +181,7 @@ def _backward_query(q_src, kv_src, bias, seed_ptr, lse, delta, out, dout, dq, NQ
 def _backward_key(q_src, kv_src, bias, seed_ptr, lse, delta, dout, dq, dkv, dbias, NQ, NK, NQP, N_BLOCKS,
                   s_qb, s_qt, s_kb, s_kt, sb_b, sb_h, sb_i, sb_j, s_ob, s_ot, s_gb, s_gt, s_vb, s_vt, scale, p_drop,
                   H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SELF: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, HALVES: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
                   KEYS_FIT: tl.constexpr, QUERIES_FIT: tl.constexpr, EXACT: tl.constexpr):
     """One block of keys: its key and value gradients and its columns of the bias gradient.
     KEYS_FIT (every key in this one block): the row sums and the query gradient too."""
@@ -215,7 +198,7 @@ def _backward_key(q_src, kv_src, bias, seed_ptr, lse, delta, dout, dq, dkv, dbia
                    - tl.load(lse + bh * NQP + rows)[:, None])
         dp = _mm(do, tl.trans(v), EXACT)
         if DROPOUT:
-            keep = _keep(seed_ptr, bh, rows, tl.program_id(0) % N_BLOCKS * BLOCK, NQ, NK, p_drop, BLOCK, HALVES)
+            keep = _keep(seed_ptr, bh, rows, tl.program_id(0) % N_BLOCKS * BLOCK, NQ, NK, p_drop, BLOCK)
             dropped = tl.where(keep, p / (1.0 - p_drop), 0.0)
             dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
         else:
@@ -243,8 +226,7 @@ class Launch:
     num_warps: int = 4
     num_stages: int = 3
     block: int | None = None  # rows per tile; None: block_size()'s choice
-    forward_keys: int | None = None  # keys per tile of the forward alone; None: the rows per tile
-    dropout_bits: int = 16  # random bits per dropout decision: 16 (eight per Philox call) or 32 (four)
+    forward_keys: int | None = None  # keys per tile of the forward alone; None: forward_key_block()'s choice
 
 
 LAUNCH = Launch()
@@ -255,6 +237,16 @@ def _bias_strides(bias: Tensor | None) -> list[int]:
         return [0, 0, 0, 0]
     # A size-1 dimension broadcasts: stride 0 reads its one entry for every index.
     return [0 if n == 1 else s for n, s in zip(bias.shape, bias.stride())]
+
+
+def forward_key_block(keys: int, block: int) -> int:
+    """Keys per tile of the forward, whose query tiles hold ``block`` rows. Keys over more than two
+    such tiles (the graph's 85 nodes) take one tile of at most 128: the loop over key tiles and
+    its rescaling fold away, and the graph's forward took 97 µs alone on an H200 instead of 125.
+    Keys over two tiles (CGF's 36 and 49) lost with one tile of 128: 63 and 48 µs against 51 and
+    39 (benchmarks/RESULTS.md, session 17)."""
+    whole = triton.next_power_of_2(keys)
+    return whole if keys > 2 * block and whole <= 128 else block
 
 
 class _Shape:
@@ -269,9 +261,9 @@ class _Shape:
         self.block = LAUNCH.block or block_size(max(self.nq, self.nk), self.D)
         self.nqp = triton.cdiv(self.nq, self.block) * self.block
         self.keys_fit, self.queries_fit = self.nk <= self.block, self.nq <= self.block
-        self.forward_keys = LAUNCH.forward_keys or self.block
+        self.forward_keys = LAUNCH.forward_keys or forward_key_block(self.nk, self.block)
         self.meta = dict(H=heads, D=self.D, BLOCK=self.block, SELF=self.self_attention, HAS_BIAS=bias is not None,
-                         DROPOUT=dropout_p > 0, HALVES=LAUNCH.dropout_bits == 16, EXACT=q.dtype == torch.float32,
+                         DROPOUT=dropout_p > 0, EXACT=q.dtype == torch.float32,
                          num_warps=LAUNCH.num_warps, num_stages=LAUNCH.num_stages)
 
     def blocks(self, n: int) -> int:

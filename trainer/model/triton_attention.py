@@ -68,15 +68,8 @@ def _call(q: Tensor, kv: Tensor | None, bias: Tensor | None, heads: int, dropout
         # as the graph's math path makes) would be read at a stride of the head count, one
         # element per memory sector.
         bias = bias.contiguous()
-    out, _ = ops().attention(q, kv, bias, seed, heads, dropout_rate(dropout_p))
+    out, _ = ops().attention(q, kv, bias, seed, heads, float(dropout_p))
     return out
-
-
-def dropout_rate(p: float) -> float:
-    """``p`` rounded to 65,536ths: the kernels drop a weight when 16 random bits fall below
-    ``p · 65536``, and scale the kept ones by 1 / (1 - p) of this same rate, so the expected
-    weight is unchanged (0.1 becomes 0.100006)."""
-    return round(float(p) * 65536) / 65536
 
 
 def _unit_stride(x: Tensor) -> Tensor:
