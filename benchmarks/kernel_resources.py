@@ -4,6 +4,7 @@
     python3 benchmarks/kernel_resources.py --warps 4 8 --blocks 32 64 --arch 90
     python3 benchmarks/kernel_resources.py --shapes geometry     # the graph's geometry-bias kernels
     python3 benchmarks/kernel_resources.py --shapes graph --forward-keys 0 64 128   # the forward's key tiles
+    python3 benchmarks/kernel_resources.py --shapes graph --query-pass-keys 0 128   # the query pass's
 
 The attention kernels at the BERT step's three shapes, and ``geometry``: the geometry-bias
 kernels at the graph's (85 nodes, two layers of 16 hidden units and 8 heads, a bf16 bias; the block column
@@ -71,12 +72,13 @@ def signature(fn, dtype: str) -> dict[str, str]:
 
 def resources(kernel: str, shape: str, block: int, warps: int, stages: int, dropout: bool, arch: int,
               key_block: int) -> dict:
-    """``key_block``: keys per tile of the forward (the backward's tiles are ``block`` square)."""
+    """``key_block``: keys per tile of the forward or the query pass (the key pass's tiles are
+    ``block`` square)."""
     head, heads, self_attention, bias, bias_grad, queries, keys = SHAPES[shape]
     fn = KERNELS[kernel]
     values = dict(H=heads, D=head, BLOCK=block, KEY_BLOCK=key_block, SELF=self_attention, HAS_BIAS=bias,
                   DROPOUT=dropout, EXACT=False, BIAS_GRAD=bias_grad,
-                  KEYS_FIT=keys <= (key_block if kernel == "forward" else block), QUERIES_FIT=queries <= block)
+                  KEYS_FIT=keys <= (block if kernel == "backward_key" else key_block), QUERIES_FIT=queries <= block)
     constants = {(i,): values[n] for i, n in enumerate(fn.arg_names) if n in CONSTANTS}
     return usage(ASTSource(fn=fn, signature=signature(fn, "bf16"), constexprs=constants), warps, stages, arch)
 
@@ -112,6 +114,8 @@ def main() -> None:
     p.add_argument("--dropout", nargs="+", type=int, default=[1], help="1: with dropout's mask, 0: without")
     p.add_argument("--forward-keys", nargs="+", type=int, default=[0],
                    help="keys per tile of the forward (0: the kernels' own choice)")
+    p.add_argument("--query-pass-keys", nargs="+", type=int, default=[0],
+                   help="keys per tile of the backward's query pass (0: the kernels' own choice)")
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for Hopper")
     args = p.parse_args()
     print(f"{'shape':8s} {'kernel':15s} {'block':>7s} {'warps':>5s} {'stages':>6s} {'drop':>4s} "
@@ -122,7 +126,7 @@ def main() -> None:
                 geometry_resources(kernel, warps, stages, args.arch))
     for shape, kernel in itertools.product([s for s in args.shapes if s in SHAPES], KERNELS):
         head, *_, queries, keys = SHAPES[shape]
-        key_tiles = args.forward_keys if kernel == "forward" else [0]
+        key_tiles = {"forward": args.forward_keys, "backward_query": args.query_pass_keys}.get(kernel, [0])
         for block, key_block, warps, stages, dropout in itertools.product(args.blocks, key_tiles, args.warps,
                                                                          args.stages, args.dropout):
             block = block or block_size(max(queries, keys), head)

@@ -216,11 +216,12 @@ def test_any_block_size_gives_the_same_result(block, monkeypatch):
     assert_same(out, reference(qkv, None, bias, 2, keep, 0.2), [qkv, bias], 1e-5)
 
 
-@pytest.mark.parametrize("launch", [dict(forward_keys=16), dict(block=16), dict(block=16, forward_keys=32)])
+@pytest.mark.parametrize("launch", [dict(forward_keys=16), dict(block=16), dict(block=16, forward_keys=32),
+                                    dict(block=16, query_pass_keys=64), dict(block=32, query_pass_keys=16)])
 def test_forward_key_tiles_keep_forward_and_backward_in_step(launch, monkeypatch):
     # The backward redraws the forward's mask with its own tiles: 33 keys in 16-key tiles under
     # 64 rows, in one tile of 64 (the default under 16 rows) or in 32-key tiles forward, must meet
-    # the same random numbers in the backward's tiles.
+    # the same random numbers in the backward's tiles; so must the query pass's own key tiles.
     from rgfusion.trainer.model import _triton_attention_kernels as kernels
 
     monkeypatch.setattr(kernels, "LAUNCH", kernels.Launch(**launch))

@@ -153,9 +153,11 @@ def _forward(q_src, kv_src, bias, seed_ptr, out, lse, NQ, NK, NQP, N_BLOCKS, s_q
 @triton.jit
 def _backward_query(q_src, kv_src, bias, seed_ptr, lse, delta, out, dout, dq, NQ, NK, NQP, N_BLOCKS,
                     s_qb, s_qt, s_kb, s_kt, sb_b, sb_h, sb_i, sb_j, s_ob, s_ot, s_gb, s_gt, scale, p_drop,
-                    H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SELF: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EXACT: tl.constexpr):
-    """First pass with several key blocks: one block of queries' gradient and dO·O row sums."""
+                    H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, KEY_BLOCK: tl.constexpr,
+                    SELF: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, KEYS_FIT: tl.constexpr,
+                    EXACT: tl.constexpr):
+    """First pass with several key blocks: one block of queries' gradient and dO·O row sums, over
+    keys in tiles of KEY_BLOCK (KEYS_FIT: all in one)."""
     bh, b, h, rows, q_col, k_col, v_col, scale, p_drop = _program(N_BLOCKS, scale, p_drop, H, D, BLOCK, SELF)
     q = _rows(q_src, b, q_col, s_qb, s_qt, rows, NQ, D)
     do = _rows(dout, b, h * D, s_ob, s_ot, rows, NQ, D)
@@ -164,15 +166,15 @@ def _backward_query(q_src, kv_src, bias, seed_ptr, lse, delta, out, dout, dq, NQ
     tl.store(delta + bh * NQP + rows, dl)
     row_lse = tl.load(lse + bh * NQP + rows)
     acc = tl.zeros((BLOCK, D), tl.float32)
-    for start in range(0, NK, BLOCK):
-        keys = start + tl.arange(0, BLOCK)
+    for start in range(0, _stop(NK, KEY_BLOCK, KEYS_FIT), KEY_BLOCK):
+        keys = start + tl.arange(0, KEY_BLOCK)
         k = _rows(kv_src, b, k_col, s_kb, s_kt, keys, NK, D)
         v = _rows(kv_src, b, v_col, s_kb, s_kt, keys, NK, D)
         p = tl.exp(_scores(q, k, bias, b, h, sb_b, sb_h, sb_i, sb_j, rows, keys, NQ, NK, scale, HAS_BIAS, EXACT)
                    - row_lse[:, None])
         dp = _mm(do, tl.trans(v), EXACT)
         if DROPOUT:
-            dp = tl.where(_keep(seed_ptr, bh, rows, start, NQ, NK, p_drop, BLOCK), dp / (1.0 - p_drop), 0.0)
+            dp = tl.where(_keep(seed_ptr, bh, rows, start, NQ, NK, p_drop, KEY_BLOCK), dp / (1.0 - p_drop), 0.0)
         acc += _mm((p * (dp - dl[:, None]) * scale).to(k.dtype), k, EXACT)
     _store_rows(dq, acc, b, q_col, s_gb, s_gt, rows, NQ, D)
 
@@ -227,6 +229,7 @@ class Launch:
     num_stages: int = 3
     block: int | None = None  # rows per tile; None: block_size()'s choice
     forward_keys: int | None = None  # keys per tile of the forward alone; None: forward_key_block()'s choice
+    query_pass_keys: int | None = None  # keys per tile of the backward's query pass; None: the rows per tile
 
 
 LAUNCH = Launch()
@@ -262,6 +265,7 @@ class _Shape:
         self.nqp = triton.cdiv(self.nq, self.block) * self.block
         self.keys_fit, self.queries_fit = self.nk <= self.block, self.nq <= self.block
         self.forward_keys = LAUNCH.forward_keys or forward_key_block(self.nk, self.block)
+        self.query_pass_keys = LAUNCH.query_pass_keys or self.block
         self.meta = dict(H=heads, D=self.D, BLOCK=self.block, SELF=self.self_attention, HAS_BIAS=bias is not None,
                          DROPOUT=dropout_p > 0, EXACT=q.dtype == torch.float32,
                          num_warps=LAUNCH.num_warps, num_stages=LAUNCH.num_stages)
@@ -305,7 +309,8 @@ def register() -> SimpleNamespace:
                    grad.stride(1), dq.stride(0), dq.stride(1))
         if not s.keys_fit:
             wrap_triton(_backward_query)[s.grid(s.nq)](*common, out, grad, dq, s.nq, s.nk, s.nqp, s.blocks(s.nq),
-                                                       *strides, s.D ** -0.5, dropout_p, **s.meta)
+                                                       *strides, s.D ** -0.5, dropout_p, KEY_BLOCK=s.query_pass_keys,
+                                                       KEYS_FIT=s.nk <= s.query_pass_keys, **s.meta)
         wrap_triton(_backward_key)[s.grid(s.nk)](
             *common, grad, dq, dkv, dbias, s.nq, s.nk, s.nqp, s.blocks(s.nk), *strides, dkv.stride(0), dkv.stride(1),
             s.D ** -0.5, dropout_p, BIAS_GRAD=bias_grad, KEYS_FIT=s.keys_fit, QUERIES_FIT=s.queries_fit, **s.meta)
