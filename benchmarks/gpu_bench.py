@@ -529,6 +529,22 @@ def geometry_per_layer() -> None:
     image.edge_biases = per_layer
 
 
+def attention_launch(p: argparse.ArgumentParser, items: list[str]) -> dict[str, int]:
+    """``KEY=VALUE`` items into the Triton attention kernels' launch options (their ``Launch``);
+    an unknown key or a value that is no integer is a usage error."""
+    from rgfusion.trainer.model import _triton_attention_kernels as kernels
+
+    known = {f.name for f in dataclasses.fields(kernels.Launch)}
+    options = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in known or not value.lstrip("-").isdigit():
+            p.error(f"--attention-launch {item}: KEY=INTEGER, KEY one of {sorted(known)}")
+        options[key] = int(value)
+    kernels.LAUNCH = dataclasses.replace(kernels.LAUNCH, **options)
+    return dataclasses.asdict(kernels.LAUNCH)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -544,6 +560,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="compiled dropout's random numbers: PyTorch's kernels (the trainer's default) or inductor's")
     p.add_argument("--image-compile", choices=("", "default", "max-autotune-no-cudagraphs"), default="",
                    help="torch.compile mode of the image tower alone in compiled variants (default: the variant's)")
+    p.add_argument("--attention-launch", action="append", default=[], metavar="KEY=VALUE",
+                   help="a launch option of the Triton attention kernels (model/_triton_attention_kernels.py "
+                        "Launch), e.g. forward_keys=32: the graph's forward in the backward's tiles, as before "
+                        "session 17")
     p.add_argument("--image-inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="an inductor option of the image tower's compile alone, e.g. triton.mix_order_reduction=False")
     p.add_argument("--adamw", choices=("kernels", "compiled"), default="kernels",
@@ -612,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = check_names(p, args)
     if args.ffn == "math":
         ffn_on_math_path()
+    launch = attention_launch(p, args.attention_launch) if args.attention_launch else None
     if args.sm_carveout is not None:
         torch._C._set_sm_carveout_experimental(args.sm_carveout)
     if args.blas is not None:
@@ -627,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"name": v.name, "batch": shape.batch, "error": f"{type(e).__name__}: {e}"[:300]})
         print(json.dumps(rows[-1]), flush=True)
     result = {"device": device_name(device), "torch": torch.__version__, "shape": dataclasses.asdict(shape),
-              "sm_carveout": torch._C._get_sm_carveout_experimental(), "rows": rows}
+              "sm_carveout": torch._C._get_sm_carveout_experimental(), "attention_launch": launch, "rows": rows}
     if not args.no_eval:
         result["eval"] = bench_eval(shape, device, args)
         print(json.dumps(result["eval"]), flush=True)

@@ -110,6 +110,24 @@ def test_image_inductor_options_reach_the_image_towers_compile_alone(monkeypatch
     assert "triton.mix_order_reduction" not in options["captions"]
 
 
+def test_attention_launch_options_are_set_and_recorded(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("triton")
+    from rgfusion.trainer.model import _triton_attention_kernels as kernels
+
+    bench = load_bench()
+    monkeypatch.setattr(kernels, "LAUNCH", kernels.Launch())  # restored after the test
+    for bad in ("no_such_option=1", "forward_keys=lots"):
+        with pytest.raises(SystemExit) as exc:
+            bench.main(["--device", "cpu", "--tiny", "--no-eval", "--attention-launch", bad])
+        assert exc.value.code == 2 and f"--attention-launch {bad}" in capsys.readouterr().err
+    out = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--tiny", "--no-eval", "--iters", "1", "--warmup", "1", "--batch", "4",
+            "--only", "full-bigru-fp32", "--attention-launch", "forward_keys=32", "--out", str(out)]
+    assert bench.main(argv) == 0
+    assert kernels.LAUNCH.forward_keys == 32
+    assert json.loads(out.read_text())["attention_launch"]["forward_keys"] == 32
+
+
 def test_profile_writes_a_gzipped_chrome_trace(tmp_path):
     import gzip
 
