@@ -5,7 +5,8 @@ groups, replayed in a CUDA graph as in the captured step. Needs a CUDA device.
 
 Rows: the Triton kernels (trainer/flat_adamw_triton.py) for each program shape (elements × warps)
 of AdamW's kernel, then, with the fastest of those, for each of the sums of squares'; the
-compiled torch update, which first gathers the gradients into one flat buffer
+kernels on split masters (optim.master=split, 26 bytes a parameter); the compiled torch update,
+which first gathers the gradients into one flat buffer
 (flat_adamw.clip_and_update); and inductor's AdamW pass alone on gradients already gathered
 (flat_adamw.adamw_update), the bandwidth the kernels' AdamW should reach. Each figure is the
 median over ``--iters`` replays, in µs, with the memory traffic it implies in TB/s.
@@ -83,13 +84,14 @@ def main() -> None:
     total = sum(n for group, _ in sizes for n in group)
     rows = []
 
-    def row(name: str, us: float) -> None:
-        rows.append({"name": name, "us": round(us, 1), "tb_per_s": round(BYTES * total / us / 1e6, 2)})
-        print(f"{name:36s} {us:8.1f} µs  {rows[-1]['tb_per_s']:5.2f} TB/s at {BYTES} B per parameter", flush=True)
+    def row(name: str, us: float, bytes_per_parameter: int = BYTES) -> None:
+        rows.append({"name": name, "us": round(us, 1), "tb_per_s": round(bytes_per_parameter * total / us / 1e6, 2)})
+        print(f"{name:36s} {us:8.1f} µs  {rows[-1]['tb_per_s']:5.2f} TB/s at {bytes_per_parameter} B per parameter",
+              flush=True)
 
-    def optimizer(kernels: bool) -> FlatAdamW:
+    def optimizer(kernels: bool, master: str = "fp32") -> FlatAdamW:
         return FlatAdamW([{"params": ps, "weight_decay": wd} for ps, (_, wd) in zip(params, sizes)],
-                         precision="bf16", lr=1e-4, weight_decay=0.01, max_norm=2.0, kernels=kernels)
+                         precision="bf16", lr=1e-4, weight_decay=0.01, max_norm=2.0, kernels=kernels, master=master)
 
     def update(opt: FlatAdamW) -> None:
         for ps, gs in zip(params, grads):
@@ -106,6 +108,8 @@ def main() -> None:
     for s in args.sums[1:]:
         opt._update = TritonUpdate(groups, DEVICE, update=best, sums=s)
         row(f"kernels update {best[0]}x{best[1]} sums {s[0]}x{s[1]}", replay_us(lambda: update(opt), args.iters))
+    split = optimizer(kernels=True, master="split")
+    row("kernels, split masters", replay_us(lambda: update(split), args.iters), BYTES - 2)
     if not args.kernels_only:
         opt = optimizer(kernels=False)
         row("compiled, with the gather", replay_us(lambda: update(opt), args.iters))

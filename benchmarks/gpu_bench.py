@@ -96,8 +96,9 @@ class Shape:
     # inductor options of the image tower's compile alone, e.g. (("triton.mix_order_reduction", False),):
     # its stream holds the step's critical path since session 17
     image_inductor: tuple[tuple[str, object], ...] = ()
-    # bf16w's FlatAdamW update: "kernels" (Triton, the gradients read in place) or "compiled"
-    # (inductor, the gradients gathered into one flat buffer first)
+    # bf16w's FlatAdamW update: "kernels" (Triton, the gradients read in place), "split" (the same
+    # on split masters, optim.master=split) or "compiled" (inductor, the gradients gathered into
+    # one flat buffer first)
     adamw: str = "kernels"
 
 
@@ -218,7 +219,7 @@ def make_update(model: torch.nn.Module, v: Variant, device: torch.device, adamw:
         groups = param_groups(model, optim, model.param_groups_hint())
         opt = FlatAdamW(groups, precision="bf16", lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                         weight_decay=optim.weight_decay, max_norm=optim.grad_clip,
-                        kernels=None if adamw == "kernels" else False)
+                        kernels=None if adamw != "compiled" else False, master="split" if adamw == "split" else "fp32")
         model.to(torch.bfloat16)  # buffers; the parameters are views into the flat bf16 weights
         return opt.step  # it drops the gradients itself
     fused = {"fused": True, "capturable": v.captured} if device.type == "cuda" else {}
@@ -566,8 +567,9 @@ def main(argv: list[str] | None = None) -> int:
                         "session 17")
     p.add_argument("--image-inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="an inductor option of the image tower's compile alone, e.g. triton.mix_order_reduction=False")
-    p.add_argument("--adamw", choices=("kernels", "compiled"), default="kernels",
-                   help="bf16w's optimizer update on CUDA: Triton kernels, or inductor's over gathered gradients")
+    p.add_argument("--adamw", choices=("kernels", "split", "compiled"), default="kernels",
+                   help="bf16w's optimizer update on CUDA: Triton kernels (split: on split fp32 masters, "
+                        "optim.master=split), or inductor's over gathered gradients")
     p.add_argument("--ffn", choices=("model", "math"), default="model",
                    help="math: the feed-forward blocks on PyTorch's path even with --attention triton "
                         "(an ablation of model/ffn.py's kernels)")

@@ -106,3 +106,95 @@ def test_any_program_shapes_give_the_torch_update(update, sums):
     torch.testing.assert_close(norms[1], norms[0])
     for a, b in zip(reference[1:4] + [reference[6]], kernel[1:4] + [kernel[6]]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_split_master_holds_fp32_exactly_and_rounds_to_the_nearest_bf16():
+    from rgfusion.trainer.flat_adamw import join_master, split_master
+
+    gen = torch.Generator().manual_seed(3)
+    values = torch.cat([torch.randn(4000, generator=gen) * 10.0 ** torch.randint(-30, 30, (4000,), generator=gen),
+                        torch.tensor([0.0, -0.0, 1.0, -1.0, 3.4e38, -3.4e38, 1e-40, -1e-40])])
+    bits = values.view(torch.int32)
+    # Exact ties between two bf16 values, of both signs and both parities of the upper half.
+    ties = ((bits[:64] & ~0xFFFF) | 0x8000).view(torch.float32)
+    values = torch.cat([values, ties])
+    weights, low = split_master(values)
+    assert weights.dtype == torch.bfloat16 and low.dtype == torch.int16
+    assert torch.equal(join_master(weights, low).view(torch.int32), values.view(torch.int32))
+    tie = (values.view(torch.int32) & 0xFFFF) == 0x8000
+    assert tie.sum() >= 64
+    # Elsewhere the nearest bf16, as torch rounds; at a tie the one away from zero.
+    assert torch.equal(weights[~tie].view(torch.int16), values[~tie].bfloat16().view(torch.int16))
+    assert (weights[tie].float().abs() > values[tie].abs()).all()
+
+
+def test_split_masters_step_exactly_as_fp32_ones():
+    """The kernels on split masters against the same kernels on fp32 ones: the same masters to
+    the bit, the same moments, and the weights the masters' rounding; a non-finite step and a
+    parameter without a gradient included."""
+    from rgfusion.trainer.flat_adamw import split_master
+
+    runs = []
+    for kind in ("fp32", "split"):
+        groups = model(SIZES, seed=0)
+        opt = FlatAdamW([{"params": groups[0], "lr": 1e-2, "weight_decay": 0.1},
+                         {"params": groups[1], "lr": 3e-3, "betas": (0.0, 0.99)}],
+                        precision="bf16", lr=1e-2, max_norm=5.0, kernels=True, master=kind)
+        runs.append((groups, opt))
+    gen = torch.Generator().manual_seed(1)
+    for i in range(4):
+        grads = [[torch.randn(p.shape, generator=gen).to(DEVICE, torch.bfloat16) * (3 if i == 0 else 0.1) for p in g]
+                 for g in runs[0][0]]
+        if i == 2:
+            grads[1][0][5] = math.inf
+        for groups, opt in runs:
+            for group, group_grads in zip(groups, grads):
+                for p, g in zip(group, group_grads):
+                    p.grad = None if p.shape == (7,) else g.clone()
+            opt.step()
+    (_, fp32), (groups, split) = runs
+    for a, b in zip(fp32.flats, split.flats):
+        assert torch.equal(b.master_values().view(torch.int32), a.master.view(torch.int32))
+        assert torch.equal(b.weights.view(torch.int16), split_master(a.master)[0].view(torch.int16))
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(split.state[b.key][key], fp32.state[a.key][key])
+    # The parameters are views of the weights the update wrote.
+    assert torch.equal(groups[0][0].detach().reshape(-1), split.flats[0].weights[: 3 * 700])
+
+
+def test_split_masters_save_and_load_as_fp32_ones():
+    from rgfusion.trainer.flat_adamw import split_master
+
+    def optimizer(master: str) -> FlatAdamW:
+        return FlatAdamW([{"params": g} for g in model(SIZES, seed=0)], precision="bf16", lr=1e-2, kernels=True,
+                         master=master)
+
+    fp32, split = optimizer("fp32"), optimizer("split")
+    for a, b in zip(fp32.masters(), split.masters()):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
+    # Masters saved from either kind load into a split optimizer: its weights round them.
+    values = [m * 1.5 for m in fp32.masters()]
+    split.load_masters(values)
+    for a, b in zip(values, split.masters()):
+        assert torch.equal(a, b)
+    assert torch.equal(split.flats[1].weights, split_master(torch.cat([v.reshape(-1) for v in values[4:]]))[0])
+    for g in split.flats:
+        for p in g.params:
+            p.grad = torch.ones_like(p)
+    split.step()
+    state = split.state_dict()
+    again = optimizer("split")
+    again.load_state_dict(state)
+    again.load_masters(split.masters())
+    for a, b in zip(split.masters(), again.masters()):
+        assert torch.equal(a, b)
+    assert torch.equal(again.state[again.flats[0].key]["exp_avg"], split.state[split.flats[0].key]["exp_avg"])
+    fp32.load_state_dict(state)  # moments and steps are the same either way
+
+
+@pytest.mark.parametrize("kwargs,message", [(dict(precision="fp32", kernels=True), "fp32 weights"),
+                                            (dict(precision="bf16", kernels=False), "no kernels"),
+                                            (dict(master="fp16"), "'fp32' or 'split'")])
+def test_split_masters_need_bf16_and_the_kernels(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FlatAdamW([{"params": model(SIZES, seed=0)[0]}], lr=1e-2, **{"master": "split", **kwargs})

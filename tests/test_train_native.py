@@ -115,17 +115,17 @@ def native_bf16(*overrides: str):
 def test_bf16_computes_in_bf16_and_steps_fp32_masters():
     engine, fp32 = native_bf16(), native("optim.warmup_steps=0")
     assert all(p.dtype == torch.bfloat16 for p in engine.module.parameters())
-    assert all(m.dtype == torch.float32 for m in engine.masters)
+    assert all(m.dtype == torch.float32 for m in engine.optimizer.masters())
     batches = [(x.bfloat16(), y.bfloat16()) for x, y in data()]
     train(engine, batches)
     train(fp32, data())
-    for m, p, ref in zip(engine.masters, engine.params, fp32.params):  # all in parameter-group order
+    for m, p, ref in zip(engine.optimizer.masters(), engine.params, fp32.params):  # all in parameter-group order
         assert torch.equal(p, m.bfloat16())  # the model holds the rounded masters
         torch.testing.assert_close(m, ref, atol=0.05, rtol=0.05)  # bf16 compute, same trajectory
     # Two accumulated halves step as the whole batch does.
     split = native_bf16("train.grad_accum=2", "train.batch_size=128")
     train(split, batches, split=2)
-    for a, b in zip(split.masters, engine.masters):
+    for a, b in zip(split.optimizer.masters(), engine.optimizer.masters()):
         torch.testing.assert_close(a, b, atol=0.02, rtol=0.02)
 
 
@@ -138,8 +138,37 @@ def test_bf16_checkpoint_keeps_the_fp32_masters(tmp_path):
     resumed = native_bf16()
     resumed.load_checkpoint(str(tmp_path), tag="step-00000002")
     train(resumed, batches[2:])
-    for a, b in zip(straight.masters, resumed.masters):
+    for a, b in zip(straight.optimizer.masters(), resumed.optimizer.masters()):
         assert torch.equal(a, b)
+
+
+def test_split_masters_resume_exactly_and_refuse_a_run_without_their_kernels(tmp_path, monkeypatch):
+    """optim.master=split: a checkpoint holds the joined fp32 masters, and a resumed run steps on
+    to the same masters, to the bit. Split masters need FlatAdamW's Triton kernels: on a CPU a run
+    stops at the start with a one-line reason; here the kernels run in Triton's interpreter."""
+    import functools
+
+    from rgfusion.trainer import native as native_engine
+
+    with pytest.raises(ValueError, match="optim.master 'split' needs bf16 weights and FlatAdamW's Triton kernels"):
+        native_bf16("optim.master=split")
+    pytest.importorskip("triton")
+    monkeypatch.setattr(native_engine, "FlatAdamW", functools.partial(FlatAdamW, kernels=True))
+    batches = [(x.bfloat16(), y.bfloat16()) for x, y in data()]
+    straight, first = native_bf16("optim.master=split"), native_bf16("optim.master=split")
+    assert first.optimizer.flats[0].low is not None
+    train(straight, batches)
+    train(first, batches[:2])
+    first.save_checkpoint(str(tmp_path), tag="step-00000002")
+    saved = torch.load(tmp_path / "step-00000002" / STATE_FILE, weights_only=True)["module"]
+    assert all(v.dtype == torch.float32 for v in saved.values())
+    resumed = native_bf16("optim.master=split")
+    resumed.load_checkpoint(str(tmp_path), tag="step-00000002")
+    train(resumed, batches[2:])
+    for a, b in zip(straight.optimizer.masters(), resumed.optimizer.masters()):
+        assert torch.equal(a, b)
+    for p, m in zip(resumed.params, resumed.optimizer.masters()):
+        torch.testing.assert_close(p.float(), m, rtol=2**-8, atol=0)  # the model holds them rounded
 
 
 def test_save_and_load_continue_exactly(tmp_path):
@@ -330,7 +359,7 @@ def _ddp_worker(rank: int, rendezvous: str, precision: str, out: str) -> None:
             engine.backward(engine(cast(xs), cast(ys)))
             engine.step()
     if rank == 0:
-        torch.save([m.detach().clone() for m in engine.masters], out)
+        torch.save([m.detach().clone() for m in engine.optimizer.masters()], out)
     # Both ranks leave together: a rank tearing gloo down while its peer still talks to it was
     # seen to abort ("terminate called without an active exception") in a full test run.
     eng.leave_distributed(env)
@@ -350,7 +379,7 @@ def test_ddp_with_accumulation_steps_as_one_process_on_the_whole_batch(tmp_path,
     cast = (lambda t: t.bfloat16()) if precision == "bf16" else (lambda t: t)
     train(single, [(cast(x), cast(y)) for x, y in data(3)])
     tolerance = {"atol": 0.02, "rtol": 0.02} if precision == "bf16" else {}
-    for a, b in zip(torch.load(out), single.masters):
+    for a, b in zip(torch.load(out), single.optimizer.masters()):
         torch.testing.assert_close(a, b, **tolerance)
 
 

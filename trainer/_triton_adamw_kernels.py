@@ -54,11 +54,28 @@ def _sum_squares(table, param, start, length, partial, GRAD: tl.constexpr, ALIGN
 
 
 @triton.jit
+def _join(high, low):
+    """flat_adamw.join_master: the fp32 value of bf16 ``high`` and int16 ``low``."""
+    bits = (high.to(tl.uint16, bitcast=True).to(tl.uint32) << 16) + low.to(tl.int32).to(tl.uint32, bitcast=True)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split(x):
+    """flat_adamw.split_master: fp32 ``x`` as bf16 rounded half away from zero and the int16 rest."""
+    bits = x.to(tl.uint32, bitcast=True)
+    high = (bits + 0x8000) >> 16
+    low = (bits - (high << 16)).to(tl.int32, bitcast=True).to(tl.int16)
+    return high.to(tl.uint16).to(tl.bfloat16, bitcast=True), low
+
+
+@triton.jit
 def _adamw(table, param, start, length, flat, master, exp_avg, exp_avg_sq, weights, scale_ptr, ok_ptr, lr_ptr,
            step_ptr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, GRAD: tl.constexpr,
-           HAS_WEIGHTS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+           HAS_WEIGHTS: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """flat_adamw.adamw_update on chunk ``c``: AdamW on the gradient times ``scale``, master and
-    moments kept where ``ok`` is false, then the bf16 weights rounded from the master.
+    moments kept where ``ok`` is false, then the bf16 weights rounded from the master. SPLIT:
+    ``master`` holds the master's low bits beside the weights (flat_adamw.split_master).
     ``log_beta*`` are the betas' natural logarithms: ``beta ** step`` as one exp."""
     c = tl.program_id(0)
     address, first, count = _chunk(table, param, start, length, c, ALIGNED)
@@ -67,7 +84,10 @@ def _adamw(table, param, start, length, flat, master, exp_avg, exp_avg_sq, weigh
     if ALIGNED:
         at = tl.multiple_of(at, 8)
     at += tl.arange(0, BLOCK)
-    w = tl.load(master + at, mask=mask)
+    if SPLIT:
+        w = _join(tl.load(weights + at, mask=mask), tl.load(master + at, mask=mask))
+    else:
+        w = tl.load(master + at, mask=mask)
     m0 = tl.load(exp_avg + at, mask=mask)
     v0 = tl.load(exp_avg_sq + at, mask=mask)
     g = g * tl.load(scale_ptr)
@@ -79,8 +99,13 @@ def _adamw(table, param, start, length, flat, master, exp_avg, exp_avg_sq, weigh
     new = w * (1 - lr * weight_decay) - lr / (1 - tl.exp(step * log_beta1)) * m / denom
     ok = tl.load(ok_ptr) != 0
     new = tl.where(ok, new, w)
-    tl.store(master + at, new, mask=mask)
     tl.store(exp_avg + at, tl.where(ok, m, m0), mask=mask)
     tl.store(exp_avg_sq + at, tl.where(ok, v, v0), mask=mask)
-    if HAS_WEIGHTS:
-        tl.store(weights + at, new.to(weights.dtype.element_ty), mask=mask)
+    if SPLIT:
+        high, low = _split(new)
+        tl.store(weights + at, high, mask=mask)
+        tl.store(master + at, low, mask=mask)
+    else:
+        tl.store(master + at, new, mask=mask)
+        if HAS_WEIGHTS:
+            tl.store(weights + at, new.to(weights.dtype.element_ty), mask=mask)

@@ -42,6 +42,11 @@ class OptimConfig:
     decay_factor: float = 0.1
     # Floor of the cosine schedule as a fraction of lr.
     min_lr_ratio: float = 0.0
+    # The native engine's fp32 masters in bf16: "fp32", a buffer of their own, or "split", the
+    # bf16 weights plus the 16 bits their rounding removed (exact; 26 instead of 28 bytes of
+    # memory traffic per parameter in the update, which ends every step). Split needs CUDA with
+    # Triton; the weights then round half away from zero where torch rounds ties to even.
+    master: Literal["fp32", "split"] = "fp32"
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:

@@ -11,8 +11,11 @@ per step on an H100, benchmarks/RESULTS.md). The update gathers them into one fl
 group, takes the global norm, and one pointwise pass per group reads gradient, master and moments
 and writes master, moments and bf16 weights: 34 bytes per parameter in bf16, compiled as one
 graph on CUDA. On CUDA with Triton the kernels of flat_adamw_triton.py do the same without the
-gather: 30 bytes. Learning rate, step count, clip coefficient and the finite-norm flag live on
-the device, so a step never waits for the host and can be captured in a CUDA graph.
+gather: 30 bytes, 28 with bf16 gradients. With ``master="split"`` (Triton kernels only) the fp32
+master is not a buffer of its own: the bf16 weights hold its upper half, rounded, and an int16
+buffer what the rounding removed, exactly (``split_master``): 26 bytes, the update being the
+last, serial part of a step. Learning rate, step count, clip coefficient and the finite-norm flag
+live on the device, so a step never waits for the host and can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -32,19 +35,43 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 class FlatGroup:
     """One param group's parameters laid end to end: ``master`` (fp32) and, in bf16, ``weights``.
     Each parameter's data is a view into ``weights`` (in fp32, into ``master``: the parameters
-    are the masters)."""
+    are the masters). Split (``low`` set, ``master`` None): the master is ``weights`` and ``low``
+    together, see ``split_master``."""
 
     params: list[nn.Parameter]
-    master: Tensor
+    master: Tensor | None
     weights: Tensor | None
+    low: Tensor | None = None
 
     @classmethod
-    def build(cls, params: list[nn.Parameter], *, bf16: bool) -> FlatGroup:
+    def build(cls, params: list[nn.Parameter], *, bf16: bool, split: bool = False) -> FlatGroup:
         master = torch.cat([p.detach().reshape(-1).float() for p in params])
-        flat = cls(params, master, master.bfloat16() if bf16 else None)
+        if split:
+            flat = cls(params, None, *split_master(master))
+        else:
+            flat = cls(params, master, master.bfloat16() if bf16 else None)
         for p, d in zip(params, flat.views(master if flat.weights is None else flat.weights)):
             p.data = d
         return flat
+
+    @property
+    def key(self) -> Tensor:
+        """The buffer the optimizer's param group holds and keys its state by: the fp32 master, or
+        the split master's low bits."""
+        return self.master if self.low is None else self.low
+
+    def master_values(self) -> Tensor:
+        """The fp32 masters end to end: the buffer itself, or the split one joined (a copy)."""
+        return self.master if self.low is None else join_master(self.weights, self.low)
+
+    def load_master(self, values: Tensor) -> None:
+        """Set the masters (and, split, the weights they round to) from fp32 ``values`` end to end."""
+        if self.low is None:
+            self.master.copy_(values)
+        else:
+            weights, low = split_master(values.to(self.low.device))
+            self.weights.copy_(weights)
+            self.low.copy_(low)
 
     def views(self, flat: Tensor) -> list[Tensor]:
         """``flat`` cut into this group's parameters' shapes, in order."""
@@ -53,6 +80,28 @@ class FlatGroup:
     def grads(self) -> list[Tensor]:
         """The parameters' gradients; zeros for one that got none this step."""
         return [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+
+
+def split_master(x: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 ``x`` as (bf16 weights, int16 low bits) that hold it exactly: the weights are ``x``
+    rounded to bf16, half away from zero, and the low bits what that removed, in units of the
+    fp32 last place (-2^15 … 2^15 - 1). Round-half-to-even, torch's cast, would need one value
+    more at the ties it rounds down; the two roundings differ only there, one value in 65,536."""
+    bits = x.detach().float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    high = (bits + 0x8000) >> 16  # NaNs aside, at most 0xFFFF
+    low = bits - (high << 16)
+    return _signed(high, 16).to(torch.int16).view(torch.bfloat16), low.to(torch.int16)
+
+
+def join_master(weights: Tensor, low: Tensor) -> Tensor:
+    """The fp32 values ``split_master`` split into ``weights`` and ``low``."""
+    bits = (((weights.view(torch.int16).to(torch.int64) & 0xFFFF) << 16) + low.to(torch.int64)) & 0xFFFFFFFF
+    return _signed(bits, 32).to(torch.int32).view(torch.float32)
+
+
+def _signed(unsigned: Tensor, bits: int) -> Tensor:
+    """Unsigned ``bits``-bit integers (in int64) as the signed ones of the same bit pattern."""
+    return torch.where(unsigned >= 1 << (bits - 1), unsigned - (1 << bits), unsigned)
 
 
 def adamw_update(grad: Tensor, master: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, weights: Tensor | None,
@@ -98,30 +147,37 @@ class FlatAdamW(torch.optim.Optimizer):
 
     ``groups`` are param groups of model parameters (``params`` plus options such as ``lr`` and
     ``weight_decay``); building the optimizer moves the parameters into the flat buffers, and in
-    bf16 casts them. ``param_groups`` hold one flat fp32 master each, so torch's schedulers and
-    ``state_dict`` work as for any optimizer. ``step`` has no host sync and no branch on a tensor
+    bf16 casts them. ``param_groups`` hold one flat buffer each (the fp32 master, or split, its low
+    bits), so torch's schedulers and ``state_dict`` work as for any optimizer. ``step`` has no host sync and no branch on a tensor
     value; after the first call it allocates alike every step (CUDA-graph capturable). It runs
     as Triton kernels where ``kernels`` says (default: on CUDA with Triton; elsewhere Triton's
-    interpreter), otherwise compiled where ``compiled`` says (default: on CUDA).
+    interpreter), otherwise compiled where ``compiled`` says (default: on CUDA). ``master``:
+    "fp32", a buffer of its own, or "split" (bf16 and the Triton kernels only), see ``FlatGroup``.
     """
 
     def __init__(self, groups: list[dict[str, Any]], *, precision: str = "bf16", lr: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 max_norm: float = math.inf, compiled: bool | None = None, kernels: bool | None = None) -> None:
-        self.flats = [FlatGroup.build(g["params"], bf16=precision == "bf16") for g in groups]
-        super().__init__([{**g, "params": [f.master]} for g, f in zip(groups, self.flats)],
+                 max_norm: float = math.inf, compiled: bool | None = None, kernels: bool | None = None,
+                 master: str = "fp32") -> None:
+        device = next(iter(groups[0]["params"])).device
+        if kernels is None:
+            kernels = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        if master not in ("fp32", "split"):
+            raise ValueError(f"master must be 'fp32' or 'split', not {master!r}")
+        if master == "split" and not (precision == "bf16" and kernels):
+            raise ValueError("optim.master 'split' needs bf16 weights and FlatAdamW's Triton kernels (CUDA); "
+                             f"this run has {precision} weights{'' if kernels else ' and no kernels'}")
+        self.flats = [FlatGroup.build(g["params"], bf16=precision == "bf16", split=master == "split") for g in groups]
+        super().__init__([{**g, "params": [f.key]} for g, f in zip(groups, self.flats)],
                          {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
-        device = self.flats[0].master.device
         for f in self.flats:
-            self.state[f.master] = {"step": torch.zeros((), device=device),
-                                    **{k: torch.zeros_like(f.master) for k in MOMENTS}}
+            self.state[f.key] = {"step": torch.zeros((), device=device),
+                                 **{k: torch.zeros(f.key.numel(), device=device) for k in MOMENTS}}
         # The learning rates the update reads: a device tensor changes without a recompile.
         self.lrs = [torch.tensor(float(g["lr"]), device=device) for g in self.param_groups]
         self._finite = torch.ones((), dtype=torch.bool, device=device)
         self.max_norm = max_norm
         self.norm: Tensor | None = None
-        if kernels is None:
-            kernels = device.type == "cuda" and importlib.util.find_spec("triton") is not None
         if kernels:
             from rgfusion.trainer.flat_adamw_triton import TritonUpdate
 
@@ -150,11 +206,12 @@ class FlatAdamW(torch.optim.Optimizer):
         """``step`` without loading the learning rates: the part a CUDA graph can replay. A false
         ``finite`` (a 0-d bool on the device, e.g. the loss's) skips the update like a
         non-finite gradient norm does."""
-        states = [self.state[f.master] for f in self.flats]
+        states = [self.state[f.key] for f in self.flats]
         if finite is None:
             finite = self._finite
+        # Split, the kernels take the low bits where the master would be (flat_adamw_triton.py).
         self.norm = self._update(
-            [f.grads() for f in self.flats], [f.master for f in self.flats], [s["exp_avg"] for s in states],
+            [f.grads() for f in self.flats], [f.key for f in self.flats], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [f.weights for f in self.flats], self.lrs, [s["step"] for s in states],
             [(*g["betas"], g["eps"], g["weight_decay"]) for g in self.param_groups], self.max_norm, finite)
         self.zero_grad()
@@ -172,23 +229,31 @@ class FlatAdamW(torch.optim.Optimizer):
                     p.grad.zero_()
 
     def masters(self) -> list[Tensor]:
-        """Per-parameter views of the fp32 masters, in group order."""
-        return [m for f in self.flats for m in f.views(f.master)]
+        """The fp32 masters per parameter, in group order: views of the buffers, or split, copies."""
+        return [m for f in self.flats for m in f.views(f.master_values())]
+
+    @torch.no_grad()
+    def load_masters(self, values: list[Tensor]) -> None:
+        """Set the masters from fp32 ``values`` shaped as ``masters()``; split, the weights too."""
+        sizes = [len(f.params) for f in self.flats]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        for f, start in zip(self.flats, starts):
+            f.load_master(torch.cat([v.reshape(-1) for v in values[start:start + len(f.params)]]).float())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load this optimizer's state, or torch.optim.AdamW's over the same groups (one entry per
         parameter: the native engine's before flat buffers). The values are copied into the
         existing buffers, which a compiled or captured step keeps reading."""
-        own = [self.state[f.master] for f in self.flats]
+        own = [self.state[f.key] for f in self.flats]
         super().load_state_dict(self._per_group(state_dict))
         for f, buffers in zip(self.flats, own):
-            loaded = self.state[f.master]
+            loaded = self.state[f.key]
             for key, buffer in buffers.items():
                 if loaded:
                     buffer.copy_(loaded[key])
                 else:  # saved before the first step
                     buffer.zero_()
-            self.state[f.master] = buffers
+            self.state[f.key] = buffers
 
     def _per_group(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` with one state entry per group, its moments laid end to end as the flat
@@ -202,7 +267,7 @@ class FlatAdamW(torch.optim.Optimizer):
             if len(entries) not in (1, len(flat.params)):
                 raise ValueError(f"saved param group {i} has {len(entries)} parameters, this one "
                                  f"{len(flat.params)}")
-            sizes = [flat.master.numel()] if len(entries) == 1 else [p.numel() for p in flat.params]
+            sizes = [flat.key.numel()] if len(entries) == 1 else [p.numel() for p in flat.params]
             present = [e for e in entries if e is not None]
             if present:
                 state[i] = {"step": present[0]["step"], **{

@@ -5,7 +5,8 @@ buffer, then reads it for the norm and again for AdamW: on an H200, 0.21 ms of t
 1.4 ms update went to the gather alone, at the end of the step where nothing runs beside it
 (benchmarks/RESULTS.md, session 14). Here a kernel sums the squares of every gradient in place,
 torch turns the sums into the clip scale, and one pass per group reads gradient, master and
-moments and writes master, moments and the bf16 weights (trainer/_triton_adamw_kernels.py).
+moments and writes master, moments and the bf16 weights (trainer/_triton_adamw_kernels.py). A
+master in int16 is a split one's low bits (flat_adamw.split_master), the weights its high half.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ class TritonUpdate:
                     table, launch.param, launch.start, launch.length, launch.flat, masters[i], exp_avgs[i],
                     exp_avg_sqs[i], masters[i] if w is None else w, scale, ok, lrs[i], steps[i], beta1, beta2,
                     log(beta1), log(beta2), eps, decay, GRAD=grad, HAS_WEIGHTS=w is not None,
-                    ALIGNED=launch.aligned, BLOCK=block, num_warps=warps)
+                    SPLIT=masters[i].dtype == torch.int16, ALIGNED=launch.aligned, BLOCK=block, num_warps=warps)
         return norm
 
 

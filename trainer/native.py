@@ -41,10 +41,10 @@ class NativeEngine:
         # flat buffers, in bf16 casting them (DeepSpeed's bf16 mode: no per-use casts as under
         # autocast, and inductor compiles the BiGRU, which it fails to do under autocast).
         self.optimizer = FlatAdamW(groups, precision=precision, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                   weight_decay=o.weight_decay, max_norm=o.grad_clip if o.grad_clip > 0 else math.inf)
+                                   weight_decay=o.weight_decay, max_norm=o.grad_clip if o.grad_clip > 0 else math.inf,
+                                   master=o.master)
         if precision == "bf16":
             module.to(torch.bfloat16)  # what the optimizer does not hold: buffers, frozen parameters
-        self.masters = self.optimizer.masters()
         self.wrapped: nn.Module = module
         if world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -110,11 +110,11 @@ class NativeEngine:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The module's state with the fp32 masters in place of the bf16 weights."""
         state = self.module.state_dict()
-        state.update({name: m.detach() for name, m in zip(self._param_names(), self.masters)})
+        state.update({name: m.detach() for name, m in zip(self._param_names(), self.optimizer.masters())})
         return state
 
     def _param_names(self) -> list[str]:
-        """State-dict names of ``self.params`` (and so of ``self.masters``), in their order."""
+        """State-dict names of ``self.params`` (and so of the optimizer's masters), in their order."""
         names = {id(p): n for n, p in self.module.named_parameters()}
         return [names[id(p)] for p in self.params]
 
@@ -127,11 +127,9 @@ class NativeEngine:
             return None, {}
         state = safe_load(path)
         # Both copy in place, into the flat buffers: the module's weights (in bf16, the masters
-        # rounded), then the masters.
+        # rounded), then the masters (split ones round the weights again, their own way).
         self.module.load_state_dict(state["module"])
-        with torch.no_grad():
-            for name, m in zip(self._param_names(), self.masters):
-                m.copy_(state["module"][name])
+        self.optimizer.load_masters([state["module"][name] for name in self._param_names()])
         if load_optimizer_states:
             self.optimizer.load_state_dict(state["optimizer"])
         if load_lr_scheduler_states:
