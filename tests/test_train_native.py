@@ -309,6 +309,13 @@ def test_a_parameter_without_old_state_gets_zero_moments():
     assert torch.equal(state["exp_avg"][3:], old.state[groups[0]["params"][1]]["exp_avg"].reshape(-1))
 
 
+def test_split_masters_need_the_native_engine():
+    with pytest.raises(ConfigError, match="optim.master 'split' is the native engine's"):
+        load_config(None, ["optim.master=split"])
+    with pytest.raises(ConfigError, match="optim.master"):
+        load_config(None, ["optim.master=fp16"])
+
+
 def test_cuda_graph_compile_needs_the_native_engine():
     with pytest.raises(ConfigError, match="reduce-overhead"):
         load_config(None, ["train.compile=true", "train.compile_mode=reduce-overhead"])

@@ -224,4 +224,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = load(RunConfig, path if path is not None else DEFAULT_RECIPE, list(overrides))
     if not cfg.data.url:
         raise ConfigError("data.url is empty: set it in the recipe or with --set data.url=...")
+    if cfg.optim.master == "split" and cfg.train.engine != "native":
+        raise ConfigError("optim.master 'split' is the native engine's: set train.engine=native (and zero_stage 0)")
     return cfg
