@@ -43,7 +43,7 @@ from rgfusion.trainer.model import _triton_gelu_kernels as gelu
 q, bias = torch.rand(4, 85, 3 * 8 * 128), torch.rand(4, 8, 85, 85)
 shape = att._Shape(q, None, bias, 8, 0.1)
 constants = {k: v for k, v in shape.meta.items() if k not in ("num_warps", "num_stages")}
-constants.update(KEYS_FIT=False, QUERIES_FIT=False, BIAS_GRAD=True)
+constants.update(KEYS_FIT=False, QUERIES_FIT=False, BIAS_GRAD=True, KEY_BLOCK=shape.forward_keys)
 boxes, w1, w2 = torch.rand(2, 11, 4), torch.rand(2, 16, 5), torch.rand(2, 8, 16)
 constants.update({k: v for k, v in geo._meta(boxes, w1, w2, torch.bfloat16).items() if k != "num_warps"})
 constants.update(BLOCK_M=gelu.BLOCK_M, BLOCK_N=gelu.BLOCK_N)
