@@ -46,8 +46,7 @@ KERNELS = {"forward": kernels._forward, "backward_query": kernels._backward_quer
 CONSTANTS = ("H", "D", "BLOCK", "KEY_BLOCK", "SELF", "HAS_BIAS", "DROPOUT", "EXACT", "BIAS_GRAD", "KEYS_FIT",
              "QUERIES_FIT")
 GEOMETRY_KERNELS = {"forward": geometry._forward, "backward": geometry._backward}
-GEOMETRY_TYPES = {"boxes": "*fp32", "adj": "*i1", "shares": "*fp32", "B": "i32", "N": "i32", "L": "i32", "HID": "i32",
-                  "fill": "fp32"}
+GEOMETRY_TYPES = {"boxes": "*fp32", "adj": "*i1", "shares": "*fp32", "N": "i32", "HID": "i32", "fill": "fp32"}
 
 
 def signature(fn, dtype: str) -> dict[str, str]:

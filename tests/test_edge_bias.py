@@ -41,9 +41,10 @@ def edge_bias(layer: nn.Sequential, boxes, adj, dtype, impl) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("b,n,hidden,heads,layers", [(3, 11, 16, 8, 1), (2, 40, 12, 3, 1), (1, 85, 16, 8, 2),
-                                                      (2, 13, 16, 8, 2), (2, 9, 12, 3, 3)])
+                                                      (2, 13, 16, 8, 2), (2, 9, 12, 3, 3), (1, 9, 12, 3, 5)])
 def test_bias_and_weight_gradients_equal_the_math_path(b, n, hidden, heads, layers):
-    """Three layers: their hidden units and heads fill the kernels' padded blocks unevenly."""
+    """Three layers: their hidden units and heads fill the kernels' padded blocks unevenly. Five:
+    more than one call takes (four, then one)."""
     boxes, adj = graph(b, n)
     fused = [mlp(hidden, heads, seed) for seed in range(layers)]
     ref = [mlp(hidden, heads, seed).double() for seed in range(layers)]
@@ -61,6 +62,15 @@ def test_bias_and_weight_gradients_equal_the_math_path(b, n, hidden, heads, laye
         for p, q in zip(layer.parameters(), layer_ref.parameters(), strict=True):
             assert p.grad.dtype == p.dtype
             torch.testing.assert_close(p.grad.double(), q.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_a_layer_whose_bias_the_loss_leaves_out_gets_zero_gradients():
+    boxes, adj = graph(2, 10)
+    layers = [mlp(12, 3, seed) for seed in range(2)]
+    outs = edge_biases(layers, boxes, adj, torch.float32, "triton")
+    (outs[1].masked_fill(~adj[:, None], 0) ** 2).sum().backward()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in layers[0].parameters())
+    assert all(p.grad.abs().sum() > 0 for p in layers[1].parameters())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

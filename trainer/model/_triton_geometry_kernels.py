@@ -4,7 +4,9 @@ Imported on first use only: it imports Triton. A program takes ROWS nodes of one
 node ``i`` it computes the relative geometry of all its edges ``j`` from the two boxes, as
 :func:`trainer.model.geometry.relative_geometry` does, then every graph layer's MLP at once, as
 two small products in registers (the layers' first weights side by side, their second weights
-block-diagonal), and writes every layer's and head's bias. The features, the boxes and the
+block-diagonal), and writes every layer's and head's bias, each layer's into a tensor of its own
+(one stacked tensor, unbound, had its gradient stacked back by a 30 MB copy in the step,
+session 17). The features, the boxes and the
 adjacency are read once for all layers: with one kernel per layer the two layers' bias kernels
 took 0.70 ms of an H200 step, each bound by its loop's latency, not its work (session 16). The
 backward recomputes the same and accumulates the
@@ -24,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._triton_attention_kernels import _mm
+from .edge_bias import MAX_LAYERS
 from .geometry import GEOMETRY_DIM, MIN_SIZE
 
 
@@ -84,18 +87,18 @@ def _second_layers(w2, k, o, L, HID, H: tl.constexpr, P: tl.constexpr):
 
 
 @triton.jit
-def _bias_offsets(o, b, i, j, B, N, H: tl.constexpr):
-    """Offsets of node ``i``'s row of every layer's bias, (L, B, H, N, N), as a (J, O) block:
-    column o is head o % H of layer o // H. Offsets, not addresses: see ``_forward``."""
-    return (((o[None, :] // H) * B + b) * H + o[None, :] % H) * N * N + i * N + j[:, None]
+def _bias_offsets(o, b, i, j, N, H: tl.constexpr):
+    """Offsets of node ``i``'s row in a layer's bias, (B, H, N, N), as a (J, O) block: column o is
+    head o % H (of layer o // H). Offsets, not addresses: see ``_forward``."""
+    return ((b * H + o[None, :] % H) * N + i) * N + j[:, None]
 
 
 @triton.jit
-def _forward(boxes, adj, w1, b1, w2, b2, out, B, N, L, HID, fill, H: tl.constexpr, J: tl.constexpr,
-             P: tl.constexpr, K: tl.constexpr, O: tl.constexpr, F: tl.constexpr, ROWS: tl.constexpr,
-             MIN: tl.constexpr, EXACT: tl.constexpr):
+def _forward(boxes, adj, w1, b1, w2, b2, out0, out1, out2, out3, N, HID, fill, L: tl.constexpr, H: tl.constexpr,
+             J: tl.constexpr, P: tl.constexpr, K: tl.constexpr, O: tl.constexpr, F: tl.constexpr,
+             ROWS: tl.constexpr, MIN: tl.constexpr, EXACT: tl.constexpr):
     """ROWS nodes of one image: each one's bias over all its edges, every head of every layer, in
-    two small products."""
+    two small products; layer l's into ``out{l}`` (L ≤ MAX_LAYERS)."""
     # Index vectors are made here, and a helper gives offsets, never addresses: torch's analysis
     # of which tensors a kernel writes takes every tensor a helper was given as written when a
     # stored-to address depends on that helper's result, and would take the weights (leaves) as written.
@@ -113,18 +116,28 @@ def _forward(boxes, adj, w1, b1, w2, b2, out, B, N, L, HID, fill, H: tl.constexp
         hidden = tl.maximum(_mm(x, weight1, EXACT), 0.0)
         value = _mm(hidden, weight2, EXACT) + bias2
         edge = tl.load(adj + (b * N + i) * N + j, mask=real, other=0) != 0
-        value = tl.where(edge[:, None], value, tl.cast(fill, tl.float32))
-        tl.store(out + _bias_offsets(o, b, i, j, B, N, H), value.to(out.dtype.element_ty),
-                 mask=real[:, None] & (o[None, :] < L * H))
+        value = tl.where(edge[:, None], value, tl.cast(fill, tl.float32)).to(out0.dtype.element_ty)
+        at = _bias_offsets(o, b, i, j, N, H)
+        # One store: each column's address in its layer's bias.
+        column = o[None, :] // H
+        ptrs = out0 + at
+        if L > 1:
+            ptrs = tl.where(column == 1, out1 + at, ptrs)
+        if L > 2:
+            ptrs = tl.where(column == 2, out2 + at, ptrs)
+        if L > 3:
+            ptrs = tl.where(column == 3, out3 + at, ptrs)
+        tl.store(ptrs, value, mask=real[:, None] & (column < L))
 
 
 @triton.jit
-def _backward(boxes, adj, w1, b1, w2, grad, shares, B, N, L, HID, H: tl.constexpr, J: tl.constexpr,
-              P: tl.constexpr, K: tl.constexpr, O: tl.constexpr, F: tl.constexpr, ROWS: tl.constexpr,
-              MIN: tl.constexpr, EXACT: tl.constexpr):
+def _backward(boxes, adj, w1, b1, w2, grad0, grad1, grad2, grad3, shares, N, HID, L: tl.constexpr,
+              H: tl.constexpr, J: tl.constexpr, P: tl.constexpr, K: tl.constexpr, O: tl.constexpr,
+              F: tl.constexpr, ROWS: tl.constexpr, MIN: tl.constexpr, EXACT: tl.constexpr):
     """ROWS nodes of one image: their share of every layer's gradients, one row of ``shares``: the
     first layers' weights and biases as ``_first_layers`` lays them out (P × K), the second layers'
-    weights as ``_second_layers`` does (K × O), their biases (O)."""
+    weights as ``_second_layers`` does (K × O), their biases (O). Layer l's bias gradient is
+    ``grad{l}``."""
     pid = tl.program_id(0)
     blocks = tl.cdiv(N, ROWS)
     b, first = pid // blocks, pid % blocks * ROWS
@@ -141,8 +154,15 @@ def _backward(boxes, adj, w1, b1, w2, grad, shares, B, N, L, HID, H: tl.constexp
         pre = _mm(x, weight1, EXACT)
         # A non-edge holds the fill, not the MLP's output: no gradient flows there.
         edge = (tl.load(adj + (b * N + i) * N + j, mask=real, other=0) != 0) & real
-        g = tl.load(grad + _bias_offsets(o, b, i, j, B, N, H), mask=edge[:, None] & (o[None, :] < L * H),
-                    other=0.0).to(tl.float32)
+        at = _bias_offsets(o, b, i, j, N, H)
+        # One load: each column's address in its layer's gradient.
+        column = o[None, :] // H
+        ptrs = tl.where(column == 1, grad1 + at, grad0 + at)
+        if L > 2:
+            ptrs = tl.where(column == 2, grad2 + at, ptrs)
+        if L > 3:
+            ptrs = tl.where(column == 3, grad3 + at, ptrs)
+        g = tl.load(ptrs, mask=edge[:, None] & (column < L), other=0.0).to(tl.float32)
         d_weight2 += _mm(tl.trans(tl.maximum(pre, 0.0)), g, EXACT)
         d_bias2 += tl.sum(g, 0)
         d_pre = tl.where(pre > 0, _mm(g, weight2_t, EXACT), 0.0)
@@ -164,7 +184,7 @@ def _meta(boxes: Tensor, w1: Tensor, w2: Tensor, dtype: torch.dtype) -> dict:
     (253 for two layers, no spills)."""
     layers, hidden, heads, n = w1.shape[0], w1.shape[1], w2.shape[1], boxes.shape[1]
     p = max(16, triton.next_power_of_2(max(hidden, GEOMETRY_DIM + 1)))
-    return dict(H=heads, J=max(16, triton.next_power_of_2(n)), P=p, K=triton.next_power_of_2(layers * p),
+    return dict(L=layers, H=heads, J=max(16, triton.next_power_of_2(n)), P=p, K=triton.next_power_of_2(layers * p),
                 O=max(16, triton.next_power_of_2(layers * heads)), F=GEOMETRY_DIM, ROWS=ROWS, MIN=MIN_SIZE,
                 EXACT=dtype == torch.float32, num_warps=4)
 
@@ -178,22 +198,22 @@ def register() -> SimpleNamespace:
 
     @triton_op("rgfusion::geometry_bias", mutates_args=())
     def bias_op(boxes: Tensor, adj: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-                dtype: torch.dtype) -> Tensor:
-        """(L, B, heads, N, N): every layer's bias from the layers' stacked weights."""
+                dtype: torch.dtype) -> list[Tensor]:
+        """Every layer's bias (B, heads, N, N) from the layers' stacked weights (at most MAX_LAYERS)."""
         batch, n = boxes.shape[:2]
-        out = torch.empty(w1.shape[0], batch, w2.shape[1], n, n, device=boxes.device, dtype=dtype)
-        wrap_triton(_forward)[(_programs(boxes),)](boxes, adj, w1, b1, w2, b2, out, batch, n, w1.shape[0], w1.shape[1],
+        outs = [torch.empty(batch, w2.shape[1], n, n, device=boxes.device, dtype=dtype) for _ in range(w1.shape[0])]
+        wrap_triton(_forward)[(_programs(boxes),)](boxes, adj, w1, b1, w2, b2, *_slots(outs), n, w1.shape[1],
                                                    torch.finfo(dtype).min, **_meta(boxes, w1, w2, dtype))
-        return out
+        return outs
 
     @triton_op("rgfusion::geometry_bias_backward", mutates_args=())
-    def backward_op(grad: Tensor, boxes: Tensor, adj: Tensor, w1: Tensor, b1: Tensor, w2: Tensor) -> Tensor:
+    def backward_op(grads: list[Tensor], boxes: Tensor, adj: Tensor, w1: Tensor, b1: Tensor, w2: Tensor) -> Tensor:
         """The weight gradients in float32, summed over the programs' shares (see ``_backward``)."""
-        meta = _meta(boxes, w1, w2, grad.dtype)
+        meta = _meta(boxes, w1, w2, grads[0].dtype)
         p, k, o = meta["P"], meta["K"], meta["O"]
         shares = torch.empty(_programs(boxes), p * k + k * o + o, device=boxes.device, dtype=torch.float32)
-        wrap_triton(_backward)[(_programs(boxes),)](boxes, adj, w1, b1, w2, grad, shares, boxes.shape[0],
-                                                    boxes.shape[1], w1.shape[0], w1.shape[1], **meta)
+        wrap_triton(_backward)[(_programs(boxes),)](boxes, adj, w1, b1, w2, *_slots(grads), shares, boxes.shape[1],
+                                                    w1.shape[1], **meta)
         return shares.sum(0)
 
     def setup_context(ctx, inputs, output) -> None:
@@ -201,14 +221,24 @@ def register() -> SimpleNamespace:
         ctx.save_for_backward(boxes, adj, w1, b1, w2)
         ctx.dtypes = [t.dtype for t in (w1, b1, w2, b2)]
 
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grads: list[Tensor | None]):
         boxes, adj, w1, b1, w2 = ctx.saved_tensors
-        total = backward_op(grad.contiguous(), boxes, adj, w1, b1, w2)
-        grads = _unpack(total, w1, w2, _meta(boxes, w1, w2, grad.dtype))
-        return None, None, *(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)), None
+        like = next(g for g in grads if g is not None)
+        # A layer whose bias took no part in the loss gets none.
+        grads = [torch.zeros_like(like) if g is None else g.contiguous() for g in grads]
+        total = backward_op(grads, boxes, adj, w1, b1, w2)
+        weights = _unpack(total, w1, w2, _meta(boxes, w1, w2, like.dtype))
+        return None, None, *(g.to(dtype) for g, dtype in zip(weights, ctx.dtypes)), None
 
     register_autograd(bias_op, backward, setup_context=setup_context)
     return SimpleNamespace(bias=bias_op, backward=backward_op)
+
+
+def _slots(tensors: list[Tensor]) -> list[Tensor]:
+    """One tensor per layer slot of the kernels; the slots past the layers repeat the first (never read or written)."""
+    if not 1 <= len(tensors) <= MAX_LAYERS:
+        raise ValueError(f"the geometry kernels take 1 to {MAX_LAYERS} layers per call, not {len(tensors)}")
+    return tensors + tensors[:1] * (MAX_LAYERS - len(tensors))
 
 
 def _unpack(total: Tensor, w1: Tensor, w2: Tensor, meta: dict) -> tuple[Tensor, ...]:

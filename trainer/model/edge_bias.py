@@ -26,12 +26,16 @@ def edge_biases(mlps: Sequence[nn.Sequential], boxes: Tensor, adj: Tensor, dtype
                 impl: Attention) -> list[Tensor]:
     """One (B, heads, N, N) bias per MLP (Linear, ReLU, Linear) of node boxes (B, N, 4), in
     ``dtype``; ``finfo(dtype).min`` where ``adj`` (B, N, N) has no edge. The edge features are
-    computed once for all of them, and the kernels compute all of them in one pass."""
+    computed once for all of them, and the kernels compute up to MAX_LAYERS of them in one pass."""
     if fused(impl, boxes):
-        first, last = [mlp[0] for mlp in mlps], [mlp[2] for mlp in mlps]
-        weights = [torch.stack([getattr(linear, name) for linear in layers])
-                   for layers in (first, last) for name in ("weight", "bias")]
-        return list(ops().bias(boxes.float().contiguous(), adj.contiguous(), *weights, dtype).unbind(0))
+        boxes, adj = boxes.float().contiguous(), adj.contiguous()
+        biases = []
+        for start in range(0, len(mlps), MAX_LAYERS):
+            chunk = mlps[start:start + MAX_LAYERS]
+            weights = [torch.stack([getattr(mlp[index], name) for mlp in chunk])
+                       for index in (0, 2) for name in ("weight", "bias")]
+            biases += ops().bias(boxes, adj, *weights, dtype)
+        return biases
     geometry = relative_geometry(boxes).to(dtype)
     biases = []
     for mlp in mlps:
@@ -46,3 +50,5 @@ def fused(impl: Attention, boxes: Tensor) -> bool:
 
 
 ops = triton_attention.LazyOps("._triton_geometry_kernels")
+# Layers per kernel call: the kernels take one output (and gradient) pointer per layer.
+MAX_LAYERS = 4
