@@ -113,7 +113,8 @@ def main() -> None:
             except Exception as e:  # a launch option a kernel cannot compile with, e.g. out of shared memory
                 row.update(error=f"{type(e).__name__}: {e}"[:200])
             rows.append(row)
-            print(f"{shape:12s} {warps:5d} {stages:6d} {row['block']:>5} {row['forward_keys']:>4} {row['query_pass_keys']:>5} {dropout:4.2f} "
+            print(f"{shape:12s} {warps:5d} {stages:6d} {row['block']:>5} {row['forward_keys']:>4} "
+                  f"{row['query_pass_keys']:>5} {dropout:4.2f} "
                   f"{row.get('ms', float('nan')):10.3f}  {row.get('kernels_us', row.get('error'))}", flush=True)
     if args.out:
         with open(args.out, "w") as f:

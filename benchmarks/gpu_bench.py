@@ -617,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
                                 fused_bert=args.fused_bert == "on",
                                 towers=args.towers, text_sdpa=args.text_sdpa,
                                 eager_random=args.compile_random == "eager", image_compile=args.image_compile,
-                                image_inductor=tuple(inductor_option(p, "--image-inductor", i) for i in args.image_inductor),
+                                image_inductor=tuple(inductor_option(p, "--image-inductor", item)
+                                                     for item in args.image_inductor),
                                 adamw=args.adamw)
     if args.text_sdpa:  # the one kernel allowed: an unsupported case raises instead of falling back
         torch.backends.cuda.enable_flash_sdp(False)

@@ -147,7 +147,8 @@ def test_per_step_reads_each_graph_replay_by_its_launch(tmp_path, capsys):
     assert load().main([str(path), "--steps", "2", "--per-step"]) == 0
     rows = capsys.readouterr().out.split("per step (")[1].splitlines()[1:]
     assert [r.split() for r in rows] == [
-        ["1", "|", "|", "stream", "7", "0..", "100", "(", "90)", "|", "stream", "9", "0..", "40", "(", "40)", "|", "100"],
+        ["1", "|", "|", "stream", "7", "0..", "100", "(", "90)", "|", "stream", "9", "0..", "40", "(", "40)", "|",
+         "100"],
         ["2", "|", "10", "|", "stream", "7", "0..", "100", "(", "100)", "|", "stream", "9", "30..", "70", "(", "40)",
          "|", "100"]]
 
