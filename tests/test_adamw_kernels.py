@@ -44,18 +44,22 @@ def model(sizes: list[list[tuple[int, ...]]], seed: int) -> list[list[nn.Paramet
 SIZES = [[(3, 700), (5,), (16, 130), (7,)], [(4100,), (24, 8)]]
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_kernels_step_as_the_torch_update(precision):
-    """Several steps, a clip that scales the gradients, a parameter without a gradient, and a
-    non-finite gradient that changes nothing and does not count the step."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+def runs_of(*options: dict) -> list[tuple[list[list[nn.Parameter]], FlatAdamW]]:
+    """The same model's two param groups (beta1 = 0 in the second), under each of the optimizer
+    ``options``."""
     runs = []
-    for kernels in (False, True):
+    for extra in options:
         groups = model(SIZES, seed=0)
         opt = FlatAdamW([{"params": groups[0], "lr": 1e-2, "weight_decay": 0.1},
-                         {"params": groups[1], "lr": 3e-3, "betas": (0.0, 0.99)}],
-                        precision=precision, lr=1e-2, max_norm=5.0, kernels=kernels, compiled=False)
+                         {"params": groups[1], "lr": 3e-3, "betas": (0.0, 0.99)}], lr=1e-2, max_norm=5.0, **extra)
         runs.append((groups, opt))
+    return runs
+
+
+def steps(runs, dtype: torch.dtype):
+    """Four steps of every run on the same gradients, yielding after each: a clip that scales them
+    in the first, a parameter without a gradient, and a non-finite gradient in the third that
+    changes nothing and does not count the step."""
     gen = torch.Generator().manual_seed(1)
     for i in range(4):
         grads = [[torch.randn(p.shape, generator=gen).to(DEVICE, dtype) * (3 if i == 0 else 0.1) for p in g]
@@ -67,6 +71,15 @@ def test_kernels_step_as_the_torch_update(precision):
                 for p, g in zip(group, group_grads):
                     p.grad = None if p.shape == (7,) else g.clone()
             opt.step()
+        yield i
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_kernels_step_as_the_torch_update(precision):
+    """Several steps (see ``steps``) of the kernels against the torch update."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    runs = runs_of(*(dict(precision=precision, kernels=kernels, compiled=False) for kernels in (False, True)))
+    for i in steps(runs, dtype):
         (_, torch_opt), (_, kernel_opt) = runs
         assert math.isfinite(float(kernel_opt.norm)) == (i != 2)
         torch.testing.assert_close(kernel_opt.norm, torch_opt.norm, equal_nan=True)
@@ -134,24 +147,9 @@ def test_split_masters_step_exactly_as_fp32_ones():
     parameter without a gradient included."""
     from rgfusion.trainer.flat_adamw import split_master
 
-    runs = []
-    for kind in ("fp32", "split"):
-        groups = model(SIZES, seed=0)
-        opt = FlatAdamW([{"params": groups[0], "lr": 1e-2, "weight_decay": 0.1},
-                         {"params": groups[1], "lr": 3e-3, "betas": (0.0, 0.99)}],
-                        precision="bf16", lr=1e-2, max_norm=5.0, kernels=True, master=kind)
-        runs.append((groups, opt))
-    gen = torch.Generator().manual_seed(1)
-    for i in range(4):
-        grads = [[torch.randn(p.shape, generator=gen).to(DEVICE, torch.bfloat16) * (3 if i == 0 else 0.1) for p in g]
-                 for g in runs[0][0]]
-        if i == 2:
-            grads[1][0][5] = math.inf
-        for groups, opt in runs:
-            for group, group_grads in zip(groups, grads):
-                for p, g in zip(group, group_grads):
-                    p.grad = None if p.shape == (7,) else g.clone()
-            opt.step()
+    runs = runs_of(*(dict(precision="bf16", kernels=True, master=kind) for kind in ("fp32", "split")))
+    for _ in steps(runs, torch.bfloat16):
+        pass
     (_, fp32), (groups, split) = runs
     for a, b in zip(fp32.flats, split.flats):
         assert torch.equal(b.master_values().view(torch.int32), a.master.view(torch.int32))
