@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_suite.sh setup attention                          # 1 GPU: the attention kernels per launch option
 #   AB="kernels:;compiled:--adamw compiled" bash benchmarks/gpu_suite.sh setup ab  # 1 GPU: BERT rows A, B, A, B
 #   AB="main:;q4:CUDA_SCALE_LAUNCH_QUEUES=4x" ...                                   # (a row's environment first)
+#   AB="..." bash benchmarks/gpu_suite.sh setup verify ab                             # the GPU tests, then the rows
 # Results (logs, JSON, the MLflow store as a tarball) land in $OUT; more than 8 files there are
 # packed into one suite.tgz at the end, the most the device tool brings back.
 # `setup` installs from ./.whl, for machines without a network. Fill it on one with the network,
@@ -225,6 +226,13 @@ ab() {  # one GPU: the BERT row once per "name:flags" in AB (';' between them), 
       echo "$name, pass $pass: $(grep -oE '"(step_ms|step_ms_spread|mfu_bf16_peak|error)": [^,}]*' "$file.log" | tr '\n' ' ')"
     done
   done | tee "$OUT/ab.txt"
+}
+
+verify() {  # one GPU: the tests that run the kernels for real (CUDA-only tests, FlatAdamW's kernels), first
+  log "tests/test_gpu.py tests/test_adamw_kernels.py"
+  timeout "${VERIFY_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_adamw_kernels.py \
+    > "$OUT/verify.log" 2>&1
+  tail -3 "$OUT/verify.log"
 }
 
 pack() {  # the device tool brings back at most 8 files from $OUT: past that, one archive of them all
