@@ -148,11 +148,12 @@ class FlatAdamW(torch.optim.Optimizer):
     ``groups`` are param groups of model parameters (``params`` plus options such as ``lr`` and
     ``weight_decay``); building the optimizer moves the parameters into the flat buffers, and in
     bf16 casts them. ``param_groups`` hold one flat buffer each (the fp32 master, or split, its low
-    bits), so torch's schedulers and ``state_dict`` work as for any optimizer. ``step`` has no host sync and no branch on a tensor
-    value; after the first call it allocates alike every step (CUDA-graph capturable). It runs
-    as Triton kernels where ``kernels`` says (default: on CUDA with Triton; elsewhere Triton's
-    interpreter), otherwise compiled where ``compiled`` says (default: on CUDA). ``master``:
-    "fp32", a buffer of its own, or "split" (bf16 and the Triton kernels only), see ``FlatGroup``.
+    bits), so torch's schedulers and ``state_dict`` work as for any optimizer. ``step`` has no host
+    sync and no branch on a tensor value; after the first call it allocates alike every step
+    (CUDA-graph capturable). It runs as Triton kernels where ``kernels`` says (default: on CUDA
+    with Triton; elsewhere Triton's interpreter), otherwise compiled where ``compiled`` says
+    (default: on CUDA). ``master``: "fp32", a buffer of its own, or "split" (bf16 and the Triton
+    kernels only), see ``FlatGroup``.
     """
 
     def __init__(self, groups: list[dict[str, Any]], *, precision: str = "bf16", lr: float,
