@@ -236,10 +236,9 @@ class FlatAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def load_masters(self, values: list[Tensor]) -> None:
         """Set the masters from fp32 ``values`` shaped as ``masters()``; split, the weights too."""
-        sizes = [len(f.params) for f in self.flats]
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        for f, start in zip(self.flats, starts):
-            f.load_master(torch.cat([v.reshape(-1) for v in values[start:start + len(f.params)]]).float())
+        per_parameter = iter(values)
+        for f in self.flats:
+            f.load_master(torch.cat([next(per_parameter).reshape(-1) for _ in f.params]).float())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load this optimizer's state, or torch.optim.AdamW's over the same groups (one entry per

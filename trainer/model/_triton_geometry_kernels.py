@@ -181,7 +181,7 @@ def _meta(boxes: Tensor, w1: Tensor, w2: Tensor, dtype: torch.dtype) -> dict:
     """Compile-time arguments of stacked weights ``w1`` (L, hidden, 5) and ``w2`` (L, heads,
     hidden). A bias in float32 takes float32 products; in 16 bits, TF32 ones on tensor cores:
     float32 ones spilled in the one-layer backward at sm_90, where TF32 ones took 166 registers
-    (253 for two layers, no spills)."""
+    (164 for two layers with the local Triton 3.9, no spills: benchmarks/kernel_resources.py)."""
     layers, hidden, heads, n = w1.shape[0], w1.shape[1], w2.shape[1], boxes.shape[1]
     p = max(16, triton.next_power_of_2(max(hidden, GEOMETRY_DIM + 1)))
     return dict(L=layers, H=heads, J=max(16, triton.next_power_of_2(n)), P=p, K=triton.next_power_of_2(layers * p),
