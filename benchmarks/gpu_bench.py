@@ -58,7 +58,7 @@ from rgfusion.trainer.model.attention import Attention
 from rgfusion.trainer.model.bert import FusedBertLayer
 from rgfusion.trainer.model.flops import image_flops, text_flops
 from rgfusion.trainer.model.retrieval import compile_options
-from rgfusion.trainer.model.streams import beside, side_stream
+from rgfusion.trainer.model.streams import beside
 
 # H100 SXM dense bf16 tensor-core peak from the datasheet; MFU is quoted against it.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
@@ -100,12 +100,6 @@ class Shape:
     # on split masters, optim.master=split) or "compiled" (inductor, the gradients gathered into
     # one flat buffer first)
     adamw: str = "kernels"
-    # bf16w's update: "end" of its step, or at the "start" of the next one, where each tower's
-    # groups update before that tower's forward on its stream, so the memory-bound update runs
-    # beside the other tower's products instead of alone after the backward ("start-main": both on
-    # the main stream before the towers fork; "start-third": the caption tower's on a third,
-    # normal-priority stream, not ahead of the image tower's on BERT's high-priority one)
-    update: str = "end"
 
 
 @dataclass
@@ -212,10 +206,9 @@ def autocast_for(v: Variant, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if v.precision == "bf16" else nullcontext()
 
 
-def make_update(model: torch.nn.Module, v: Variant, device: torch.device, shape: Shape):
+def make_update(model: torch.nn.Module, v: Variant, device: torch.device, adamw: str) -> Callable[[], None]:
     """Builds the optimizer and returns the update that follows backward: it steps and leaves the
-    gradients ready for the next backward. bf16w also casts the model, and where ``shape.update``
-    starts the next step, returns a ``Deferred`` instead.
+    gradients ready for the next backward. bf16w also casts the model.
 
     bf16w is the native engine's optimizer (trainer/flat_adamw.py) over the trainer's param
     groups: fp32 masters in flat buffers, the recipe's global-norm clip, a skipped non-finite
@@ -224,19 +217,11 @@ def make_update(model: torch.nn.Module, v: Variant, device: torch.device, shape:
     if v.precision == "bf16w":
         optim = OptimConfig()
         groups = param_groups(model, optim, model.param_groups_hint())
-        if shape.update != "end":  # each group within one tower: a tower's update then precedes its forward
-            groups = [{**g, "params": ps} for g in groups for ps in tower_split(model, g["params"]) if ps]
         opt = FlatAdamW(groups, precision="bf16", lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                         weight_decay=optim.weight_decay, max_norm=optim.grad_clip,
-                        # the update apart per tower needs the kernels (on a CPU, Triton's interpreter)
-                        kernels=False if shape.adamw == "compiled" else (shape.update != "end") or None,
-                        master="split" if shape.adamw == "split" else "fp32")
+                        kernels=None if adamw != "compiled" else False, master="split" if adamw == "split" else "fp32")
         model.to(torch.bfloat16)  # buffers; the parameters are views into the flat bf16 weights
-        if shape.update != "end":
-            return Deferred(opt, shape.update, device, set(map(id, model.text.parameters())))
         return opt.step  # it drops the gradients itself
-    if shape.update != "end":
-        raise ValueError(f"--update {shape.update}: bf16w variants only (FlatAdamW)")
     fused = {"fused": True, "capturable": v.captured} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
 
@@ -245,46 +230,6 @@ def make_update(model: torch.nn.Module, v: Variant, device: torch.device, shape:
         opt.zero_grad(set_to_none=True)  # captured, the next replay re-allocates them in place
 
     return update
-
-
-def tower_split(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> tuple[list, list]:
-    """``params`` as (the image tower's, the caption tower's)."""
-    text = set(map(id, model.text.parameters()))
-    return [p for p in params if id(p) not in text], [p for p in params if id(p) in text]
-
-
-class Deferred:
-    """A step's update run at the start of the next step (Shape.update): ``start`` takes the
-    pending gradients' norm and returns what each tower runs before its forward. The first step
-    has nothing pending. Each tower's stream frees its own gradients' memory only after its update
-    (the third stream's is waited for before BERT's forward), so they may be dropped at once."""
-
-    def __init__(self, opt: FlatAdamW, order: str, device: torch.device, text: set[int]) -> None:
-        self.opt, self.order, self.device = opt, order, device
-        caption = [all(id(p) in text for p in f.params) for f in opt.flats]
-        self.groups = ([i for i, c in enumerate(caption) if not c], [i for i, c in enumerate(caption) if c])
-
-    def params(self) -> list[torch.nn.Parameter]:
-        return [p for f in self.opt.flats for p in f.params]
-
-    def start(self) -> tuple[Callable[[], None], Callable[[], None]]:
-        """(before the image tower, before the caption tower), each on its tower's stream."""
-        if all(p.grad is None for p in self.params()):
-            return (lambda: None), (lambda: None)
-        self.opt.clip()
-        image, caption = (lambda: self.opt.apply(self.groups[0])), (lambda: self.opt.apply(self.groups[1]))
-        if self.order == "start-main":
-            image(), caption()
-            return (lambda: None), (lambda: None)
-        if self.order == "start-third" and self.device.type == "cuda":
-            done = torch.cuda.Event()
-            third = side_stream(self.device, slot=7, high_priority=False)
-            third.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(third):
-                caption()
-                done.record()
-            return image, (lambda: torch.cuda.current_stream(self.device).wait_event(done))
-        return image, caption
 
 
 def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, shape: Shape):
@@ -306,50 +251,34 @@ def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, shape:
         images, captions = torch.compile(images, options=image_options), torch.compile(captions, options=options)
     stand_in = torch.randn(shape.batch, model.cfg.width, device=device)
 
-    def embed(batch, before=(lambda: None, lambda: None)):
+    def embed(batch):
         if shape.towers == "image":
-            return after(before, images)(batch), stand_in
+            return images(batch), stand_in
         if shape.towers == "text":
-            return stand_in, after(before, captions)(batch)
-        image, caption = after(before[0], images), after(before[1], captions)
-        towers = (image, caption) if shape.side_tower == "caption" else (caption, image)
+            return stand_in, captions(batch)
+        towers = (images, captions) if shape.side_tower == "caption" else (captions, images)
         main, side = beside(lambda: towers[0](batch), lambda: towers[1](batch), device, enabled=shape.side_streams,
                             high_priority=shape.side_priority == "high", side_first=shape.side_first)
         return (main, side) if shape.side_tower == "caption" else (side, main)
 
     def step(batch):
-        deferred = update if isinstance(update, Deferred) else None
-        img, cap = embed(batch, deferred.start()) if deferred else embed(batch)
-        if deferred:  # backward then makes fresh gradients (the update queued above reads the dropped ones)
-            deferred.opt.zero_grad()
+        img, cap = embed(batch)
         loss, _ = contrastive_loss(img, cap, ids, ids, cfg=loss_cfg, step=10**9)
         loss.backward()
-        if not deferred:
-            update()
+        update()
         return loss
 
     step.embed = embed  # (image, caption) embeddings without the loss and update
     return step
 
 
-def after(first: Callable[[], None] | tuple, fn: Callable):
-    """``fn`` that runs ``first()`` before it (``first`` a pair: both, for a one-tower row)."""
-    def run(*args):
-        for f in first if isinstance(first, tuple) else (first,):
-            f()
-        return fn(*args)
-
-    return run
-
-
-def capture_step(step, batch: dict[str, torch.Tensor], deferred: Deferred | None = None):
+def capture_step(step, batch: dict[str, torch.Tensor]):
     """The whole training step as one CUDA graph: one launch per step instead of ~1,500.
 
     Inputs are copied into the captured (static) batch before each replay; shapes must not change,
     which the reader guarantees for regions (padded to max_regions) and a fixed caption length.
     Each step ends with its gradients dropped, so the captured backward allocates them in the
-    graph's pool and every replay writes them afresh. ``deferred``: the step updates with the
-    gradients of the one before it, which replays leave in the pool for the next."""
+    graph's pool and every replay writes them afresh."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     # Warm-up allocates optimizer state and cuDNN workspaces, and runs torch.compile's compilation.
@@ -357,15 +286,9 @@ def capture_step(step, batch: dict[str, torch.Tensor], deferred: Deferred | None
         for _ in range(3):
             step(batch)
     torch.cuda.current_stream().wait_stream(side)
-    pending = [p.grad for p in deferred.params()] if deferred else []
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         loss = step(batch)
-    if deferred:  # the graph read the warm-up's gradients: from now on, its own; the first replay takes the warm-up's
-        deferred.opt.retarget()
-        for p, g in zip(deferred.params(), pending):
-            if g is not None:
-                p.grad.copy_(g)
 
     def replay(new_batch):
         for k, t in batch.items():
@@ -415,7 +338,6 @@ class Bench:
     batches: list[dict[str, torch.Tensor]]
     cfg: ModelConfig
     seq: int
-    update: Callable[[], None] | Deferred  # make_update's
 
 
 def build_bench(v: Variant, shape: Shape, device: torch.device, hf_path: str | None, tiny: bool) -> Bench:
@@ -432,15 +354,14 @@ def build_bench(v: Variant, shape: Shape, device: torch.device, hf_path: str | N
             raise ValueError("--text-sdpa needs the fused BERT caption tower")
         for layer in bert_layers:
             layer.attention = "sdpa"
-    update = make_update(model, v, device, shape)
+    update = make_update(model, v, device, shape.adamw)
     seq = shape.words + 4 if v.text == "bert" else shape.words
     # Several input sets so repeated steps don't just re-read one batch from cache.
     batches = [make_batch(shape, vocab, device, seq, feature_dtype(v)) for _ in range(3)]
     step = step_fn(model, update, LossConfig(), torch.arange(shape.batch, device=device), v, shape)
     if v.captured:
-        step = capture_step(step, {k: t.clone() for k, t in batches[0].items()},
-                            update if isinstance(update, Deferred) else None)
-    return Bench(model, step, batches, cfg, seq, update)
+        step = capture_step(step, {k: t.clone() for k, t in batches[0].items()})
+    return Bench(model, step, batches, cfg, seq)
 
 
 def bench_variant(v: Variant, shape: Shape, device, hf_path, args) -> dict:
@@ -649,9 +570,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adamw", choices=("kernels", "split", "compiled"), default="kernels",
                    help="bf16w's optimizer update on CUDA: Triton kernels (split: on split fp32 masters, "
                         "optim.master=split), or inductor's over gathered gradients")
-    p.add_argument("--update", choices=("end", "start", "start-main", "start-third"), default="end",
-                   help="bf16w: the update at the end of its step, or at the start of the next, each tower's "
-                        "before its forward (see Shape.update)")
     p.add_argument("--ffn", choices=("model", "math"), default="model",
                    help="math: the feed-forward blocks on PyTorch's path even with --attention triton "
                         "(an ablation of model/ffn.py's kernels)")
@@ -701,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
                                 eager_random=args.compile_random == "eager", image_compile=args.image_compile,
                                 image_inductor=tuple(inductor_option(p, "--image-inductor", item)
                                                      for item in args.image_inductor),
-                                adamw=args.adamw, update=args.update)
+                                adamw=args.adamw)
     if args.text_sdpa:  # the one kernel allowed: an unsupported case raises instead of falling back
         torch.backends.cuda.enable_flash_sdp(False)
         torch.backends.cuda.enable_math_sdp(False)

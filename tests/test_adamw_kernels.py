@@ -56,21 +56,21 @@ def runs_of(*options: dict) -> list[tuple[list[list[nn.Parameter]], FlatAdamW]]:
     return runs
 
 
-def steps(runs, dtype: torch.dtype, updates=None):
+def steps(runs, dtype: torch.dtype):
     """Four steps of every run on the same gradients, yielding after each: a clip that scales them
     in the first, a parameter without a gradient, and a non-finite gradient in the third that
-    changes nothing and does not count the step. ``updates``: each run's step (FlatAdamW.step)."""
+    changes nothing and does not count the step."""
     gen = torch.Generator().manual_seed(1)
     for i in range(4):
         grads = [[torch.randn(p.shape, generator=gen).to(DEVICE, dtype) * (3 if i == 0 else 0.1) for p in g]
                  for g in runs[0][0]]
         if i == 2:
             grads[1][0][5] = math.inf
-        for (groups, opt), update in zip(runs, updates or [FlatAdamW.step] * len(runs)):
+        for groups, opt in runs:
             for group, group_grads in zip(groups, grads):
                 for p, g in zip(group, group_grads):
                     p.grad = None if p.shape == (7,) else g.clone()
-            update(opt)
+            opt.step()
         yield i
 
 
@@ -119,32 +119,6 @@ def test_any_program_shapes_give_the_torch_update(update, sums):
     torch.testing.assert_close(norms[1], norms[0])
     for a, b in zip(reference[1:4] + [reference[6]], kernel[1:4] + [kernel[6]]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-
-
-def test_groups_updated_apart_step_as_one_update():
-    """clip, then apply to each group in any order (benchmarks/gpu_bench.py --update start: each
-    tower's groups before its forward), steps to the bit as update does."""
-    def apart(opt: FlatAdamW) -> None:
-        opt.load_lrs()
-        opt.clip()
-        opt.apply([1])
-        opt.apply([0])
-        opt.zero_grad()
-
-    runs = runs_of(*[dict(precision="bf16", kernels=True)] * 2)
-    (_, whole), (_, parts) = runs
-    for _ in steps(runs, torch.bfloat16, updates=[FlatAdamW.step, apart]):
-        torch.testing.assert_close(parts.norm, whole.norm, rtol=0, atol=0, equal_nan=True)
-        for a, b in zip(whole.flats, parts.flats):
-            assert torch.equal(a.master, b.master) and torch.equal(a.weights, b.weights)
-            for key in ("exp_avg", "exp_avg_sq", "step"):
-                assert torch.equal(whole.state[a.master][key], parts.state[b.master][key])
-
-
-def test_groups_updated_apart_need_the_kernels():
-    opt = FlatAdamW([{"params": model(SIZES, seed=0)[0]}], lr=1e-2, kernels=False, compiled=False)
-    with pytest.raises(ValueError, match="Triton kernels"):
-        opt.clip()
 
 
 def test_split_master_holds_fp32_exactly_and_rounds_to_the_nearest_bf16():

@@ -548,37 +548,3 @@ def test_ffn_kernels_equal_the_math_path_compiled():
     for name, a, b, want in zip(("output", "x", "up.weight", "up.bias", "down.weight", "down.bias"), ours, theirs,
                                 exact):
         assert float((a - want).norm()) <= 2 * float((b - want).norm()), name
-
-
-@pytest.mark.parametrize("update", ["start", "start-third"])
-def test_bench_update_at_the_next_steps_start_trains_as_at_its_end(update):
-    """gpu_bench.py --update start: replays of a captured step that first applies the gradients
-    its previous replay left (each tower's update on its stream) give the losses, and once the
-    last update is applied the masters, of the step that updates at its end."""
-    from test_gpu_bench_smoke import load_bench
-
-    bench = load_bench()
-    v = next(v for v in bench.variants() if v.name == "full-bigru-bf16w-graph")
-
-    def run(order: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        shape = bench.Shape(batch=8, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200,
-                            side_streams=True, update=order)
-        b = bench.build_bench(v, shape, DEVICE, None, tiny=True)
-        losses = torch.stack([b.step(b.batches[i % 3]).clone() for i in range(5)])
-        if order == "end":
-            opt = b.update.__self__  # FlatAdamW.step
-        else:  # the fifth step's update
-            opt = b.update.opt
-            opt.clip()
-            opt.apply(range(len(opt.flats)))
-        torch.cuda.synchronize()
-        params = [p for f in opt.flats for p in f.params]
-        names = {id(p): n for n, p in b.model.named_parameters()}
-        return losses, {names[id(p)]: m for p, m in zip(params, opt.masters())}
-
-    losses, masters = run(update)
-    end_losses, end_masters = run("end")
-    torch.testing.assert_close(losses, end_losses, rtol=1e-5, atol=1e-6)
-    assert masters.keys() == end_masters.keys()
-    for name, m in end_masters.items():  # one update's error would be ~lr = 5e-4
-        torch.testing.assert_close(masters[name], m, rtol=0, atol=2e-5, msg=name)

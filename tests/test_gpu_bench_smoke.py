@@ -211,32 +211,3 @@ def test_suite_ab_runs_each_named_row_twice_in_turn(tmp_path):
     del env["AB"]
     missing = subprocess.run(["bash", str(suite), "ab"], env=env, capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and 'AB="name:flags;name:flags"' in missing.stderr
-
-
-def test_update_at_the_next_steps_start_gives_the_losses_of_one_at_its_end(monkeypatch):
-    """--update start on a CPU (the captured step is tested in test_gpu.py): each step's loss is
-    computed on the weights every earlier step's update left, as at the end. Both update with the
-    kernels (Triton's interpreter), which round bf16 apart from torch."""
-    pytest.importorskip("triton")
-    bench = load_bench()
-    flat_adamw = bench.FlatAdamW
-    monkeypatch.setattr(bench, "FlatAdamW", lambda *args, **kwargs: flat_adamw(*args, **{**kwargs, "kernels": True}))
-    v = next(v for v in bench.variants() if v.name == "full-bigru-bf16w")
-
-    def losses(order: str) -> list[float]:
-        shape = bench.Shape(batch=4, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200,
-                            update=order)
-        b = bench.build_bench(v, shape, bench.torch.device("cpu"), None, tiny=True)
-        return [float(b.step(b.batches[i % 3])) for i in range(4)]
-
-    start, end = losses("start"), losses("end")
-    assert start[1] != start[0]  # the update took effect
-    assert start == end
-
-
-def test_update_at_the_next_steps_start_needs_flat_adamw(tmp_path):
-    out = tmp_path / "bench.json"
-    argv = ["--device", "cpu", "--tiny", "--no-eval", "--iters", "1", "--warmup", "1", "--batch", "4",
-            "--only", "full-bigru-fp32", "--update", "start", "--out", str(out)]
-    assert load_bench().main(argv) == 0
-    assert "bf16w variants only" in json.loads(out.read_text())["rows"][0]["error"]

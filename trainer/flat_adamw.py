@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,11 +123,6 @@ def adamw_update(grad: Tensor, master: Tensor, exp_avg: Tensor, exp_avg_sq: Tens
         weights.copy_(master)
 
 
-def hypers(group: dict[str, Any]) -> tuple[float, float, float, float]:
-    """A param group's (beta1, beta2, eps, weight decay), as the update kernels take them."""
-    return (*group["betas"], group["eps"], group["weight_decay"])
-
-
 def clip_and_update(grads: list[list[Tensor]], masters: list[Tensor], exp_avgs: list[Tensor],
                     exp_avg_sqs: list[Tensor], weights: list[Tensor | None], lrs: list[Tensor], steps: list[Tensor],
                     hypers: list[tuple[float, float, float, float]], max_norm: float, finite: Tensor) -> Tensor:
@@ -185,7 +179,6 @@ class FlatAdamW(torch.optim.Optimizer):
         self._finite = torch.ones((), dtype=torch.bool, device=device)
         self.max_norm = max_norm
         self.norm: Tensor | None = None
-        self.kernels = kernels
         if kernels:
             from rgfusion.trainer.flat_adamw_triton import TritonUpdate
 
@@ -221,37 +214,11 @@ class FlatAdamW(torch.optim.Optimizer):
         self.norm = self._update(
             [f.grads() for f in self.flats], [f.key for f in self.flats], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [f.weights for f in self.flats], self.lrs, [s["step"] for s in states],
-            [hypers(g) for g in self.param_groups], self.max_norm, finite)
+            [(*g["betas"], g["eps"], g["weight_decay"]) for g in self.param_groups], self.max_norm, finite)
         self.zero_grad()
         # What torch's LR schedulers check to warn of a schedule stepped before its optimizer;
         # set here too, as a captured step calls only this part.
         self._opt_called = True
-
-    @torch.no_grad()
-    def clip(self, finite: Tensor | None = None) -> None:
-        """``update``'s first part, for a step that updates its groups apart (``apply``), e.g. each
-        tower's before its forward on the tower's stream: the norm of the gradients on hand and the
-        clip scale, on the current stream."""
-        if not self.kernels:
-            raise ValueError("FlatAdamW.clip and apply need the Triton kernels")
-        self.norm, *self._scale_ok = self._update.clip(
-            [f.grads() for f in self.flats], self.max_norm, self._finite if finite is None else finite)
-
-    @torch.no_grad()
-    def apply(self, groups: Iterable[int]) -> None:
-        """The update of the groups numbered ``groups`` with the scale ``clip`` took, on the current
-        stream; the gradients stay (``zero_grad`` drops them)."""
-        for i in groups:
-            f, state = self.flats[i], self.state[self.flats[i].key]
-            self._update.apply(i, f.key, state["exp_avg"], state["exp_avg_sq"], f.weights, self.lrs[i], state["step"],
-                               hypers(self.param_groups[i]), *self._scale_ok)
-        self._opt_called = True
-
-    def retarget(self) -> None:
-        """After capturing a step whose update (``clip``, ``apply``) runs before its backward: make
-        the graph's update read the gradients its backward leaves, which the parameters hold now,
-        at its next replay (it read the ones before the capture)."""
-        self._update.retarget([[p.grad for p in f.params] for f in self.flats])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop (or zero) the model parameters' gradients: the next backward hands over fresh ones."""

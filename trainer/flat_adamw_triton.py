@@ -99,15 +99,6 @@ class GradientTable:
         assert self.table is not None
         return self.table
 
-    def retarget(self, grads: list[Tensor | None]) -> None:
-        """Make the copy recorded in the last capture read ``grads``' addresses from now on; a
-        parameter without a gradient keeps the zeros the capture made for it."""
-        if any(g is not None and readable(g) is not g for g in grads):
-            raise ValueError("FlatAdamW: a gradient the kernels cannot read in place cannot be retargeted")
-        if self.device.type == "cuda":
-            host = self.recorded[-1]
-            host.copy_(torch.tensor([a if g is None else g.data_ptr() for a, g in zip(host.tolist(), grads)]))
-
 
 class TritonUpdate:
     """flat_adamw.clip_and_update's arguments and result, for the groups whose parameters have
@@ -122,62 +113,34 @@ class TritonUpdate:
         self.sums, chunks = cover(sizes, sums[0], device)
         self.partial = torch.empty(chunks, device=device)
         self.tables = [GradientTable(device) for _ in sizes]
-        self.read_tables: list[Tensor] = []  # clip's, for apply
-        self.types: list[tl.dtype] = []
-        self.read: list[list[Tensor]] = []
-        self.stream: torch.cuda.Stream | None = None
 
     def __call__(self, grads: list[list[Tensor]], masters: list[Tensor], exp_avgs: list[Tensor],
                  exp_avg_sqs: list[Tensor], weights: list[Tensor | None], lrs: list[Tensor], steps: list[Tensor],
                  hypers: list[tuple[float, float, float, float]], max_norm: float, finite: Tensor) -> Tensor:
-        norm, scale, ok = self.clip(grads, max_norm, finite)
-        for i, state in enumerate(zip(masters, exp_avgs, exp_avg_sqs, weights, lrs, steps, hypers)):
-            self.apply(i, *state, scale, ok)
-        return norm
-
-    def clip(self, grads: list[list[Tensor]], max_norm: float, finite: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The global norm of ``grads`` (per group, per parameter), the clip scale and whether the
-        update may go ahead; ``apply`` then reads the same gradients."""
-        read = [[readable(g) for g in group] for group in grads]
-        # The tables hold bare addresses: each group's tensors stay alive until its update is queued.
-        self.read = read
-        self.stream = torch.cuda.current_stream() if read[0][0].is_cuda else None
-        self.types = [GRAD_TYPES[group[0].dtype] for group in read]
-        self.read_tables = [table(group) for table, group in zip(self.tables, read)]
+        grads = [[readable(g) for g in group] for group in grads]  # alive until the kernels are queued
+        tables = [table(group) for table, group in zip(self.tables, grads)]
+        types = [GRAD_TYPES[group[0].dtype] for group in grads]
         block, warps = self.sums_shape
-        for table, group, grad in zip(self.read_tables, self.sums, self.types):
+        for table, group, grad in zip(tables, self.sums, types):
             for launch in group:
                 kernels._sum_squares[(launch.count,)](
                     table, launch.param, launch.start, launch.length, self.partial[launch.first:], GRAD=grad,
                     ALIGNED=launch.aligned, BLOCK=block, num_warps=warps)
         norm = self.partial.sum().sqrt()
         ok = norm.isfinite() & finite
-        return norm, (max_norm / (norm + 1e-6)).clamp(max=1.0), ok
-
-    def apply(self, i: int, master: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, weights: Tensor | None, lr: Tensor,
-              step: Tensor, hyper: tuple[float, float, float, float], scale: Tensor, ok: Tensor) -> None:
-        """Group ``i``'s AdamW pass over the gradients ``clip`` took (``hyper``: beta1, beta2, eps,
-        weight decay), on the current stream."""
-        step.add_(ok)
-        beta1, beta2, eps, decay = hyper
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         block, warps = self.update_shape
-        for launch in self.updates[i]:
-            kernels._adamw[(launch.count,)](
-                self.read_tables[i], launch.param, launch.start, launch.length, launch.flat, master, exp_avg,
-                exp_avg_sq, master if weights is None else weights, scale, ok, lr, step, beta1, beta2,
-                log(beta1), log(beta2), eps, decay, GRAD=self.types[i],
-                HAS_WEIGHTS=weights is not None, SPLIT=master.dtype == torch.int16, ALIGNED=launch.aligned,
-                BLOCK=block, num_warps=warps)
-        if self.stream is not None and torch.cuda.current_stream() != self.stream:
-            for g in self.read[i]:  # the zeros and copies clip's stream made: not reused before this stream is done
-                g.record_stream(torch.cuda.current_stream())
-        self.read[i] = []
-
-    def retarget(self, grads: list[list[Tensor]]) -> None:
-        """Point the last captured graph's gradient tables at ``grads``: a graph whose update runs
-        before its backward then reads the gradients its previous replay left."""
-        for table, group in zip(self.tables, grads):
-            table.retarget(group)
+        for i, (table, group, grad) in enumerate(zip(tables, self.updates, types)):
+            steps[i].add_(ok)
+            beta1, beta2, eps, decay = hypers[i]
+            w = weights[i]
+            for launch in group:
+                kernels._adamw[(launch.count,)](
+                    table, launch.param, launch.start, launch.length, launch.flat, masters[i], exp_avgs[i],
+                    exp_avg_sqs[i], masters[i] if w is None else w, scale, ok, lrs[i], steps[i], beta1, beta2,
+                    log(beta1), log(beta2), eps, decay, GRAD=grad, HAS_WEIGHTS=w is not None,
+                    SPLIT=masters[i].dtype == torch.int16, ALIGNED=launch.aligned, BLOCK=block, num_warps=warps)
+        return norm
 
 
 def cover(sizes: list[list[int]], block: int, device: torch.device) -> tuple[list[list[Launch]], int]:
