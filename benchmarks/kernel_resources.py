@@ -121,7 +121,7 @@ def main() -> None:
           f"{'regs':>4s} {'spill B':>7s} {'smem B':>7s} {'per SM':>6s}")
     if "geometry" in args.shapes:
         for kernel, warps, stages in itertools.product(GEOMETRY_KERNELS, args.warps, args.stages):
-            row("geometry", kernel, geometry.ROWS, warps, stages, 0,
+            row("geometry", kernel, geometry.LAUNCH.rows, warps, stages, 0,
                 geometry_resources(kernel, warps, stages, args.arch))
     for shape, kernel in itertools.product([s for s in args.shapes if s in SHAPES], KERNELS):
         head, *_, queries, keys = SHAPES[shape]

@@ -9,6 +9,7 @@ so nothing reads the gradient again for the bias.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -56,12 +57,24 @@ def _backward(grad, h, bias, d_pre, shares, M, N, BLOCK_M: tl.constexpr, BLOCK_N
     tl.store(shares + tl.program_id(0) * N + cols, tl.sum(d.to(tl.float32), 0), mask=cols < N)
 
 
-# 64 rows: 170 shares of the bias gradient for the graph's 10,880 nodes, each a 4,096-float row.
-BLOCK_M, BLOCK_N = 64, 128
+@dataclass
+class Launch:
+    """Tile and warps of both kernels; benchmarks/ffn_bench.py --tiles sweeps them at the step's shapes.
+    64 rows: 170 shares of the bias gradient for the graph's 10,880 nodes, each a 4,096-float row."""
+
+    block_m: int = 64
+    block_n: int = 128
+    num_warps: int = 4
+
+    def grid(self, h: Tensor) -> tuple[int, int]:
+        return triton.cdiv(h.shape[0], self.block_m), triton.cdiv(h.shape[1], self.block_n)
+
+    @property
+    def meta(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps)
 
 
-def _grid(h: Tensor) -> tuple[int, int]:
-    return triton.cdiv(h.shape[0], BLOCK_M), triton.cdiv(h.shape[1], BLOCK_N)
+LAUNCH = Launch()
 
 
 def register() -> SimpleNamespace:
@@ -70,16 +83,15 @@ def register() -> SimpleNamespace:
     @triton_op("rgfusion::bias_gelu", mutates_args=())
     def bias_gelu(h: Tensor, bias: Tensor) -> Tensor:
         act = torch.empty_like(h)
-        wrap_triton(_forward)[_grid(h)](h, bias, act, h.shape[0], h.shape[1], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+        wrap_triton(_forward)[LAUNCH.grid(h)](h, bias, act, h.shape[0], h.shape[1], **LAUNCH.meta)
         return act
 
     @triton_op("rgfusion::bias_gelu_backward", mutates_args=())
     def backward_op(grad: Tensor, h: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
         """The pre-activation's gradient, and the bias's in float32."""
         d_pre = torch.empty_like(h)
-        shares = torch.empty(_grid(h)[0], h.shape[1], device=h.device, dtype=torch.float32)
-        wrap_triton(_backward)[_grid(h)](grad, h, bias, d_pre, shares, h.shape[0], h.shape[1], BLOCK_M=BLOCK_M,
-                                         BLOCK_N=BLOCK_N)
+        shares = torch.empty(LAUNCH.grid(h)[0], h.shape[1], device=h.device, dtype=torch.float32)
+        wrap_triton(_backward)[LAUNCH.grid(h)](grad, h, bias, d_pre, shares, h.shape[0], h.shape[1], **LAUNCH.meta)
         return d_pre, shares.sum(0)
 
     def setup_context(ctx, inputs, output) -> None:

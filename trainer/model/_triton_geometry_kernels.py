@@ -18,6 +18,7 @@ an H200 (benchmarks/RESULTS.md, session 12).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -173,8 +174,17 @@ def _backward(boxes, adj, w1, b1, w2, grad0, grad1, grad2, grad3, shares, N, HID
     tl.store(share + P * K + K * O + o, d_bias2)
 
 
-# Nodes per program: enough to amortise loading the weights and writing a share of the gradients.
-ROWS = 8
+@dataclass
+class Launch:
+    """Nodes per program (enough to amortise loading the weights and writing a share of the
+    gradients), warps and pipeline stages of both kernels; benchmarks/geometry_bench.py sweeps them."""
+
+    rows: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+LAUNCH = Launch()
 
 
 def _meta(boxes: Tensor, w1: Tensor, w2: Tensor, dtype: torch.dtype) -> dict:
@@ -185,12 +195,12 @@ def _meta(boxes: Tensor, w1: Tensor, w2: Tensor, dtype: torch.dtype) -> dict:
     layers, hidden, heads, n = w1.shape[0], w1.shape[1], w2.shape[1], boxes.shape[1]
     p = max(16, triton.next_power_of_2(max(hidden, GEOMETRY_DIM + 1)))
     return dict(L=layers, H=heads, J=max(16, triton.next_power_of_2(n)), P=p, K=triton.next_power_of_2(layers * p),
-                O=max(16, triton.next_power_of_2(layers * heads)), F=GEOMETRY_DIM, ROWS=ROWS, MIN=MIN_SIZE,
-                EXACT=dtype == torch.float32, num_warps=4)
+                O=max(16, triton.next_power_of_2(layers * heads)), F=GEOMETRY_DIM, ROWS=LAUNCH.rows, MIN=MIN_SIZE,
+                EXACT=dtype == torch.float32, num_warps=LAUNCH.num_warps, num_stages=LAUNCH.num_stages)
 
 
 def _programs(boxes: Tensor) -> int:
-    return boxes.shape[0] * triton.cdiv(boxes.shape[1], ROWS)
+    return boxes.shape[0] * triton.cdiv(boxes.shape[1], LAUNCH.rows)
 
 
 def register() -> SimpleNamespace:
