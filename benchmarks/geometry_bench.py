@@ -1,12 +1,13 @@
 """Time the graph's geometry-bias kernels (trainer/model/_triton_geometry_kernels.py) at the step's
 shape, per launch option. Needs a CUDA device.
 
-    python3 benchmarks/geometry_bench.py                                  # the default launch
+    python3 benchmarks/geometry_bench.py                                  # the kernels' own launch
     python3 benchmarks/geometry_bench.py --rows 4 8 16 --warps 2 4 8 --stages 1 3 --out sweep.json
 
 Batch 128 images of 85 nodes (36 regions, 49 grid cells), both graph layers' MLPs (5 → 16 → 8
 heads) in one pass, biases in bfloat16. Each figure is the median of Triton's ``do_bench`` in µs,
-forward (every layer's bias) and backward (the weight gradients' shares and their sum).
+forward (every layer's bias) and backward (the weight gradients' shares and their sum); the first
+row with the kernels' own launch settings, each further one with one setting for both kernels.
 """
 
 from __future__ import annotations
@@ -35,32 +36,35 @@ def inputs(batch: int, nodes: int = 85, layers: int = 2, hidden: int = 16, heads
     return boxes, adj, weights
 
 
-def bench(launch: kernels.Launch, batch: int) -> dict:
-    kernels.LAUNCH = launch  # read at every call
+def bench(launches: dict[str, kernels.Launch], batch: int) -> dict:
+    """Forward and backward µs with ``launches`` per kernel."""
+    kernels.LAUNCH = launches  # read at every call
     ops = edge_bias.ops()
     boxes, adj, weights = inputs(batch)
     grads = [torch.randn_like(b) for b in ops.bias(boxes, adj, *weights, torch.bfloat16)]
-    return {**dataclasses.asdict(launch),
+    return {**{k: dataclasses.asdict(v) for k, v in launches.items()},
             "forward_us": 1e3 * do_bench(lambda: ops.bias(boxes, adj, *weights, torch.bfloat16)),
             "backward_us": 1e3 * do_bench(lambda: ops.backward(grads, boxes, adj, *weights[:3]))}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default = kernels.Launch()
-    p.add_argument("--rows", nargs="+", type=int, default=[default.rows], help="nodes per program")
-    p.add_argument("--warps", nargs="+", type=int, default=[default.num_warps])
-    p.add_argument("--stages", nargs="+", type=int, default=[default.num_stages])
+    p.add_argument("--rows", nargs="+", type=int, default=[], help="nodes per program")
+    p.add_argument("--warps", nargs="+", type=int, default=[4])
+    p.add_argument("--stages", nargs="+", type=int, default=[3])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--out", default="")
     args = p.parse_args()
+    tuned = dict(kernels.LAUNCH)
+    options = [("the kernels' own", tuned)] + [
+        (f"{r} rows, {w} warps, {s} stages", {"forward": kernels.Launch(r, w, s), "backward": kernels.Launch(r, w, s)})
+        for r, w, s in itertools.product(args.rows, args.warps, args.stages)]
     rows = []
-    print(f"{'rows':>4s} {'warps':>5s} {'stages':>6s} {'forward µs':>10s} {'backward µs':>11s}")
-    for r, w, s in itertools.product(args.rows, args.warps, args.stages):
-        row = bench(kernels.Launch(rows=r, num_warps=w, num_stages=s), args.batch)
-        rows.append(row)
-        print(f"{r:4d} {w:5d} {s:6d} {row['forward_us']:10.1f} {row['backward_us']:11.1f}", flush=True)
-    kernels.LAUNCH = default
+    print(f"{'launch (both kernels)':32s} {'forward µs':>10s} {'backward µs':>11s}")
+    for name, launches in options:
+        rows.append({"launch": name, **bench(launches, args.batch)})
+        print(f"{name:32s} {rows[-1]['forward_us']:10.1f} {rows[-1]['backward_us']:11.1f}", flush=True)
+    kernels.LAUNCH = tuned
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -546,6 +546,20 @@ def attention_launch(p: argparse.ArgumentParser, items: list[str]) -> dict[str, 
     return dataclasses.asdict(kernels.LAUNCH)
 
 
+def geometry_launch(p: argparse.ArgumentParser, items: list[str]) -> dict[str, dict]:
+    """``KERNEL=ROWSxWARPSxSTAGES`` items (KERNEL forward or backward) into the geometry kernels'
+    launch settings; anything else is a usage error."""
+    from rgfusion.trainer.model import _triton_geometry_kernels as kernels
+
+    for item in items:
+        kernel, _, value = item.partition("=")
+        numbers = value.split("x")
+        if kernel not in kernels.LAUNCH or len(numbers) != 3 or not all(n.isdigit() for n in numbers):
+            p.error(f"--geometry-launch {item}: KERNEL=ROWSxWARPSxSTAGES, KERNEL one of {sorted(kernels.LAUNCH)}")
+        kernels.LAUNCH = {**kernels.LAUNCH, kernel: kernels.Launch(*map(int, numbers))}
+    return {k: dataclasses.asdict(v) for k, v in kernels.LAUNCH.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -565,6 +579,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a launch option of the Triton attention kernels (model/_triton_attention_kernels.py "
                         "Launch), e.g. forward_keys=32: the graph's forward in the backward's tiles, as before "
                         "session 17")
+    p.add_argument("--geometry-launch", action="append", default=[], metavar="KERNEL=ROWSxWARPSxSTAGES",
+                   help="the geometry kernels' launch (model/_triton_geometry_kernels.py LAUNCH), e.g. "
+                        "backward=8x4x3: both kernels' setting before session 18")
     p.add_argument("--image-inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="an inductor option of the image tower's compile alone, e.g. triton.mix_order_reduction=False")
     p.add_argument("--adamw", choices=("kernels", "split", "compiled"), default="kernels",
@@ -636,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ffn == "math":
         ffn_on_math_path()
     launch = attention_launch(p, args.attention_launch) if args.attention_launch else None
+    geometry = geometry_launch(p, args.geometry_launch) if args.geometry_launch else None
     if args.sm_carveout is not None:
         torch._C._set_sm_carveout_experimental(args.sm_carveout)
     if args.blas is not None:
@@ -651,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"name": v.name, "batch": shape.batch, "error": f"{type(e).__name__}: {e}"[:300]})
         print(json.dumps(rows[-1]), flush=True)
     result = {"device": device_name(device), "torch": torch.__version__, "shape": dataclasses.asdict(shape),
-              "sm_carveout": torch._C._get_sm_carveout_experimental(), "attention_launch": launch, "rows": rows}
+              "sm_carveout": torch._C._get_sm_carveout_experimental(), "attention_launch": launch,
+              "geometry_launch": geometry, "rows": rows}
     if not args.no_eval:
         result["eval"] = bench_eval(shape, device, args)
         print(json.dumps(result["eval"]), flush=True)

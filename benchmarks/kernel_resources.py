@@ -84,7 +84,7 @@ def resources(kernel: str, shape: str, block: int, warps: int, stages: int, drop
 
 def geometry_resources(kernel: str, warps: int, stages: int, arch: int) -> dict:
     fn = GEOMETRY_KERNELS[kernel]
-    meta = geometry._meta(torch.empty(1, 85, 4), torch.empty(2, 16, 5), torch.empty(2, 8, 16), torch.bfloat16)
+    meta = geometry._meta(torch.empty(1, 85, 4), torch.empty(2, 16, 5), torch.empty(2, 8, 16), torch.bfloat16, kernel)
     constants = {(i,): meta[n] for i, n in enumerate(fn.arg_names) if n in meta}
     types = {n: "constexpr" if n in meta else GEOMETRY_TYPES.get(n, "*bf16") for n in fn.arg_names}
     return usage(ASTSource(fn=fn, signature=types, constexprs=constants), warps, stages, arch)
@@ -107,8 +107,8 @@ def usage(source: ASTSource, warps: int, stages: int, arch: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=[*SHAPES, "geometry"], choices=[*SHAPES, "geometry"])
-    p.add_argument("--warps", nargs="+", type=int, default=[kernels.LAUNCH.num_warps])
-    p.add_argument("--stages", nargs="+", type=int, default=[kernels.LAUNCH.num_stages])
+    p.add_argument("--warps", nargs="+", type=int, default=None, help="default: each kernel's own")
+    p.add_argument("--stages", nargs="+", type=int, default=None, help="default: each kernel's own")
     p.add_argument("--blocks", nargs="+", type=int, default=[0], help="rows per tile (0: the kernels' own choice)")
     p.add_argument("--dropout", nargs="+", type=int, default=[1], help="1: with dropout's mask, 0: without")
     p.add_argument("--forward-keys", nargs="+", type=int, default=[0],
@@ -120,18 +120,21 @@ def main() -> None:
     print(f"{'shape':8s} {'kernel':15s} {'block':>7s} {'warps':>5s} {'stages':>6s} {'drop':>4s} "
           f"{'regs':>4s} {'spill B':>7s} {'smem B':>7s} {'per SM':>6s}")
     if "geometry" in args.shapes:
-        for kernel, warps, stages in itertools.product(GEOMETRY_KERNELS, args.warps, args.stages):
-            row("geometry", kernel, geometry.LAUNCH.rows, warps, stages, 0,
-                geometry_resources(kernel, warps, stages, args.arch))
+        for kernel in GEOMETRY_KERNELS:
+            own = geometry.LAUNCH[kernel]
+            for warps, stages in itertools.product(args.warps or [own.num_warps], args.stages or [own.num_stages]):
+                row("geometry", kernel, own.rows, warps, stages, 0, geometry_resources(kernel, warps, stages, args.arch))
     for shape, kernel in itertools.product([s for s in args.shapes if s in SHAPES], KERNELS):
         head, *_, queries, keys = SHAPES[shape]
         key_tiles = {"forward": args.forward_keys, "backward_query": args.query_pass_keys}.get(kernel, [0])
-        for block, key_block, warps, stages, dropout in itertools.product(args.blocks, key_tiles, args.warps,
-                                                                         args.stages, args.dropout):
+        for block, key_block, warps, stages, dropout in itertools.product(
+                args.blocks, key_tiles, args.warps or [kernels.LAUNCH.num_warps],
+                args.stages or [kernels.LAUNCH.num_stages], args.dropout):
             block = block or block_size(max(queries, keys), head)
             if kernel == "backward_query" and keys <= block:
                 continue  # keys in one block: no query pass
-            key_block = key_block or (kernels.forward_key_block(keys, block) if kernel == "forward" else block)
+            own = {"forward": kernels.forward_key_block, "backward_query": kernels.query_pass_key_block}
+            key_block = key_block or own.get(kernel, lambda _, rows: rows)(keys, block)
             tile = f"{block}" if key_block == block else f"{block}x{key_block}"
             row(shape, kernel, tile, warps, stages, dropout,
                 resources(kernel, shape, block, warps, stages, bool(dropout), args.arch, key_block))

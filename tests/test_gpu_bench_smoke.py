@@ -4,6 +4,7 @@ Compile and CUDA-graph modes need a GPU."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -126,6 +127,26 @@ def test_attention_launch_options_are_set_and_recorded(tmp_path, monkeypatch, ca
     assert bench.main(argv) == 0
     assert kernels.LAUNCH.forward_keys == 32
     assert json.loads(out.read_text())["attention_launch"]["forward_keys"] == 32
+
+
+def test_geometry_launch_options_are_set_and_recorded(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("triton")
+    from rgfusion.trainer.model import _triton_geometry_kernels as kernels
+
+    bench = load_bench()
+    monkeypatch.setattr(kernels, "LAUNCH", dict(kernels.LAUNCH))  # restored after the test
+    for bad in ("sideways=8x4x3", "backward=8x4", "forward=eightx4x3"):
+        with pytest.raises(SystemExit) as exc:
+            bench.main(["--device", "cpu", "--tiny", "--no-eval", "--geometry-launch", bad])
+        assert exc.value.code == 2 and f"--geometry-launch {bad}" in capsys.readouterr().err
+    out = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--tiny", "--no-eval", "--iters", "1", "--warmup", "1", "--batch", "4",
+            "--only", "full-bigru-fp32", "--geometry-launch", "backward=4x8x2", "--out", str(out)]
+    assert bench.main(argv) == 0
+    assert kernels.LAUNCH["backward"] == kernels.Launch(rows=4, num_warps=8, num_stages=2)
+    recorded = json.loads(out.read_text())["geometry_launch"]
+    assert recorded["backward"] == {"rows": 4, "num_warps": 8, "num_stages": 2}
+    assert recorded["forward"] == dataclasses.asdict(kernels.LAUNCH["forward"])
 
 
 def test_profile_writes_a_gzipped_chrome_trace(tmp_path):

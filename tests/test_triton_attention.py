@@ -234,13 +234,15 @@ def test_forward_key_tiles_keep_forward_and_backward_in_step(launch, monkeypatch
     assert_same(out, reference(qkv, None, bias, 2, keep, 0.2), [qkv, bias], 1e-5)
 
 
-def test_forward_takes_keys_over_more_than_two_tiles_in_one():
-    from rgfusion.trainer.model._triton_attention_kernels import forward_key_block
+def test_key_tiles_of_the_forward_and_of_the_query_pass():
+    from rgfusion.trainer.model._triton_attention_kernels import forward_key_block, query_pass_key_block
 
     # The graph's 85 nodes, CGF's 36 regions and 49 cells, BERT's 20 words, at heads of 128 (32-row
     # tiles); 200 keys would need a tile past 128.
     assert [forward_key_block(n, 32) for n in (85, 36, 49, 20, 200)] == [128, 32, 32, 32, 32]
     assert forward_key_block(70, 16) == 128 and forward_key_block(70, 64) == 64
+    # The query pass: up to 64 keys in one tile, more in the row tiles.
+    assert [query_pass_key_block(n, 32) for n in (85, 36, 49, 64, 65)] == [32, 64, 64, 64, 32]
 
 
 def test_kernel_resources_compiles_for_a_gpu_this_machine_lacks():
@@ -256,9 +258,9 @@ def test_kernel_resources_compiles_for_a_gpu_this_machine_lacks():
                          env=env, capture_output=True, text=True, timeout=300, check=True).stdout.splitlines()
     rows = [line.split() for line in out[1:]]
     # 20 words fit one 32-row block, so no query pass; 16-row blocks split them and need one.
-    assert [r[:3] for r in rows] == [["geometry", "forward", "8"], ["geometry", "backward", "8"],
+    assert [r[:3] for r in rows] == [["geometry", "forward", "16"], ["geometry", "backward", "8"],
                                      ["caption", "forward", "32"], ["caption", "forward", "16"],
-                                     ["caption", "backward_query", "16"], ["caption", "backward_key", "32"],
+                                     ["caption", "backward_query", "16x32"], ["caption", "backward_key", "32"],
                                      ["caption", "backward_key", "16"]]
     for r in rows:
         registers, spills, programs = int(r[6]), int(r[7]), int(r[9])

@@ -45,7 +45,7 @@ shape = att._Shape(q, None, bias, 8, 0.1)
 constants = {k: v for k, v in shape.meta.items() if k not in ("num_warps", "num_stages")}
 constants.update(KEYS_FIT=False, QUERIES_FIT=False, BIAS_GRAD=True, KEY_BLOCK=shape.forward_keys)
 boxes, w1, w2 = torch.rand(2, 11, 4), torch.rand(2, 16, 5), torch.rand(2, 8, 16)
-constants.update({k: v for k, v in geo._meta(boxes, w1, w2, torch.bfloat16).items()
+constants.update({k: v for k, v in geo._meta(boxes, w1, w2, torch.bfloat16, "backward").items()
                   if k not in ("num_warps", "num_stages")})
 constants.update({k: v for k, v in gelu.LAUNCH.meta.items() if k != "num_warps"})
 tensors = {"boxes": boxes, "adj": torch.ones(2, 11, 11, dtype=torch.bool), "w1": w1, "w2": w2}

@@ -229,7 +229,7 @@ class Launch:
     num_stages: int = 3
     block: int | None = None  # rows per tile; None: block_size()'s choice
     forward_keys: int | None = None  # keys per tile of the forward alone; None: forward_key_block()'s choice
-    query_pass_keys: int | None = None  # keys per tile of the backward's query pass; None: the rows per tile
+    query_pass_keys: int | None = None  # keys per tile of the backward's query pass; None: query_pass_key_block()'s
 
 
 LAUNCH = Launch()
@@ -252,6 +252,15 @@ def forward_key_block(keys: int, block: int) -> int:
     return whole if keys > 2 * block and whole <= 128 else block
 
 
+def query_pass_key_block(keys: int, block: int) -> int:
+    """Keys per tile of the backward's query pass: all of them in one tile of up to 64 (CGF's 36
+    and 49 keys: 39.7 and 37.4 µs alone on an H200 against 45.8 and 40.2 in row-sized tiles), else
+    the row tiles (the graph's 85 keys: 89 µs against 112 in 64-key and 122 in one 128-key tile;
+    benchmarks/RESULTS.md, session 18)."""
+    whole = triton.next_power_of_2(keys)
+    return whole if whole <= 64 else block
+
+
 class _Shape:
     """Sizes and compile-time arguments of one call; ``kv`` None: ``q`` is a fused (B, T, 3·H·D) product."""
 
@@ -265,7 +274,7 @@ class _Shape:
         self.nqp = triton.cdiv(self.nq, self.block) * self.block
         self.keys_fit, self.queries_fit = self.nk <= self.block, self.nq <= self.block
         self.forward_keys = LAUNCH.forward_keys or forward_key_block(self.nk, self.block)
-        self.query_pass_keys = LAUNCH.query_pass_keys or self.block
+        self.query_pass_keys = LAUNCH.query_pass_keys or query_pass_key_block(self.nk, self.block)
         self.meta = dict(H=heads, D=self.D, BLOCK=self.block, SELF=self.self_attention, HAS_BIAS=bias is not None,
                          DROPOUT=dropout_p > 0, EXACT=q.dtype == torch.float32,
                          num_warps=LAUNCH.num_warps, num_stages=LAUNCH.num_stages)

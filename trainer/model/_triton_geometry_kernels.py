@@ -176,18 +176,22 @@ def _backward(boxes, adj, w1, b1, w2, grad0, grad1, grad2, grad3, shares, N, HID
 
 @dataclass
 class Launch:
-    """Nodes per program (enough to amortise loading the weights and writing a share of the
-    gradients), warps and pipeline stages of both kernels; benchmarks/geometry_bench.py sweeps them."""
+    """Nodes per program (enough to amortise loading the weights and, backward, writing a share of
+    the gradients), warps and pipeline stages of one kernel; benchmarks/geometry_bench.py sweeps them."""
 
     rows: int = 8
     num_warps: int = 4
     num_stages: int = 3
 
 
-LAUNCH = Launch()
+# Alone on an H200 at the step's shape (benchmarks/RESULTS.md, session 18): forward 66.8 µs
+# against 98.9 for 8 rows on 4 warps in 3 stages, which both kernels took before; backward 176.4
+# against 264.5. At 2 warps the backward holds 251 registers a thread, without spills.
+LAUNCH = {"forward": Launch(rows=16, num_warps=4, num_stages=1),
+          "backward": Launch(rows=8, num_warps=2, num_stages=1)}
 
 
-def _meta(boxes: Tensor, w1: Tensor, w2: Tensor, dtype: torch.dtype) -> dict:
+def _meta(boxes: Tensor, w1: Tensor, w2: Tensor, dtype: torch.dtype, kernel: str) -> dict:
     """Compile-time arguments of stacked weights ``w1`` (L, hidden, 5) and ``w2`` (L, heads,
     hidden). A bias in float32 takes float32 products; in 16 bits, TF32 ones on tensor cores:
     float32 ones spilled in the one-layer backward at sm_90, where TF32 ones took 166 registers
@@ -195,12 +199,13 @@ def _meta(boxes: Tensor, w1: Tensor, w2: Tensor, dtype: torch.dtype) -> dict:
     layers, hidden, heads, n = w1.shape[0], w1.shape[1], w2.shape[1], boxes.shape[1]
     p = max(16, triton.next_power_of_2(max(hidden, GEOMETRY_DIM + 1)))
     return dict(L=layers, H=heads, J=max(16, triton.next_power_of_2(n)), P=p, K=triton.next_power_of_2(layers * p),
-                O=max(16, triton.next_power_of_2(layers * heads)), F=GEOMETRY_DIM, ROWS=LAUNCH.rows, MIN=MIN_SIZE,
-                EXACT=dtype == torch.float32, num_warps=LAUNCH.num_warps, num_stages=LAUNCH.num_stages)
+                O=max(16, triton.next_power_of_2(layers * heads)), F=GEOMETRY_DIM, ROWS=LAUNCH[kernel].rows,
+                MIN=MIN_SIZE, EXACT=dtype == torch.float32, num_warps=LAUNCH[kernel].num_warps,
+                num_stages=LAUNCH[kernel].num_stages)
 
 
-def _programs(boxes: Tensor) -> int:
-    return boxes.shape[0] * triton.cdiv(boxes.shape[1], LAUNCH.rows)
+def _programs(boxes: Tensor, kernel: str) -> int:
+    return boxes.shape[0] * triton.cdiv(boxes.shape[1], LAUNCH[kernel].rows)
 
 
 def register() -> SimpleNamespace:
@@ -212,18 +217,20 @@ def register() -> SimpleNamespace:
         """Every layer's bias (B, heads, N, N) from the layers' stacked weights (at most MAX_LAYERS)."""
         batch, n = boxes.shape[:2]
         outs = [torch.empty(batch, w2.shape[1], n, n, device=boxes.device, dtype=dtype) for _ in range(w1.shape[0])]
-        wrap_triton(_forward)[(_programs(boxes),)](boxes, adj, w1, b1, w2, b2, *_slots(outs), n, w1.shape[1],
-                                                   torch.finfo(dtype).min, **_meta(boxes, w1, w2, dtype))
+        wrap_triton(_forward)[(_programs(boxes, "forward"),)](
+            boxes, adj, w1, b1, w2, b2, *_slots(outs), n, w1.shape[1], torch.finfo(dtype).min,
+            **_meta(boxes, w1, w2, dtype, "forward"))
         return outs
 
     @triton_op("rgfusion::geometry_bias_backward", mutates_args=())
     def backward_op(grads: list[Tensor], boxes: Tensor, adj: Tensor, w1: Tensor, b1: Tensor, w2: Tensor) -> Tensor:
         """The weight gradients in float32, summed over the programs' shares (see ``_backward``)."""
-        meta = _meta(boxes, w1, w2, grads[0].dtype)
+        meta = _meta(boxes, w1, w2, grads[0].dtype, "backward")
         p, k, o = meta["P"], meta["K"], meta["O"]
-        shares = torch.empty(_programs(boxes), p * k + k * o + o, device=boxes.device, dtype=torch.float32)
-        wrap_triton(_backward)[(_programs(boxes),)](boxes, adj, w1, b1, w2, *_slots(grads), shares, boxes.shape[1],
-                                                    w1.shape[1], **meta)
+        programs = _programs(boxes, "backward")
+        shares = torch.empty(programs, p * k + k * o + o, device=boxes.device, dtype=torch.float32)
+        wrap_triton(_backward)[(programs,)](boxes, adj, w1, b1, w2, *_slots(grads), shares, boxes.shape[1],
+                                            w1.shape[1], **meta)
         return shares.sum(0)
 
     def setup_context(ctx, inputs, output) -> None:
@@ -237,7 +244,7 @@ def register() -> SimpleNamespace:
         # A layer whose bias took no part in the loss gets none.
         grads = [torch.zeros_like(like) if g is None else g.contiguous() for g in grads]
         total = backward_op(grads, boxes, adj, w1, b1, w2)
-        weights = _unpack(total, w1, w2, _meta(boxes, w1, w2, like.dtype))
+        weights = _unpack(total, w1, w2, _meta(boxes, w1, w2, like.dtype, "backward"))
         return None, None, *(g.to(dtype) for g, dtype in zip(weights, ctx.dtypes)), None
 
     register_autograd(bias_op, backward, setup_context=setup_context)
