@@ -70,14 +70,14 @@ def tile(text: str) -> gelu.Launch:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default = gelu.Launch()
-    p.add_argument("--tiles", nargs="+", type=tile, default=[default],
-                   help=f"the kernels' tiles as ROWSxCOLUMNSxWARPS (default {default.block_m}x{default.block_n}x"
-                        f"{default.num_warps})")
+    own = gelu.LAUNCH
+    p.add_argument("--tiles", nargs="+", type=tile, default=[own],
+                   help=f"the kernels' tiles as ROWSxCOLUMNSxWARPS (default: their own, {own.block_m}x{own.block_n}x"
+                        f"{own.num_warps})")
     p.add_argument("--out", default="")
     args = p.parse_args()
     rows = [bench_shape(name, *shape, args.tiles) for name, shape in SHAPES.items()]
-    gelu.LAUNCH = default
+    gelu.LAUNCH = own
     for r in rows:
         print(f"{r['shape']:6s} {r['m']:6d} x {r['n']:5d}  compiled: forward {r['compiled_us']['forward']:7.1f} "
               f"backward {r['compiled_us']['backward']:7.1f}")

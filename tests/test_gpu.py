@@ -454,17 +454,23 @@ def test_compiled_captured_bert_with_the_triton_kernel_draws_new_dropout_each_re
     assert all(p.grad is not None and p.grad.isfinite().all() for p in bert.parameters() if p.requires_grad)
 
 
-def test_attention_bench_times_each_kernel(tmp_path, monkeypatch):
+def load_script(name: str):
+    """A script of benchmarks/ (no package) as a module."""
     import importlib.util
-    import json
-    import sys
     from pathlib import Path
 
-    # benchmarks/ is no package: load the script as a module.
-    spec = importlib.util.spec_from_file_location(
-        "attention_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "attention_bench.py")
-    attention_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(attention_bench)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attention_bench_times_each_kernel(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    attention_bench = load_script("attention_bench")
     out = tmp_path / "sweep.json"
     monkeypatch.setattr(sys, "argv", ["attention_bench", "--shapes", "graph", "caption", "--batch", "4", "--iters", "2",
                                       "--blocks", "0", "64", "--dropout", "0.1", "0", "--out", str(out)])
@@ -473,6 +479,30 @@ def test_attention_bench_times_each_kernel(tmp_path, monkeypatch):
     assert len(rows) == 8 and all("error" not in r for r in rows)
     graph = [r for r in rows if r["shape"] == "graph" and r["block"] == "auto"][0]
     assert set(graph["kernels_us"]) == {"_forward", "_backward_query", "_backward_key"}
+
+
+def test_geometry_and_ffn_benches_time_each_launch_and_restore_the_kernels_own(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    from rgfusion.trainer.model import _triton_geometry_kernels as geometry
+    from rgfusion.trainer.model import _triton_gelu_kernels as gelu
+
+    own_geometry, own_gelu = dict(geometry.LAUNCH), gelu.LAUNCH
+    out = tmp_path / "geometry.json"
+    monkeypatch.setattr(sys, "argv", ["geometry_bench", "--rows", "4", "--warps", "2", "--stages", "1", "--batch", "8",
+                                      "--out", str(out)])
+    load_script("geometry_bench").main()
+    rows = json.loads(out.read_text())
+    assert [r["launch"] for r in rows] == ["the kernels' own", "4 rows, 2 warps, 1 stages"]
+    assert all(r["forward_us"] > 0 and r["backward_us"] > 0 for r in rows)
+    out = tmp_path / "ffn.json"
+    monkeypatch.setattr(sys, "argv", ["ffn_bench", "--tiles", "64x128x4", "32x128x4", "--out", str(out)])
+    load_script("ffn_bench").main()
+    for shape in json.loads(out.read_text()):
+        assert [(k["block_m"], k["block_n"]) for k in shape["kernel"]] == [(64, 128), (32, 128)]
+        assert all(k["error"] < 1e-2 for k in shape["kernel"])
+    assert geometry.LAUNCH == own_geometry and gelu.LAUNCH == own_gelu
 
 
 
