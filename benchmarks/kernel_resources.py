@@ -123,8 +123,8 @@ def main() -> None:
         for kernel in GEOMETRY_KERNELS:
             own = geometry.LAUNCH[kernel]
             for warps, stages in itertools.product(args.warps or [own.num_warps], args.stages or [own.num_stages]):
-                resources = geometry_resources(kernel, warps, stages, args.arch)
-                row("geometry", kernel, own.rows, warps, stages, 0, resources)
+                found = geometry_resources(kernel, warps, stages, args.arch)
+                row("geometry", kernel, own.rows, warps, stages, 0, found)
     for shape, kernel in itertools.product([s for s in args.shapes if s in SHAPES], KERNELS):
         head, *_, queries, keys = SHAPES[shape]
         key_tiles = {"forward": args.forward_keys, "backward_query": args.query_pass_keys}.get(kernel, [0])
