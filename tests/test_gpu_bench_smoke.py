@@ -111,20 +111,28 @@ def test_image_inductor_options_reach_the_image_towers_compile_alone(monkeypatch
     assert "triton.mix_order_reduction" not in options["captions"]
 
 
+def run_with_launch(bench, tmp_path, capsys, flag: str, good: str, bad: tuple[str, ...]):
+    """Each ``bad`` value of ``flag`` is a usage error naming it; a row then runs with ``good``.
+    Returns the row's JSON file."""
+    for value in bad:
+        with pytest.raises(SystemExit) as exc:
+            bench.main(["--device", "cpu", "--tiny", "--no-eval", flag, value])
+        assert exc.value.code == 2 and f"{flag} {value}" in capsys.readouterr().err
+    out = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--tiny", "--no-eval", "--iters", "1", "--warmup", "1", "--batch", "4",
+            "--only", "full-bigru-fp32", flag, good, "--out", str(out)]
+    assert bench.main(argv) == 0
+    return out
+
+
 def test_attention_launch_options_are_set_and_recorded(tmp_path, monkeypatch, capsys):
     pytest.importorskip("triton")
     from rgfusion.trainer.model import _triton_attention_kernels as kernels
 
     bench = load_bench()
     monkeypatch.setattr(kernels, "LAUNCH", kernels.Launch())  # restored after the test
-    for bad in ("no_such_option=1", "forward_keys=lots"):
-        with pytest.raises(SystemExit) as exc:
-            bench.main(["--device", "cpu", "--tiny", "--no-eval", "--attention-launch", bad])
-        assert exc.value.code == 2 and f"--attention-launch {bad}" in capsys.readouterr().err
-    out = tmp_path / "bench.json"
-    argv = ["--device", "cpu", "--tiny", "--no-eval", "--iters", "1", "--warmup", "1", "--batch", "4",
-            "--only", "full-bigru-fp32", "--attention-launch", "forward_keys=32", "--out", str(out)]
-    assert bench.main(argv) == 0
+    out = run_with_launch(bench, tmp_path, capsys, "--attention-launch", "forward_keys=32",
+                          bad=("no_such_option=1", "forward_keys=lots"))
     assert kernels.LAUNCH.forward_keys == 32
     assert json.loads(out.read_text())["attention_launch"]["forward_keys"] == 32
 
@@ -135,14 +143,8 @@ def test_geometry_launch_options_are_set_and_recorded(tmp_path, monkeypatch, cap
 
     bench = load_bench()
     monkeypatch.setattr(kernels, "LAUNCH", dict(kernels.LAUNCH))  # restored after the test
-    for bad in ("sideways=8x4x3", "backward=8x4", "forward=eightx4x3"):
-        with pytest.raises(SystemExit) as exc:
-            bench.main(["--device", "cpu", "--tiny", "--no-eval", "--geometry-launch", bad])
-        assert exc.value.code == 2 and f"--geometry-launch {bad}" in capsys.readouterr().err
-    out = tmp_path / "bench.json"
-    argv = ["--device", "cpu", "--tiny", "--no-eval", "--iters", "1", "--warmup", "1", "--batch", "4",
-            "--only", "full-bigru-fp32", "--geometry-launch", "backward=4x8x2", "--out", str(out)]
-    assert bench.main(argv) == 0
+    out = run_with_launch(bench, tmp_path, capsys, "--geometry-launch", "backward=4x8x2",
+                          bad=("sideways=8x4x3", "backward=8x4", "forward=eightx4x3"))
     assert kernels.LAUNCH["backward"] == kernels.Launch(rows=4, num_warps=8, num_stages=2)
     recorded = json.loads(out.read_text())["geometry_launch"]
     assert recorded["backward"] == {"rows": 4, "num_warps": 8, "num_stages": 2}
