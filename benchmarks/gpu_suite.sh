@@ -12,9 +12,11 @@
 #                                                                           (TOWERS_ATTENTION=math: on the math path)
 #   TRAIN_IMAGES=6000 bash benchmarks/gpu_suite.sh setup data graphs      # 1 GPU: loader memory, trainer captured or not
 #   bash benchmarks/gpu_suite.sh setup attention                          # 1 GPU: the attention kernels per launch option
+#   bash benchmarks/gpu_suite.sh setup kernels                            # 1 GPU: the geometry and bias-GELU kernels too
 #   AB="kernels:;compiled:--adamw compiled" bash benchmarks/gpu_suite.sh setup ab  # 1 GPU: BERT rows A, B, A, B
 #   AB="main:;q4:CUDA_SCALE_LAUNCH_QUEUES=4x" ...                                   # (a row's environment first)
 #   AB="..." bash benchmarks/gpu_suite.sh setup verify ab                             # the GPU tests, then the rows
+#   VERIFY_K=edge_bias bash benchmarks/gpu_suite.sh setup verify                      # the tests pytest -k selects
 # Results (logs, JSON, the MLflow store as a tarball) land in $OUT; more than 8 files there are
 # packed into one suite.tgz at the end, the most the device tool brings back.
 # `setup` installs from ./.whl, for machines without a network. Fill it on one with the network,
@@ -179,6 +181,13 @@ attention() {  # one GPU: the Triton attention kernels' times at the step's shap
     --blocks ${ATTN_BLOCKS:-0 16 64} --dropout ${ATTN_DROPOUT:-0.1 0} --out "$OUT/attention_sweep.json" 2>&1 | tee "$OUT/attention_sweep.txt"
 }
 
+kernels() {  # one GPU: the geometry-bias and bias-GELU kernels' times at the step's shapes, per launch setting
+  python3 benchmarks/geometry_bench.py --rows ${GEO_ROWS:-4 8 16} --warps ${GEO_WARPS:-2 4 8} --stages ${GEO_STAGES:-1 3} \
+    --out "$OUT/geometry_sweep.json" 2>&1 | tee "$OUT/geometry_sweep.txt"
+  python3 benchmarks/ffn_bench.py --tiles ${FFN_TILES:-64x128x4 32x128x4 64x64x2 32x256x4} --out "$OUT/ffn_sweep.json" \
+    2>&1 | tee "$OUT/ffn_sweep.txt"
+}
+
 streams() {  # one GPU: the CUDA-only tests, then the model step with the towers on one stream and on two
   log "tests/test_gpu.py"
   python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -4
@@ -228,10 +237,11 @@ ab() {  # one GPU: the BERT row once per "name:flags" in AB (';' between them), 
   done | tee "$OUT/ab.txt"
 }
 
-verify() {  # one GPU: the tests that run the kernels for real (CUDA-only tests, FlatAdamW's kernels), first
-  log "tests/test_gpu.py tests/test_adamw_kernels.py"
+verify() {  # one GPU: the tests that run the kernels for real (CUDA-only tests, FlatAdamW's kernels), first;
+  # VERIFY_K="edge_bias or ffn" keeps the ones pytest -k selects
+  log "tests/test_gpu.py tests/test_adamw_kernels.py ${VERIFY_K:+-k \"$VERIFY_K\"}"
   timeout "${VERIFY_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_adamw_kernels.py \
-    > "$OUT/verify.log" 2>&1
+    ${VERIFY_K:+-k "$VERIFY_K"} > "$OUT/verify.log" 2>&1
   tail -3 "$OUT/verify.log"
 }
 
