@@ -125,6 +125,8 @@ def main() -> None:
             for warps, stages in itertools.product(args.warps or [own.num_warps], args.stages or [own.num_stages]):
                 found = geometry_resources(kernel, warps, stages, args.arch)
                 row("geometry", kernel, own.rows, warps, stages, 0, found)
+    # The kernels' own key tiles where --forward-keys or --query-pass-keys says 0; the key pass's are square.
+    key_tile = {"forward": kernels.forward_key_block, "backward_query": kernels.query_pass_key_block}
     for shape, kernel in itertools.product([s for s in args.shapes if s in SHAPES], KERNELS):
         head, *_, queries, keys = SHAPES[shape]
         key_tiles = {"forward": args.forward_keys, "backward_query": args.query_pass_keys}.get(kernel, [0])
@@ -134,8 +136,7 @@ def main() -> None:
             block = block or block_size(max(queries, keys), head)
             if kernel == "backward_query" and keys <= block:
                 continue  # keys in one block: no query pass
-            own = {"forward": kernels.forward_key_block, "backward_query": kernels.query_pass_key_block}
-            key_block = key_block or own.get(kernel, lambda _, rows: rows)(keys, block)
+            key_block = key_block or key_tile.get(kernel, lambda _, rows: rows)(keys, block)
             tile = f"{block}" if key_block == block else f"{block}x{key_block}"
             row(shape, kernel, tile, warps, stages, dropout,
                 resources(kernel, shape, block, warps, stages, bool(dropout), args.arch, key_block))

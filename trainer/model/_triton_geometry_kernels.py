@@ -156,7 +156,9 @@ def _backward(boxes, adj, w1, b1, w2, grad0, grad1, grad2, grad3, shares, N, HID
         # A non-edge holds the fill, not the MLP's output: no gradient flows there.
         edge = (tl.load(adj + (b * N + i) * N + j, mask=real, other=0) != 0) & real
         at = _bias_offsets(o, b, i, j, N, H)
-        # One load: each column's address in its layer's gradient.
+        # One load: each column's address in its layer's gradient. The same select as _forward's
+        # store, not shared: a helper given all four slots would have torch's write analysis take
+        # the unused ones as written there (tests/test_triton_writes.py).
         column = o[None, :] // H
         ptrs = tl.where(column == 1, grad1 + at, grad0 + at)
         if L > 2:
