@@ -234,3 +234,15 @@ def test_suite_ab_runs_each_named_row_twice_in_turn(tmp_path):
     del env["AB"]
     missing = subprocess.run(["bash", str(suite), "ab"], env=env, capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and 'AB="name:flags;name:flags"' in missing.stderr
+
+
+def test_ffn_bench_reads_tiles_and_names_a_bad_one(capsys):
+    """ffn_bench.py --tiles (the timing itself needs a GPU: tests/test_gpu.py)."""
+    pytest.importorskip("triton")
+    spec = importlib.util.spec_from_file_location("ffn_bench", BENCH.parent / "ffn_bench.py")
+    ffn_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ffn_bench)
+    assert ffn_bench.tile("32x256x8") == ffn_bench.gelu.Launch(block_m=32, block_n=256, num_warps=8)
+    for bad in ("32x256", "ax128x4"):
+        with pytest.raises(ffn_bench.argparse.ArgumentTypeError, match=f"'{bad}': a tile is ROWSxCOLUMNSxWARPS"):
+            ffn_bench.tile(bad)
