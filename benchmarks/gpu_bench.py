@@ -58,7 +58,7 @@ from rgfusion.trainer.model.attention import Attention
 from rgfusion.trainer.model.bert import FusedBertLayer
 from rgfusion.trainer.model.flops import image_flops, text_flops
 from rgfusion.trainer.model.retrieval import compile_options
-from rgfusion.trainer.model.streams import beside
+from rgfusion.trainer.model.streams import beside, side_stream
 
 # H100 SXM dense bf16 tensor-core peak from the datasheet; MFU is quoted against it.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
@@ -100,6 +100,14 @@ class Shape:
     # on split masters, optim.master=split) or "compiled" (inductor, the gradients gathered into
     # one flat buffer first)
     adamw: str = "kernels"
+    # "end": the update after the backward. "overlap", a timing probe only, whose numbers are
+    # wrong: the update of the gradients on hand at the start of the step, on a third stream, with
+    # no wait before the towers read the weights. It bounds what an update pipelined with the next
+    # forward could gain.
+    update: str = "end"
+    # the captured step's stream priority, the image tower's; a high-priority side stream gets one
+    # level more (0, a new stream's, is the lowest, so -1 leaves the probe's update stream below both)
+    image_priority: int = 0
 
 
 @dataclass
@@ -257,22 +265,32 @@ def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, shape:
         if shape.towers == "text":
             return stand_in, captions(batch)
         towers = (images, captions) if shape.side_tower == "caption" else (captions, images)
+        side_priority = shape.image_priority - 1 if shape.side_priority == "high" else shape.image_priority
         main, side = beside(lambda: towers[0](batch), lambda: towers[1](batch), device, enabled=shape.side_streams,
-                            high_priority=shape.side_priority == "high", side_first=shape.side_first)
+                            priority=side_priority, side_first=shape.side_first)
         return (main, side) if shape.side_tower == "caption" else (side, main)
 
     def step(batch):
-        img, cap = embed(batch)
+        if shape.update == "overlap" and device.type == "cuda" and any(p.grad is not None for p in model.parameters()):
+            current, third = torch.cuda.current_stream(device), side_stream(device, slot=7, priority=0)
+            third.wait_stream(current)
+            with torch.cuda.stream(third):
+                update()
+            img, cap = embed(batch)
+            current.wait_stream(third)
+        else:
+            img, cap = embed(batch)
         loss, _ = contrastive_loss(img, cap, ids, ids, cfg=loss_cfg, step=10**9)
         loss.backward()
-        update()
+        if shape.update == "end":
+            update()
         return loss
 
     step.embed = embed  # (image, caption) embeddings without the loss and update
     return step
 
 
-def capture_step(step, batch: dict[str, torch.Tensor]):
+def capture_step(step, batch: dict[str, torch.Tensor], priority: int = 0):
     """The whole training step as one CUDA graph: one launch per step instead of ~1,500.
 
     Inputs are copied into the captured (static) batch before each replay; shapes must not change,
@@ -287,7 +305,7 @@ def capture_step(step, batch: dict[str, torch.Tensor]):
             step(batch)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=torch.cuda.Stream(priority=priority) if priority else None):
         loss = step(batch)
 
     def replay(new_batch):
@@ -360,7 +378,7 @@ def build_bench(v: Variant, shape: Shape, device: torch.device, hf_path: str | N
     batches = [make_batch(shape, vocab, device, seq, feature_dtype(v)) for _ in range(3)]
     step = step_fn(model, update, LossConfig(), torch.arange(shape.batch, device=device), v, shape)
     if v.captured:
-        step = capture_step(step, {k: t.clone() for k, t in batches[0].items()})
+        step = capture_step(step, {k: t.clone() for k, t in batches[0].items()}, shape.image_priority)
     return Bench(model, step, batches, cfg, seq)
 
 
@@ -584,6 +602,12 @@ def main(argv: list[str] | None = None) -> int:
                         "backward=8x4x3: both kernels' setting before session 18")
     p.add_argument("--image-inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="an inductor option of the image tower's compile alone, e.g. triton.mix_order_reduction=False")
+    p.add_argument("--update", choices=("end", "overlap"), default="end",
+                   help="overlap: a timing probe whose numbers are wrong, the update beside the next forward "
+                        "without waits (Shape.update)")
+    p.add_argument("--image-priority", type=int, default=0,
+                   help="the captured step's stream priority (the image tower's), 0 to -2; the caption "
+                        "tower's high-priority side stream gets one level more")
     p.add_argument("--adamw", choices=("kernels", "split", "compiled"), default="kernels",
                    help="bf16w's optimizer update on CUDA: Triton kernels (split: on split fp32 masters, "
                         "optim.master=split), or inductor's over gathered gradients")
@@ -636,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
                                 eager_random=args.compile_random == "eager", image_compile=args.image_compile,
                                 image_inductor=tuple(inductor_option(p, "--image-inductor", item)
                                                      for item in args.image_inductor),
-                                adamw=args.adamw)
+                                adamw=args.adamw, update=args.update, image_priority=args.image_priority)
     if args.text_sdpa:  # the one kernel allowed: an unsupported case raises instead of falling back
         torch.backends.cuda.enable_flash_sdp(False)
         torch.backends.cuda.enable_math_sdp(False)

@@ -24,22 +24,23 @@ from torch import Tensor
 
 A = TypeVar("A")
 
-_SIDE: dict[tuple[int, int, bool], torch.cuda.Stream] = {}
+_SIDE: dict[tuple[int, int, int], torch.cuda.Stream] = {}
 
 
-def side_stream(device: torch.device, slot: int, high_priority: bool = True) -> torch.cuda.Stream:
+def side_stream(device: torch.device, slot: int, priority: int = -1) -> torch.cuda.Stream:
     """One long-lived side stream per (device, slot, priority): new streams per call would defeat
-    the caching allocator's per-stream pools and a captured graph's fixed stream set."""
+    the caching allocator's per-stream pools and a captured graph's fixed stream set. Lower
+    numbers run first: 0 is a new stream's (the lowest), and torch keeps four levels, 0 to -3,
+    clamped into the device's range."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, slot, high_priority)
+    key = (index, slot, priority)
     if key not in _SIDE:
-        # Lower numbers run first; torch clamps -1 into the device's range.
-        _SIDE[key] = torch.cuda.Stream(device=index, priority=-1 if high_priority else 0)
+        _SIDE[key] = torch.cuda.Stream(device=index, priority=priority)
     return _SIDE[key]
 
 
 def beside(main: Callable[[], A], side: Callable[[], Tensor], device: torch.device, *, enabled: bool,
-           slot: int = 0, high_priority: bool = True, side_first: bool = True) -> tuple[A, Tensor]:
+           slot: int = 0, priority: int = -1, side_first: bool = True) -> tuple[A, Tensor]:
     """``(main(), side())`` with ``side`` on a side stream of ``device`` when ``enabled`` on CUDA.
 
     ``side`` is launched first unless ``side_first`` is false: on a step bound by the host, its
@@ -50,7 +51,7 @@ def beside(main: Callable[[], A], side: Callable[[], Tensor], device: torch.devi
     if not enabled or device.type != "cuda" or torch.compiler.is_compiling():
         return main(), side()
     current = torch.cuda.current_stream(device)
-    stream = side_stream(device, slot, high_priority)
+    stream = side_stream(device, slot, priority)
     stream.wait_stream(current)
     if not side_first:
         result = main()
