@@ -59,6 +59,7 @@ from rgfusion.trainer.model.bert import FusedBertLayer
 from rgfusion.trainer.model.flops import image_flops, text_flops
 from rgfusion.trainer.model.retrieval import compile_options
 from rgfusion.trainer.model.streams import beside, side_stream
+from rgfusion.trainer.update_pipeline import UpdatePipeline, order_groups, plan_stages
 
 # H100 SXM dense bf16 tensor-core peak from the datasheet; MFU is quoted against it.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
@@ -104,7 +105,11 @@ class Shape:
     # wrong: the update of the gradients on hand at the start of the step, on a third stream, with
     # no wait before the towers read the weights. It bounds what an update pipelined with the next
     # forward could gain.
+    # "pipelined": trainer/update_pipeline.py, the update beside the next forward in
+    # ``update_stages`` stages per tower, the forward waiting for each just before it reads it;
+    # "staged": its layout of the optimizer's buffers (by tower, in stage order), updated at the end.
     update: str = "end"
+    update_stages: int = 8
     # the captured step's stream priority, the image tower's; a high-priority side stream gets one
     # level more (0, a new stream's, is the lowest, so -1 leaves the probe's update stream below both)
     image_priority: int = 0
@@ -214,22 +219,34 @@ def autocast_for(v: Variant, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if v.precision == "bf16" else nullcontext()
 
 
-def make_update(model: torch.nn.Module, v: Variant, device: torch.device, adamw: str) -> Callable[[], None]:
+def make_update(model: torch.nn.Module, v: Variant, device: torch.device, shape: Shape,
+                probe: dict[str, torch.Tensor]) -> Callable[[], None] | UpdatePipeline:
     """Builds the optimizer and returns the update that follows backward: it steps and leaves the
     gradients ready for the next backward. bf16w also casts the model.
 
     bf16w is the native engine's optimizer (trainer/flat_adamw.py) over the trainer's param
     groups: fp32 masters in flat buffers, the recipe's global-norm clip, a skipped non-finite
-    update, the bf16 weights written in the same pass (``adamw``: see Shape). The others are torch's fused AdamW. No
-    host syncs either way: the update is CUDA-graph capturable."""
+    update, the bf16 weights written in the same pass (``shape.adamw``: see Shape). With
+    ``shape.update`` "pipelined" it returns an UpdatePipeline whose stages a forward of ``probe``
+    (a batch) lays out. The others are torch's fused AdamW. No host syncs either way: the update
+    is CUDA-graph capturable."""
+    pipelined = shape.update == "pipelined"
     if v.precision == "bf16w":
         optim = OptimConfig()
         groups = param_groups(model, optim, model.param_groups_hint())
+        if shape.update in ("pipelined", "staged"):
+            probe = {k: t.float() if t.is_floating_point() else t for k, t in probe.items()}
+            stages = plan_stages([model.image, model.text], lambda: embed_both(model, probe), shape.update_stages)
+            groups = order_groups(groups, stages)
+        # the pipelined update needs the kernels (on a CPU, Triton's interpreter)
+        kernels = False if shape.adamw == "compiled" else (True if shape.update != "end" else None)
         opt = FlatAdamW(groups, precision="bf16", lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                         weight_decay=optim.weight_decay, max_norm=optim.grad_clip,
-                        kernels=None if adamw != "compiled" else False, master="split" if adamw == "split" else "fp32")
+                        kernels=kernels, master="split" if shape.adamw == "split" else "fp32")
         model.to(torch.bfloat16)  # buffers; the parameters are views into the flat bf16 weights
-        return opt.step  # it drops the gradients itself
+        return UpdatePipeline(opt, stages, device) if pipelined else opt.step  # step drops the gradients itself
+    if shape.update != "end":
+        raise ValueError(f"--update {shape.update}: bf16w variants only (FlatAdamW)")
     fused = {"fused": True, "capturable": v.captured} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
 
@@ -238,6 +255,16 @@ def make_update(model: torch.nn.Module, v: Variant, device: torch.device, adamw:
         opt.zero_grad(set_to_none=True)  # captured, the next replay re-allocates them in place
 
     return update
+
+
+def embed_both(model, batch: dict[str, torch.Tensor]):
+    return (model.embed_images(batch["regions"], batch["boxes"], batch["region_mask"], batch["grids"]),
+            model.embed_captions(batch["tokens"], batch["lengths"], batch["attention_mask"]))
+
+
+def side_priority(shape: Shape) -> int:
+    """The side stream's priority: one level above the image tower's when high."""
+    return shape.image_priority - 1 if shape.side_priority == "high" else shape.image_priority
 
 
 def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, shape: Shape):
@@ -265,12 +292,18 @@ def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, shape:
         if shape.towers == "text":
             return stand_in, captions(batch)
         towers = (images, captions) if shape.side_tower == "caption" else (captions, images)
-        side_priority = shape.image_priority - 1 if shape.side_priority == "high" else shape.image_priority
         main, side = beside(lambda: towers[0](batch), lambda: towers[1](batch), device, enabled=shape.side_streams,
-                            priority=side_priority, side_first=shape.side_first)
+                            priority=side_priority(shape), side_first=shape.side_first)
         return (main, side) if shape.side_tower == "caption" else (side, main)
 
+    pipeline = update if isinstance(update, UpdatePipeline) else None
+    # the tower on the side stream gathers its gradients there (towers: 0 image, 1 caption)
+    side = side_stream(device, 0, side_priority(shape)) if shape.side_streams and device.type == "cuda" else None
+    gather_streams = {1: side} if shape.side_tower == "caption" else {0: side}
+
     def step(batch):
+        if pipeline:
+            pipeline.start()
         if shape.update == "overlap" and device.type == "cuda" and any(p.grad is not None for p in model.parameters()):
             current, third = torch.cuda.current_stream(device), side_stream(device, slot=7, priority=0)
             third.wait_stream(current)
@@ -280,9 +313,13 @@ def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, shape:
             current.wait_stream(third)
         else:
             img, cap = embed(batch)
+        if pipeline:
+            pipeline.join()
         loss, _ = contrastive_loss(img, cap, ids, ids, cfg=loss_cfg, step=10**9)
         loss.backward()
-        if shape.update == "end":
+        if pipeline:
+            pipeline.finish(gather_streams)
+        elif shape.update != "overlap":
             update()
         return loss
 
@@ -372,10 +409,10 @@ def build_bench(v: Variant, shape: Shape, device: torch.device, hf_path: str | N
             raise ValueError("--text-sdpa needs the fused BERT caption tower")
         for layer in bert_layers:
             layer.attention = "sdpa"
-    update = make_update(model, v, device, shape.adamw)
     seq = shape.words + 4 if v.text == "bert" else shape.words
     # Several input sets so repeated steps don't just re-read one batch from cache.
     batches = [make_batch(shape, vocab, device, seq, feature_dtype(v)) for _ in range(3)]
+    update = make_update(model, v, device, shape, batches[0])
     step = step_fn(model, update, LossConfig(), torch.arange(shape.batch, device=device), v, shape)
     if v.captured:
         step = capture_step(step, {k: t.clone() for k, t in batches[0].items()}, shape.image_priority)
@@ -602,9 +639,11 @@ def main(argv: list[str] | None = None) -> int:
                         "backward=8x4x3: both kernels' setting before session 18")
     p.add_argument("--image-inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="an inductor option of the image tower's compile alone, e.g. triton.mix_order_reduction=False")
-    p.add_argument("--update", choices=("end", "overlap"), default="end",
-                   help="overlap: a timing probe whose numbers are wrong, the update beside the next forward "
-                        "without waits (Shape.update)")
+    p.add_argument("--update", choices=("end", "pipelined", "staged", "overlap"), default="end",
+                   help="bf16w: the update at the end of the step, or pipelined with the next forward in stages "
+                        "(trainer/update_pipeline.py; staged: its buffers' layout, updated at the end); overlap: "
+                        "a timing probe whose numbers are wrong, the update beside the next forward without waits")
+    p.add_argument("--update-stages", type=int, default=8, help="--update pipelined: stages per tower")
     p.add_argument("--image-priority", type=int, default=0,
                    help="the captured step's stream priority (the image tower's), 0 to -2; the caption "
                         "tower's high-priority side stream gets one level more")
@@ -660,7 +699,8 @@ def main(argv: list[str] | None = None) -> int:
                                 eager_random=args.compile_random == "eager", image_compile=args.image_compile,
                                 image_inductor=tuple(inductor_option(p, "--image-inductor", item)
                                                      for item in args.image_inductor),
-                                adamw=args.adamw, update=args.update, image_priority=args.image_priority)
+                                adamw=args.adamw, update=args.update, update_stages=args.update_stages,
+                                image_priority=args.image_priority)
     if args.text_sdpa:  # the one kernel allowed: an unsupported case raises instead of falling back
         torch.backends.cuda.enable_flash_sdp(False)
         torch.backends.cuda.enable_math_sdp(False)

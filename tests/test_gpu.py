@@ -578,3 +578,30 @@ def test_ffn_kernels_equal_the_math_path_compiled():
     for name, a, b, want in zip(("output", "x", "up.weight", "up.bias", "down.weight", "down.bias"), ours, theirs,
                                 exact):
         assert float((a - want).norm()) <= 2 * float((b - want).norm()), name
+
+
+@pytest.mark.parametrize("variant", ["full-bert-bf16w-graph", "full-bert-bf16w-compile-graph"])
+def test_pipelined_update_waits_for_each_stage(variant, bert_dir, monkeypatch):
+    """gpu_bench's captured BERT row with the update pipelined into the next forward
+    (trainer/update_pipeline.py), replayed: each update stage idling 5 ms first changes no loss
+    to the bit, as it would if a kernel read a weight before its stage's event; and the losses
+    are those of the same buffers updated at each step's end, within bf16 rounding."""
+    import sys
+
+    from rgfusion.trainer.update_pipeline import UpdatePipeline
+
+    bench = load_script("gpu_bench")
+    sys.modules["gpu_bench"] = bench  # dataclasses resolve string annotations through it
+    v = next(v for v in bench.variants() if v.name == variant)
+
+    def losses(update: str, spin: int) -> list[float]:
+        monkeypatch.setattr(UpdatePipeline, "spin", spin)
+        shape = bench.Shape(batch=16, regions=6, region_dim=48, grid=(3, 3), grid_dim=40, width=128, words=9,
+                            vocab=100, attention="triton", side_streams=True, update=update,
+                            update_stages=3)
+        built = bench.build_bench(v, shape, DEVICE, bert_dir, tiny=True)
+        return [float(built.step(built.batches[i % 3])) for i in range(5)]
+
+    pipelined = losses("pipelined", 0)
+    assert losses("pipelined", 10_000_000) == pipelined
+    torch.testing.assert_close(torch.tensor(pipelined), torch.tensor(losses("staged", 0)), rtol=2e-3, atol=0)

@@ -246,3 +246,18 @@ def test_ffn_bench_reads_tiles_and_names_a_bad_one(capsys):
     for bad in ("32x256", "ax128x4"):
         with pytest.raises(ffn_bench.argparse.ArgumentTypeError, match=f"'{bad}': a tile is ROWSxCOLUMNSxWARPS"):
             ffn_bench.tile(bad)
+
+
+def test_pipelined_update_steps_as_the_staged_end_of_step_one():
+    """``--update pipelined`` against ``--update staged`` (its buffers' layout, updated at each
+    step's end) on the bf16w row, through Triton's interpreter: the same losses, step by step."""
+    pytest.importorskip("triton")
+    bench = load_bench()
+    losses = []
+    for update in ("staged", "pipelined"):
+        shape = bench.Shape(batch=4, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200,
+                            update=update, update_stages=3)
+        v = next(v for v in bench.variants() if v.name == "full-bigru-bf16w")
+        built = bench.build_bench(v, shape, bench.torch.device("cpu"), None, tiny=True)
+        losses.append([float(built.step(built.batches[i % 3])) for i in range(4)])
+    assert losses[0] == losses[1] and len(set(losses[0])) == 4

@@ -44,13 +44,19 @@ def _gradient(address, first, count, GRAD: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _sum_squares(table, param, start, length, partial, GRAD: tl.constexpr, ALIGNED: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    """``partial[c]``: the sum of chunk ``c``'s squared gradient elements."""
+def _sum_squares(table, param, start, length, flat, partial, gathered, GRAD: tl.constexpr, ALIGNED: tl.constexpr,
+                 GATHER: tl.constexpr, BLOCK: tl.constexpr):
+    """``partial[c]``: the sum of chunk ``c``'s squared gradient elements. GATHER: the chunk is
+    also copied to its place in the group's flat ``gathered`` gradient."""
     c = tl.program_id(0)
     address, first, count = _chunk(table, param, start, length, c, ALIGNED)
-    g, _ = _gradient(address, first, count, GRAD, BLOCK)
+    g, mask = _gradient(address, first, count, GRAD, BLOCK)
     tl.store(partial + c, tl.sum(g * g))
+    if GATHER:
+        at = tl.load(flat + c)
+        if ALIGNED:
+            at = tl.multiple_of(at, 8)
+        tl.store(gathered + at + tl.arange(0, BLOCK), g.to(gathered.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -73,17 +79,39 @@ def _split(x):
 def _adamw(table, param, start, length, flat, master, exp_avg, exp_avg_sq, weights, scale_ptr, ok_ptr, lr_ptr,
            step_ptr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, GRAD: tl.constexpr,
            HAS_WEIGHTS: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """flat_adamw.adamw_update on chunk ``c``: AdamW on the gradient times ``scale``, master and
-    moments kept where ``ok`` is false, then the bf16 weights rounded from the master. SPLIT:
-    ``master`` holds the master's low bits beside the weights (flat_adamw.split_master).
-    ``log_beta*`` are the betas' natural logarithms: ``beta ** step`` as one exp."""
+    """flat_adamw.adamw_update on chunk ``c`` (see ``_step``)."""
     c = tl.program_id(0)
     address, first, count = _chunk(table, param, start, length, c, ALIGNED)
     g, mask = _gradient(address, first, count, GRAD, BLOCK)
     at = tl.load(flat + c)
     if ALIGNED:
         at = tl.multiple_of(at, 8)
-    at += tl.arange(0, BLOCK)
+    _step(g, at + tl.arange(0, BLOCK), mask, master, exp_avg, exp_avg_sq, weights, scale_ptr, ok_ptr, lr_ptr,
+          step_ptr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, HAS_WEIGHTS, SPLIT)
+
+
+@triton.jit
+def _adamw_range(gathered, lo, hi, master, exp_avg, exp_avg_sq, weights, scale_ptr, ok_ptr, lr_ptr, step_ptr,
+                 beta1, beta2, log_beta1, log_beta2, eps, weight_decay, HAS_WEIGHTS: tl.constexpr,
+                 SPLIT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """flat_adamw.adamw_update on elements ``lo:hi`` of a group's buffers, the gradient read from
+    its flat ``gathered`` copy (``_sum_squares`` with GATHER). ALIGNED: ``lo`` is a multiple of 8."""
+    if ALIGNED:
+        lo = tl.multiple_of(lo, 8)
+    at = lo + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = at < hi
+    g = tl.load(gathered + at, mask=mask, other=0.0).to(tl.float32)
+    _step(g, at, mask, master, exp_avg, exp_avg_sq, weights, scale_ptr, ok_ptr, lr_ptr, step_ptr, beta1, beta2,
+          log_beta1, log_beta2, eps, weight_decay, HAS_WEIGHTS, SPLIT)
+
+
+@triton.jit
+def _step(g, at, mask, master, exp_avg, exp_avg_sq, weights, scale_ptr, ok_ptr, lr_ptr, step_ptr, beta1, beta2,
+          log_beta1, log_beta2, eps, weight_decay, HAS_WEIGHTS: tl.constexpr, SPLIT: tl.constexpr):
+    """AdamW on the gradient ``g`` (fp32) of elements ``at`` times ``scale``, master and moments
+    kept where ``ok`` is false, then the bf16 weights rounded from the master. SPLIT: ``master``
+    holds the master's low bits beside the weights (flat_adamw.split_master). ``log_beta*`` are
+    the betas' natural logarithms: ``beta ** step`` as one exp."""
     if SPLIT:
         w = _join(tl.load(weights + at, mask=mask), tl.load(master + at, mask=mask))
     else:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,6 +180,7 @@ class FlatAdamW(torch.optim.Optimizer):
         self._finite = torch.ones((), dtype=torch.bool, device=device)
         self.max_norm = max_norm
         self.norm: Tensor | None = None
+        self.gathered: list[Tensor] | None = None  # gather's flat gradients, one per group
         if kernels:
             from rgfusion.trainer.flat_adamw_triton import TritonUpdate
 
@@ -219,6 +221,49 @@ class FlatAdamW(torch.optim.Optimizer):
         # What torch's LR schedulers check to warn of a schedule stepped before its optimizer;
         # set here too, as a captured step calls only this part.
         self._opt_called = True
+
+    @torch.no_grad()
+    def gather(self, groups: Iterable[int]) -> None:
+        """A pipelined update's first part (trainer/update_pipeline.py), on the current stream: the
+        gradients of the groups numbered ``groups`` copied into flat buffers of their own, their
+        sums of squares taken, and then dropped. Every group is gathered once before ``conclude``."""
+        kernels = self._kernels("gather")
+        if self.gathered is None:  # before any capture: a replay's update reads them after the next forward began
+            self.gathered = [torch.zeros_like(f.key, dtype=f.params[0].dtype) for f in self.flats]
+            self._scale_ok = (torch.ones((), device=self.lrs[0].device),
+                              torch.ones((), dtype=torch.bool, device=self.lrs[0].device))
+        for i in groups:
+            kernels.gather(i, self.flats[i].grads(), self.gathered[i])
+            for p in self.flats[i].params:
+                p.grad = None
+
+    @torch.no_grad()
+    def conclude(self, finite: Tensor | None = None) -> None:
+        """After every group's ``gather``: the norm, the clip scale and whether to update, and the
+        step counts, for ``apply_range``. ``finite`` as in ``update``."""
+        self.norm, scale, ok = self._kernels("conclude").clip(self.max_norm, self._finite if finite is None else finite)
+        for buffer, value in zip(self._scale_ok, (scale, ok)):
+            buffer.copy_(value)
+        for f in self.flats:
+            self.state[f.key]["step"].add_(ok)
+        self._opt_called = True
+
+    @torch.no_grad()
+    def apply_range(self, i: int, lo: int, hi: int) -> None:
+        """AdamW on elements ``lo:hi`` of group ``i``'s flat buffers with the gradients ``gather``
+        copied and the scale ``conclude`` took, on the current stream."""
+        f, state = self.flats[i], self.state[self.flats[i].key]
+        self._kernels("apply_range").update_range(
+            self.gathered[i], lo, hi, f.key, state["exp_avg"], state["exp_avg_sq"], f.weights, self.lrs[i],
+            state["step"], (*self.param_groups[i]["betas"], self.param_groups[i]["eps"],
+                            self.param_groups[i]["weight_decay"]), *self._scale_ok)
+
+    def _kernels(self, what: str):
+        from rgfusion.trainer.flat_adamw_triton import TritonUpdate
+
+        if not isinstance(self._update, TritonUpdate):
+            raise ValueError(f"FlatAdamW.{what} needs the Triton kernels (a pipelined update)")
+        return self._update
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop (or zero) the model parameters' gradients: the next backward hands over fresh ones."""

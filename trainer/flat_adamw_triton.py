@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import triton
 import triton.language as tl
 from torch import Tensor
 
@@ -110,7 +111,7 @@ class TritonUpdate:
                  update: tuple[int, int] = kernels.UPDATE, sums: tuple[int, int] = kernels.SUMS) -> None:
         self.update_shape, self.sums_shape = update, sums
         self.updates, _ = cover(sizes, update[0], device)
-        self.sums, chunks = cover(sizes, sums[0], device)
+        self.sums_launches, chunks = cover(sizes, sums[0], device)
         self.partial = torch.empty(chunks, device=device)
         self.tables = [GradientTable(device) for _ in sizes]
 
@@ -119,18 +120,11 @@ class TritonUpdate:
                  hypers: list[tuple[float, float, float, float]], max_norm: float, finite: Tensor) -> Tensor:
         grads = [[readable(g) for g in group] for group in grads]  # alive until the kernels are queued
         tables = [table(group) for table, group in zip(self.tables, grads)]
-        types = [GRAD_TYPES[group[0].dtype] for group in grads]
-        block, warps = self.sums_shape
-        for table, group, grad in zip(tables, self.sums, types):
-            for launch in group:
-                kernels._sum_squares[(launch.count,)](
-                    table, launch.param, launch.start, launch.length, self.partial[launch.first:], GRAD=grad,
-                    ALIGNED=launch.aligned, BLOCK=block, num_warps=warps)
-        norm = self.partial.sum().sqrt()
-        ok = norm.isfinite() & finite
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for i, (table, group) in enumerate(zip(tables, grads)):
+            self.sums(i, table, GRAD_TYPES[group[0].dtype])
+        norm, scale, ok = self.clip(max_norm, finite)
         block, warps = self.update_shape
-        for i, (table, group, grad) in enumerate(zip(tables, self.updates, types)):
+        for i, (table, group) in enumerate(zip(tables, self.updates)):
             steps[i].add_(ok)
             beta1, beta2, eps, decay = hypers[i]
             w = weights[i]
@@ -138,9 +132,44 @@ class TritonUpdate:
                 kernels._adamw[(launch.count,)](
                     table, launch.param, launch.start, launch.length, launch.flat, masters[i], exp_avgs[i],
                     exp_avg_sqs[i], masters[i] if w is None else w, scale, ok, lrs[i], steps[i], beta1, beta2,
-                    log(beta1), log(beta2), eps, decay, GRAD=grad, HAS_WEIGHTS=w is not None,
-                    SPLIT=masters[i].dtype == torch.int16, ALIGNED=launch.aligned, BLOCK=block, num_warps=warps)
+                    log(beta1), log(beta2), eps, decay, GRAD=GRAD_TYPES[grads[i][0].dtype],
+                    HAS_WEIGHTS=w is not None, SPLIT=masters[i].dtype == torch.int16, ALIGNED=launch.aligned,
+                    BLOCK=block, num_warps=warps)
         return norm
+
+    def sums(self, i: int, table: Tensor, grad: tl.dtype, gathered: Tensor | None = None) -> None:
+        """Group ``i``'s sums of squares into ``partial`` (``table``: its gradients' addresses, of
+        type ``grad``); with ``gathered``, the gradients copied into that flat buffer too."""
+        block, warps = self.sums_shape
+        for launch in self.sums_launches[i]:
+            kernels._sum_squares[(launch.count,)](
+                table, launch.param, launch.start, launch.length, launch.flat, self.partial[launch.first:],
+                self.partial if gathered is None else gathered, GRAD=grad, ALIGNED=launch.aligned,
+                GATHER=gathered is not None, BLOCK=block, num_warps=warps)
+
+    def gather(self, i: int, grads: list[Tensor], gathered: Tensor) -> None:
+        """Group ``i``'s gradients into its flat buffer ``gathered``, and their sums of squares."""
+        grads = [readable(g) for g in grads]
+        self.sums(i, self.tables[i](grads), GRAD_TYPES[grads[0].dtype], gathered)
+
+    def clip(self, max_norm: float, finite: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(norm, clip scale, whether to update) from the sums of squares of every group."""
+        norm = self.partial.sum().sqrt()
+        return norm, (max_norm / (norm + 1e-6)).clamp(max=1.0), norm.isfinite() & finite
+
+    def update_range(self, gathered: Tensor, lo: int, hi: int, master: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                     weights: Tensor | None, lr: Tensor, step: Tensor, hypers: tuple[float, float, float, float],
+                     scale: Tensor, ok: Tensor) -> None:
+        """AdamW on elements ``lo:hi`` of one group, the gradient read from ``gathered``; ``step``
+        already counts this update."""
+        if hi <= lo:
+            return
+        block, warps = self.update_shape
+        beta1, beta2, eps, decay = hypers
+        kernels._adamw_range[(triton.cdiv(hi - lo, block),)](
+            gathered, lo, hi, master, exp_avg, exp_avg_sq, master if weights is None else weights, scale, ok, lr,
+            step, beta1, beta2, log(beta1), log(beta2), eps, decay, HAS_WEIGHTS=weights is not None,
+            SPLIT=master.dtype == torch.int16, ALIGNED=lo % kernels.ALIGN == 0, BLOCK=block, num_warps=warps)
 
 
 def cover(sizes: list[list[int]], block: int, device: torch.device) -> tuple[list[list[Launch]], int]:
