@@ -457,11 +457,13 @@ def test_compiled_captured_bert_with_the_triton_kernel_draws_new_dropout_each_re
 def load_script(name: str):
     """A script of benchmarks/ (no package) as a module."""
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve string annotations through it
     spec.loader.exec_module(module)
     return module
 
@@ -586,12 +588,9 @@ def test_pipelined_update_waits_for_each_stage(variant, bert_dir, monkeypatch):
     (trainer/update_pipeline.py), replayed: each update stage idling 5 ms first changes no loss
     to the bit, as it would if a kernel read a weight before its stage's event; and the losses
     are those of the same buffers updated at each step's end, within bf16 rounding."""
-    import sys
-
     from rgfusion.trainer.update_pipeline import UpdatePipeline
 
     bench = load_script("gpu_bench")
-    sys.modules["gpu_bench"] = bench  # dataclasses resolve string annotations through it
     v = next(v for v in bench.variants() if v.name == variant)
 
     def losses(update: str, spin: int) -> list[float]:
