@@ -110,6 +110,7 @@ class Shape:
     # "staged": its layout of the optimizer's buffers (by tower, in stage order), updated at the end.
     update: str = "end"
     update_stages: int = 8
+    update_priority: int = 0  # of the pipelined update's streams
     # the captured step's stream priority, the image tower's; a high-priority side stream gets one
     # level more (0, a new stream's, is the lowest, so -1 leaves the probe's update stream below both)
     image_priority: int = 0
@@ -244,7 +245,8 @@ def make_update(model: torch.nn.Module, v: Variant, device: torch.device, shape:
                         weight_decay=optim.weight_decay, max_norm=optim.grad_clip,
                         kernels=kernels, master="split" if shape.adamw == "split" else "fp32")
         model.to(torch.bfloat16)  # buffers; the parameters are views into the flat bf16 weights
-        return UpdatePipeline(opt, stages, device) if pipelined else opt.step  # step drops the gradients itself
+        # step drops the gradients itself
+        return UpdatePipeline(opt, stages, device, shape.update_priority) if pipelined else opt.step
     if shape.update != "end":
         raise ValueError(f"--update {shape.update}: bf16w variants only (FlatAdamW)")
     fused = {"fused": True, "capturable": v.captured} if device.type == "cuda" else {}
@@ -644,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(trainer/update_pipeline.py; staged: its buffers' layout, updated at the end); overlap: "
                         "a timing probe whose numbers are wrong, the update beside the next forward without waits")
     p.add_argument("--update-stages", type=int, default=8, help="--update pipelined: stages per tower")
+    p.add_argument("--update-priority", type=int, default=0,
+                   help="--update pipelined: its streams' priority (0, the lowest, to -3)")
     p.add_argument("--image-priority", type=int, default=0,
                    help="the captured step's stream priority (the image tower's), 0 to -2; the caption "
                         "tower's high-priority side stream gets one level more")
@@ -700,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
                                 image_inductor=tuple(inductor_option(p, "--image-inductor", item)
                                                      for item in args.image_inductor),
                                 adamw=args.adamw, update=args.update, update_stages=args.update_stages,
+                                update_priority=args.update_priority,
                                 image_priority=args.image_priority)
     if args.text_sdpa:  # the one kernel allowed: an unsupported case raises instead of falling back
         torch.backends.cuda.enable_flash_sdp(False)

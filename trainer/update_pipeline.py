@@ -114,13 +114,14 @@ class UpdatePipeline:
     ``opt``'s param groups must each hold one tower's parameters, in stage order
     (``order_groups``). A step calls ``start`` before the towers' forward, ``join`` after it, and
     ``finish`` after the backward; ``flush`` applies a pending update at once (before a checkpoint
-    or an evaluation). Off CUDA the stages run at ``start``, one after the other. ``spin``: GPU
+    or an evaluation). ``priority``: the update streams' (0, the default, is the lowest; see
+    model/streams.py). Off CUDA the stages run at ``start``, one after the other. ``spin``: GPU
     clock cycles each stage idles first; a test sets it to check that no result changes when the
     update runs late, as it would if the forward read a weight before its stage's event."""
 
     spin = 0
 
-    def __init__(self, opt: FlatAdamW, stages: list[Stage], device: torch.device) -> None:
+    def __init__(self, opt: FlatAdamW, stages: list[Stage], device: torch.device, priority: int = 0) -> None:
         self.opt, self.stages, self.device = opt, stages, device
         where = {p: (i, k) for i, f in enumerate(opt.flats) for k, p in enumerate(f.params)}
         self.ranges = [self._ranges(s, where) for s in stages]
@@ -131,7 +132,7 @@ class UpdatePipeline:
         self.pending = False
         self.cuda = device.type == "cuda"
         self.events = [torch.cuda.Event() for _ in stages] if self.cuda else []
-        self.streams = {t: torch.cuda.Stream(device, priority=0) for t in self.towers} if self.cuda else {}
+        self.streams = {t: torch.cuda.Stream(device, priority=priority) for t in self.towers} if self.cuda else {}
         self.waiting = [False] * len(stages)
         self.handles = [s.module.register_forward_pre_hook(self._hook(i)) for i, s in enumerate(stages)]
 
