@@ -5,7 +5,8 @@ groups, replayed in a CUDA graph as in the captured step. Needs a CUDA device.
 
 Rows: the Triton kernels (trainer/flat_adamw_triton.py) for each program shape (elements × warps)
 of AdamW's kernel, then, with the fastest of those, for each of the sums of squares'; the
-kernels on split masters (optim.master=split, 26 bytes a parameter); the compiled torch update,
+kernels on split masters (optim.master=split, 26 bytes a parameter), on bf16 moments
+(optim.moments=bf16, 20 bytes) and on both (18 bytes); the compiled torch update,
 which first gathers the gradients into one flat buffer
 (flat_adamw.clip_and_update); and inductor's AdamW pass alone on gradients already gathered
 (flat_adamw.adamw_update), the bandwidth the kernels' AdamW should reach. Each figure is the
@@ -35,6 +36,7 @@ from rgfusion.trainer.model.retrieval import RetrievalModel  # noqa: E402
 DEVICE = torch.device("cuda")
 BYTES = 28  # per parameter in AdamW's pass: bf16 gradient read, fp32 master and moments read and written, bf16 weights written
 SPLIT_BYTES = 26  # the same with split masters: the bf16 weights and the int16 low bits read and written instead
+BF16_MOMENTS = 8  # bytes fewer per parameter with the moments in bf16
 
 
 def group_sizes() -> list[tuple[list[int], float]]:
@@ -90,9 +92,10 @@ def main() -> None:
         print(f"{name:36s} {us:8.1f} µs  {rows[-1]['tb_per_s']:5.2f} TB/s at {bytes_per_parameter} B per parameter",
               flush=True)
 
-    def optimizer(kernels: bool, master: str = "fp32") -> FlatAdamW:
+    def optimizer(kernels: bool, master: str = "fp32", moments: str = "fp32") -> FlatAdamW:
         return FlatAdamW([{"params": ps, "weight_decay": wd} for ps, (_, wd) in zip(params, sizes)],
-                         precision="bf16", lr=1e-4, weight_decay=0.01, max_norm=2.0, kernels=kernels, master=master)
+                         precision="bf16", lr=1e-4, weight_decay=0.01, max_norm=2.0, kernels=kernels, master=master,
+                         moments=moments)
 
     def update(opt: FlatAdamW) -> None:
         for ps, gs in zip(params, grads):
@@ -109,8 +112,12 @@ def main() -> None:
     for s in args.sums[1:]:
         opt._update = TritonUpdate(groups, DEVICE, update=best, sums=s)
         row(f"kernels update {best[0]}x{best[1]} sums {s[0]}x{s[1]}", replay_us(lambda: update(opt), args.iters))
-    split = optimizer(kernels=True, master="split")
-    row("kernels, split masters", replay_us(lambda: update(split), args.iters), SPLIT_BYTES)
+    for master, moments, name, traffic in (("split", "fp32", "split masters", SPLIT_BYTES),
+                                           ("fp32", "bf16", "bf16 moments", BYTES - BF16_MOMENTS),
+                                           ("split", "bf16", "split masters, bf16 moments", SPLIT_BYTES - BF16_MOMENTS)):
+        other = optimizer(kernels=True, master=master, moments=moments)
+        row(f"kernels, {name}", replay_us(lambda: update(other), args.iters), traffic)
+        del other
     if not args.kernels_only:
         opt = optimizer(kernels=False)
         row("compiled, with the gather", replay_us(lambda: update(opt), args.iters))

@@ -101,6 +101,8 @@ class Shape:
     # on split masters, optim.master=split) or "compiled" (inductor, the gradients gathered into
     # one flat buffer first)
     adamw: str = "kernels"
+    # bf16w's AdamW moments: "fp32" or "bf16", rounded stochastically (optim.moments)
+    moments: str = "fp32"
     # "end": the update after the backward. "overlap", a timing probe only, whose numbers are
     # wrong: the update of the gradients on hand at the start of the step, on a third stream, with
     # no wait before the towers read the weights. It bounds what an update pipelined with the next
@@ -243,7 +245,8 @@ def make_update(model: torch.nn.Module, v: Variant, device: torch.device, shape:
         kernels = False if shape.adamw == "compiled" else (True if shape.update != "end" else None)
         opt = FlatAdamW(groups, precision="bf16", lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                         weight_decay=optim.weight_decay, max_norm=optim.grad_clip,
-                        kernels=kernels, master="split" if shape.adamw == "split" else "fp32")
+                        kernels=kernels, master="split" if shape.adamw == "split" else "fp32",
+                        moments=shape.moments)
         model.to(torch.bfloat16)  # buffers; the parameters are views into the flat bf16 weights
         # step drops the gradients itself
         return UpdatePipeline(opt, stages, device, shape.update_priority) if pipelined else opt.step
@@ -654,6 +657,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adamw", choices=("kernels", "split", "compiled"), default="kernels",
                    help="bf16w's optimizer update on CUDA: Triton kernels (split: on split fp32 masters, "
                         "optim.master=split), or inductor's over gathered gradients")
+    p.add_argument("--moments", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16w's AdamW moments, bf16 ones rounded stochastically (optim.moments)")
     p.add_argument("--ffn", choices=("model", "math"), default="model",
                    help="math: the feed-forward blocks on PyTorch's path even with --attention triton "
                         "(an ablation of model/ffn.py's kernels)")
@@ -703,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
                                 eager_random=args.compile_random == "eager", image_compile=args.image_compile,
                                 image_inductor=tuple(inductor_option(p, "--image-inductor", item)
                                                      for item in args.image_inductor),
-                                adamw=args.adamw, update=args.update, update_stages=args.update_stages,
+                                adamw=args.adamw, moments=args.moments, update=args.update,
+                                update_stages=args.update_stages,
                                 update_priority=args.update_priority,
                                 image_priority=args.image_priority)
     if args.text_sdpa:  # the one kernel allowed: an unsupported case raises instead of falling back

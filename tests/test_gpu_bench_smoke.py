@@ -261,3 +261,24 @@ def test_pipelined_update_steps_as_the_staged_end_of_step_one():
         built = bench.build_bench(v, shape, bench.torch.device("cpu"), None, tiny=True)
         losses.append([float(built.step(built.batches[i % 3])) for i in range(4)])
     assert losses[0] == losses[1] and len(set(losses[0])) == 4
+
+
+
+def test_bf16_moments_reach_the_bf16w_rows_optimizer(monkeypatch):
+    bench = load_bench()
+    made = []
+
+    class Recorded(bench.FlatAdamW):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(bench, "FlatAdamW", Recorded)
+    shape = bench.Shape(batch=4, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200,
+                        moments="bf16")
+    v = next(v for v in bench.variants() if v.name == "full-bigru-bf16w")
+    built = bench.build_bench(v, shape, bench.torch.device("cpu"), None, tiny=True)
+    losses = [float(built.step(built.batches[i % 3])) for i in range(3)]
+    (opt,) = made
+    assert all(s["exp_avg_sq"].dtype == bench.torch.bfloat16 and s["step"] == 3 for s in opt.state.values())
+    assert len(set(losses)) == 3

@@ -309,11 +309,36 @@ def test_a_parameter_without_old_state_gets_zero_moments():
     assert torch.equal(state["exp_avg"][3:], old.state[groups[0]["params"][1]]["exp_avg"].reshape(-1))
 
 
-def test_split_masters_need_the_native_engine():
-    with pytest.raises(ConfigError, match="optim.master 'split' is the native engine's"):
-        load_config(None, ["optim.master=split"])
-    with pytest.raises(ConfigError, match="optim.master"):
-        load_config(None, ["optim.master=fp16"])
+@pytest.mark.parametrize("key,value", [("master", "split"), ("moments", "bf16")])
+def test_split_masters_and_bf16_moments_need_the_native_engine(key, value):
+    with pytest.raises(ConfigError, match=f"optim.{key} '{value}' is the native engine's"):
+        load_config(None, [f"optim.{key}={value}"])
+    with pytest.raises(ConfigError, match=f"optim.{key}"):
+        load_config(None, [f"optim.{key}=fp16"])
+
+
+def test_bf16_moments_resume_exactly_and_load_fp32_ones(tmp_path):
+    """optim.moments=bf16: the moments are bf16 in the optimizer and its checkpoint, a resumed
+    run steps on to the same masters to the bit (the rounding's bits come from the step count, not
+    a generator), and a run with fp32 moments resumes from the checkpoint too."""
+    batches = [(x.bfloat16(), y.bfloat16()) for x, y in data()]
+    straight, first = native_bf16("optim.moments=bf16"), native_bf16("optim.moments=bf16")
+    train(straight, batches)
+    train(first, batches[:2])
+    first.save_checkpoint(str(tmp_path), tag="step-00000002")
+    resumed = native_bf16("optim.moments=bf16")
+    resumed.load_checkpoint(str(tmp_path), tag="step-00000002")
+    state = resumed.optimizer.state[resumed.optimizer.flats[0].key]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+    assert torch.equal(state["exp_avg_sq"], first.optimizer.state[first.optimizer.flats[0].key]["exp_avg_sq"])
+    train(resumed, batches[2:])
+    for a, b in zip(straight.optimizer.masters(), resumed.optimizer.masters()):
+        assert torch.equal(a, b)
+    fp32 = native_bf16()
+    fp32.load_checkpoint(str(tmp_path), tag="step-00000002")
+    train(fp32, batches[2:])
+    for a, b in zip(straight.optimizer.masters(), fp32.optimizer.masters()):
+        torch.testing.assert_close(a, b, rtol=0.01, atol=1e-3)
 
 
 def test_cuda_graph_compile_needs_the_native_engine():

@@ -76,8 +76,29 @@ def _split(x):
 
 
 @triton.jit
+def _mul32(x, c: tl.constexpr):
+    """``x * c`` modulo 2^32, ``x`` uint32: the constant typed so that nothing widens."""
+    return x * tl.full((), c, tl.uint32)
+
+
+@triton.jit
+def _mix(x):
+    """flat_adamw.mix32 on uint32 ``x``."""
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _round_stochastic(x, bits):
+    """flat_adamw.round_stochastic: fp32 ``x`` to bf16 with 16 random ``bits`` (uint32)."""
+    high = (x.to(tl.uint32, bitcast=True) + bits) >> 16
+    return high.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _adamw(table, param, start, length, flat, master, exp_avg, exp_avg_sq, weights, scale_ptr, ok_ptr, lr_ptr,
-           step_ptr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, GRAD: tl.constexpr,
+           step_ptr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, salt, GRAD: tl.constexpr,
            HAS_WEIGHTS: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """flat_adamw.adamw_update on chunk ``c`` (see ``_step``)."""
     c = tl.program_id(0)
@@ -87,12 +108,12 @@ def _adamw(table, param, start, length, flat, master, exp_avg, exp_avg_sq, weigh
     if ALIGNED:
         at = tl.multiple_of(at, 8)
     _step(g, at + tl.arange(0, BLOCK), mask, master, exp_avg, exp_avg_sq, weights, scale_ptr, ok_ptr, lr_ptr,
-          step_ptr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, HAS_WEIGHTS, SPLIT)
+          step_ptr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, salt, HAS_WEIGHTS, SPLIT)
 
 
 @triton.jit
 def _adamw_range(gathered, lo, hi, master, exp_avg, exp_avg_sq, weights, scale_ptr, ok_ptr, lr_ptr, step_ptr,
-                 beta1, beta2, log_beta1, log_beta2, eps, weight_decay, HAS_WEIGHTS: tl.constexpr,
+                 beta1, beta2, log_beta1, log_beta2, eps, weight_decay, salt, HAS_WEIGHTS: tl.constexpr,
                  SPLIT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """flat_adamw.adamw_update on elements ``lo:hi`` of a group's buffers, the gradient read from
     its flat ``gathered`` copy (``_sum_squares`` with GATHER). ALIGNED: ``lo`` is a multiple of 8."""
@@ -102,22 +123,23 @@ def _adamw_range(gathered, lo, hi, master, exp_avg, exp_avg_sq, weights, scale_p
     mask = at < hi
     g = tl.load(gathered + at, mask=mask, other=0.0).to(tl.float32)
     _step(g, at, mask, master, exp_avg, exp_avg_sq, weights, scale_ptr, ok_ptr, lr_ptr, step_ptr, beta1, beta2,
-          log_beta1, log_beta2, eps, weight_decay, HAS_WEIGHTS, SPLIT)
+          log_beta1, log_beta2, eps, weight_decay, salt, HAS_WEIGHTS, SPLIT)
 
 
 @triton.jit
 def _step(g, at, mask, master, exp_avg, exp_avg_sq, weights, scale_ptr, ok_ptr, lr_ptr, step_ptr, beta1, beta2,
-          log_beta1, log_beta2, eps, weight_decay, HAS_WEIGHTS: tl.constexpr, SPLIT: tl.constexpr):
+          log_beta1, log_beta2, eps, weight_decay, salt, HAS_WEIGHTS: tl.constexpr, SPLIT: tl.constexpr):
     """AdamW on the gradient ``g`` (fp32) of elements ``at`` times ``scale``, master and moments
     kept where ``ok`` is false, then the bf16 weights rounded from the master. SPLIT: ``master``
     holds the master's low bits beside the weights (flat_adamw.split_master). ``log_beta*`` are
-    the betas' natural logarithms: ``beta ** step`` as one exp."""
+    the betas' natural logarithms: ``beta ** step`` as one exp. Moments in bf16 are rounded
+    stochastically with the bits of flat_adamw.rounding_bits (``salt``: the group's number)."""
     if SPLIT:
         w = _join(tl.load(weights + at, mask=mask), tl.load(master + at, mask=mask))
     else:
         w = tl.load(master + at, mask=mask)
-    m0 = tl.load(exp_avg + at, mask=mask)
-    v0 = tl.load(exp_avg_sq + at, mask=mask)
+    m0 = tl.load(exp_avg + at, mask=mask).to(tl.float32)
+    v0 = tl.load(exp_avg_sq + at, mask=mask).to(tl.float32)
     g = g * tl.load(scale_ptr)
     lr = tl.load(lr_ptr)
     step = tl.load(step_ptr)
@@ -127,8 +149,16 @@ def _step(g, at, mask, master, exp_avg, exp_avg_sq, weights, scale_ptr, ok_ptr, 
     new = w * (1 - lr * weight_decay) - lr / (1 - tl.exp(step * log_beta1)) * m / denom
     ok = tl.load(ok_ptr) != 0
     new = tl.where(ok, new, w)
-    tl.store(exp_avg + at, tl.where(ok, m, m0), mask=mask)
-    tl.store(exp_avg_sq + at, tl.where(ok, v, v0), mask=mask)
+    m = tl.where(ok, m, m0)
+    v = tl.where(ok, v, v0)
+    if exp_avg.dtype.element_ty == tl.bfloat16:
+        seed = _mix(_mul32(step.to(tl.uint32), 0x9E3779B9) + salt.to(tl.uint32))
+        bits = _mix(at.to(tl.uint32) ^ seed)
+        tl.store(exp_avg + at, _round_stochastic(m, bits & 0xFFFF), mask=mask)
+        tl.store(exp_avg_sq + at, _round_stochastic(v, bits >> 16), mask=mask)
+    else:
+        tl.store(exp_avg + at, m, mask=mask)
+        tl.store(exp_avg_sq + at, v, mask=mask)
     if SPLIT:
         high, low = _split(new)
         tl.store(weights + at, high, mask=mask)

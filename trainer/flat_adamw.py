@@ -14,7 +14,8 @@ graph on CUDA. On CUDA with Triton the kernels of flat_adamw_triton.py do the sa
 gather: 30 bytes, 28 with bf16 gradients. With ``master="split"`` (Triton kernels only) the fp32
 master is not a buffer of its own: the bf16 weights hold its upper half, rounded, and an int16
 buffer what the rounding removed, exactly (``split_master``): 26 bytes, the update being the
-last, serial part of a step. Learning rate, step count, clip coefficient and the finite-norm flag
+last, serial part of a step. With ``moments="bf16"`` the moments are bf16, rounded
+stochastically from the fp32 arithmetic (``round_stochastic``): 8 bytes less. Learning rate, step count, clip coefficient and the finite-norm flag
 live on the device, so a step never waits for the host and can be captured in a CUDA graph.
 """
 
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+MOMENT_TYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -100,6 +102,42 @@ def join_master(weights: Tensor, low: Tensor) -> Tensor:
     return _signed(bits, 32).to(torch.int32).view(torch.float32)
 
 
+# Multipliers of lowbias32 (C. Wellons' integer hash search), and one that spreads the step.
+HASH = (0x7FEB352D, 0x846CA68B)
+GOLDEN = 0x9E3779B9
+
+
+def mul32(x: Tensor, c: int) -> Tensor:
+    """``x * c`` modulo 2^32 for uint32 values held in int64, in 16-bit halves so no product
+    overflows int64."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def mix32(x: Tensor) -> Tensor:
+    """lowbias32, a bijection of uint32 (held in int64) whose output bits each flip with about
+    half of any input change: the kernels' hash too (``_mix``)."""
+    x = mul32(x ^ (x >> 16), HASH[0])
+    x = mul32(x ^ (x >> 15), HASH[1])
+    return x ^ (x >> 16)
+
+
+def rounding_bits(n: int, step: Tensor, salt: int) -> Tensor:
+    """32 random bits for each of a group's ``n`` elements, in int64: a hash of the element's
+    index and of the step count and group (``salt``), so every step draws anew, on the device,
+    with no generator state to save or to capture."""
+    seed = mix32((step.to(torch.int64) * GOLDEN + salt) & 0xFFFFFFFF)
+    return mix32(torch.arange(n, device=step.device) ^ seed)
+
+
+def round_stochastic(x: Tensor, bits: Tensor) -> Tensor:
+    """fp32 ``x`` to bf16, away from zero with the probability of what the cut removes (the low
+    16 bits of its pattern over 2^16), given 16 random ``bits`` per element: unbiased, so a moment
+    that moves by less than half a bf16 step per update (the second moment's 0.1% at beta2 =
+    0.999 does) still moves on average, where rounding to the nearest would freeze it."""
+    pattern = x.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return _signed((pattern + bits) >> 16, 16).to(torch.int16).view(torch.bfloat16)
+
+
 def _signed(unsigned: Tensor, bits: int) -> Tensor:
     """Unsigned ``bits``-bit integers (in int64) as the signed ones of the same bit pattern."""
     return torch.where(unsigned >= 1 << (bits - 1), unsigned - (1 << bits), unsigned)
@@ -107,19 +145,25 @@ def _signed(unsigned: Tensor, bits: int) -> Tensor:
 
 def adamw_update(grad: Tensor, master: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, weights: Tensor | None,
                  scale: Tensor, ok: Tensor, lr: Tensor, step: Tensor, beta1: float, beta2: float, eps: float,
-                 weight_decay: float) -> None:
+                 weight_decay: float, salt: int = 0) -> None:
     """torch.optim.AdamW's step over one group's flat buffers, in place, on the gradient times
     ``scale``; where ``ok`` is false, master and moments keep their values. ``step`` counts this
-    update already. Then the weights take the new master. Pointwise over equal-length buffers,
-    so inductor fuses it into one kernel."""
+    update already. Then the weights take the new master. Moments in bf16 are computed in fp32
+    and stored rounded stochastically (``round_stochastic``; ``salt``: the group's number).
+    Pointwise over equal-length buffers, so inductor fuses it into one kernel."""
     g = grad.float() * scale
-    m = exp_avg.lerp(g, 1 - beta1)
-    v = exp_avg_sq * beta2 + g * g * (1 - beta2)
+    m0, v0 = exp_avg.float(), exp_avg_sq.float()
+    m = m0.lerp(g, 1 - beta1)
+    v = v0 * beta2 + g * g * (1 - beta2)
     denom = v.sqrt() / (1 - beta2 ** step).sqrt() + eps
     new = master * (1 - lr * weight_decay) - lr / (1 - beta1 ** step) * m / denom
     master.copy_(torch.where(ok, new, master))
-    exp_avg.copy_(torch.where(ok, m, exp_avg))
-    exp_avg_sq.copy_(torch.where(ok, v, exp_avg_sq))
+    m, v = torch.where(ok, m, m0), torch.where(ok, v, v0)
+    if exp_avg.dtype == torch.bfloat16:  # a kept bf16 value has no low bits: it rounds to itself
+        bits = rounding_bits(m.numel(), step, salt)
+        m, v = round_stochastic(m, bits & 0xFFFF), round_stochastic(v, bits >> 16)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
     if weights is not None:
         weights.copy_(master)
 
@@ -136,10 +180,10 @@ def clip_and_update(grads: list[list[Tensor]], masters: list[Tensor], exp_avgs: 
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in flats]))
     ok = norm.isfinite() & finite
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for grad, master, m, v, w, lr, step, hyper in zip(flats, masters, exp_avgs, exp_avg_sqs, weights, lrs, steps,
-                                                       hypers):
+    for salt, (grad, master, m, v, w, lr, step, hyper) in enumerate(zip(flats, masters, exp_avgs, exp_avg_sqs,
+                                                                        weights, lrs, steps, hypers)):
         step.add_(ok)
-        adamw_update(grad, master, m, v, w, scale, ok, lr, step, *hyper)
+        adamw_update(grad, master, m, v, w, scale, ok, lr, step, *hyper, salt=salt)
     return norm
 
 
@@ -154,13 +198,14 @@ class FlatAdamW(torch.optim.Optimizer):
     (CUDA-graph capturable). It runs as Triton kernels where ``kernels`` says (default: on CUDA
     with Triton; elsewhere Triton's interpreter), otherwise compiled where ``compiled`` says
     (default: on CUDA). ``master``: "fp32", a buffer of its own, or "split" (bf16 and the Triton
-    kernels only), see ``FlatGroup``.
+    kernels only), see ``FlatGroup``. ``moments``: "fp32" or "bf16", rounded stochastically
+    (``adamw_update``): 8 bytes less memory traffic per parameter in the update.
     """
 
     def __init__(self, groups: list[dict[str, Any]], *, precision: str = "bf16", lr: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  max_norm: float = math.inf, compiled: bool | None = None, kernels: bool | None = None,
-                 master: str = "fp32") -> None:
+                 master: str = "fp32", moments: str = "fp32") -> None:
         device = next(iter(groups[0]["params"])).device
         if kernels is None:
             kernels = device.type == "cuda" and importlib.util.find_spec("triton") is not None
@@ -169,12 +214,15 @@ class FlatAdamW(torch.optim.Optimizer):
         if master == "split" and not (precision == "bf16" and kernels):
             raise ValueError("optim.master 'split' needs bf16 weights and FlatAdamW's Triton kernels (CUDA); "
                              f"this run has {precision} weights{'' if kernels else ' and no kernels'}")
+        if moments not in MOMENT_TYPES:
+            raise ValueError(f"moments must be 'fp32' or 'bf16', not {moments!r}")
         self.flats = [FlatGroup.build(g["params"], bf16=precision == "bf16", split=master == "split") for g in groups]
         super().__init__([{**g, "params": [f.key]} for g, f in zip(groups, self.flats)],
                          {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         for f in self.flats:
             self.state[f.key] = {"step": torch.zeros((), device=device),
-                                 **{k: torch.zeros(f.key.numel(), device=device) for k in MOMENTS}}
+                                 **{k: torch.zeros(f.key.numel(), device=device, dtype=MOMENT_TYPES[moments])
+                                    for k in MOMENTS}}
         # The learning rates the update reads: a device tensor changes without a recompile.
         self.lrs = [torch.tensor(float(g["lr"]), device=device) for g in self.param_groups]
         self._finite = torch.ones((), dtype=torch.bool, device=device)
@@ -254,7 +302,7 @@ class FlatAdamW(torch.optim.Optimizer):
         copied and the scale ``conclude`` took, on the current stream."""
         f, state = self.flats[i], self.state[self.flats[i].key]
         self._kernels("apply_range").update_range(
-            self.gathered[i], lo, hi, f.key, state["exp_avg"], state["exp_avg_sq"], f.weights, self.lrs[i],
+            i, self.gathered[i], lo, hi, f.key, state["exp_avg"], state["exp_avg_sq"], f.weights, self.lrs[i],
             state["step"], (*self.param_groups[i]["betas"], self.param_groups[i]["eps"],
                             self.param_groups[i]["weight_decay"]), *self._scale_ok)
 

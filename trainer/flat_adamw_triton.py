@@ -132,7 +132,7 @@ class TritonUpdate:
                 kernels._adamw[(launch.count,)](
                     table, launch.param, launch.start, launch.length, launch.flat, masters[i], exp_avgs[i],
                     exp_avg_sqs[i], masters[i] if w is None else w, scale, ok, lrs[i], steps[i], beta1, beta2,
-                    log(beta1), log(beta2), eps, decay, GRAD=GRAD_TYPES[grads[i][0].dtype],
+                    log(beta1), log(beta2), eps, decay, i, GRAD=GRAD_TYPES[grads[i][0].dtype],
                     HAS_WEIGHTS=w is not None, SPLIT=masters[i].dtype == torch.int16, ALIGNED=launch.aligned,
                     BLOCK=block, num_warps=warps)
         return norm
@@ -157,18 +157,18 @@ class TritonUpdate:
         norm = self.partial.sum().sqrt()
         return norm, (max_norm / (norm + 1e-6)).clamp(max=1.0), norm.isfinite() & finite
 
-    def update_range(self, gathered: Tensor, lo: int, hi: int, master: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-                     weights: Tensor | None, lr: Tensor, step: Tensor, hypers: tuple[float, float, float, float],
-                     scale: Tensor, ok: Tensor) -> None:
-        """AdamW on elements ``lo:hi`` of one group, the gradient read from ``gathered``; ``step``
-        already counts this update."""
+    def update_range(self, i: int, gathered: Tensor, lo: int, hi: int, master: Tensor, exp_avg: Tensor,
+                     exp_avg_sq: Tensor, weights: Tensor | None, lr: Tensor, step: Tensor,
+                     hypers: tuple[float, float, float, float], scale: Tensor, ok: Tensor) -> None:
+        """AdamW on elements ``lo:hi`` of group ``i``, the gradient read from ``gathered``;
+        ``step`` already counts this update."""
         if hi <= lo:
             return
         block, warps = self.update_shape
         beta1, beta2, eps, decay = hypers
         kernels._adamw_range[(triton.cdiv(hi - lo, block),)](
             gathered, lo, hi, master, exp_avg, exp_avg_sq, master if weights is None else weights, scale, ok, lr,
-            step, beta1, beta2, log(beta1), log(beta2), eps, decay, HAS_WEIGHTS=weights is not None,
+            step, beta1, beta2, log(beta1), log(beta2), eps, decay, i, HAS_WEIGHTS=weights is not None,
             SPLIT=master.dtype == torch.int16, ALIGNED=lo % kernels.ALIGN == 0, BLOCK=block, num_warps=warps)
 
 

@@ -42,7 +42,7 @@ class NativeEngine:
         # autocast, and inductor compiles the BiGRU, which it fails to do under autocast).
         self.optimizer = FlatAdamW(groups, precision=precision, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                    weight_decay=o.weight_decay, max_norm=o.grad_clip if o.grad_clip > 0 else math.inf,
-                                   master=o.master)
+                                   master=o.master, moments=o.moments)
         if precision == "bf16":
             module.to(torch.bfloat16)  # what the optimizer does not hold: buffers, frozen parameters
         self.wrapped: nn.Module = module
