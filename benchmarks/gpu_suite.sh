@@ -13,6 +13,7 @@
 #   TRAIN_IMAGES=6000 bash benchmarks/gpu_suite.sh setup data graphs      # 1 GPU: loader memory, trainer captured or not
 #   bash benchmarks/gpu_suite.sh setup attention                          # 1 GPU: the attention kernels per launch option
 #   bash benchmarks/gpu_suite.sh setup kernels                            # 1 GPU: the geometry and bias-GELU kernels too
+#   bash benchmarks/gpu_suite.sh setup adamw                              # 1 GPU: the optimizer update alone
 #   AB="kernels:;compiled:--adamw compiled" bash benchmarks/gpu_suite.sh setup ab  # 1 GPU: BERT rows A, B, A, B
 #   AB="main:;q4:CUDA_SCALE_LAUNCH_QUEUES=4x" ...                                   # (a row's environment first)
 #   AB="..." bash benchmarks/gpu_suite.sh setup verify ab                             # the GPU tests, then the rows
@@ -186,6 +187,11 @@ kernels() {  # one GPU: the geometry-bias and bias-GELU kernels' times at the st
     --out "$OUT/geometry_sweep.json" 2>&1 | tee "$OUT/geometry_sweep.txt"
   python3 benchmarks/ffn_bench.py --tiles ${FFN_TILES:-64x128x4 32x128x4 64x64x2 32x256x4} --out "$OUT/ffn_sweep.json" \
     2>&1 | tee "$OUT/ffn_sweep.txt"
+}
+
+adamw() {  # one GPU: the whole optimizer update alone, per program shape and per kind of master and moments
+  python3 benchmarks/adamw_bench.py --updates ${ADAMW_UPDATES:-1024x4} --sums ${ADAMW_SUMS:-32768x8} --kernels-only --out "$OUT/adamw.json" \
+    2>&1 | tee "$OUT/adamw.txt"
 }
 
 streams() {  # one GPU: the CUDA-only tests, then the model step with the towers on one stream and on two
