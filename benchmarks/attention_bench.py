@@ -4,6 +4,7 @@
     python3 benchmarks/attention_bench.py --warps 2 4 8 --stages 1 2 3 --out sweep.json
     python3 benchmarks/attention_bench.py --forward-keys 0 32 128   # the forward's key tiles
     python3 benchmarks/attention_bench.py --shapes graph --query-pass-keys 0 128   # the query pass's
+    python3 benchmarks/attention_bench.py --shapes graph --forward-rows 0 64 --forward-warps 0 8 --forward-keys 0 128
 
 Shapes at batch 128: BERT's 20-word captions (12 heads of 64, a key mask), the joint graph's 85
 nodes (8 heads of 128, a geometry bias per head with its gradient, heads-last as the model makes
@@ -92,21 +93,28 @@ def main() -> None:
                    help="keys per tile of the forward (0: the kernels' own choice)")
     p.add_argument("--query-pass-keys", nargs="+", type=int, default=[0],
                    help="keys per tile of the backward's query pass (0: the kernels' own choice)")
+    p.add_argument("--forward-rows", nargs="+", type=int, default=[0],
+                   help="rows per tile of the forward alone (0: the row tile of the others)")
+    p.add_argument("--forward-warps", nargs="+", type=int, default=[0],
+                   help="warps of the forward alone (0: --warps)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", default="")
     args = p.parse_args()
     rows = []
-    print(f"{'shape':12s} {'warps':>5s} {'stages':>6s} {'block':>5s} {'keys':>4s} {'qkeys':>5s} {'drop':>4s} "
-          f"{'fwd+bwd ms':>10s}  kernels (µs)")
+    print(f"{'shape':12s} {'warps':>5s} {'stages':>6s} {'block':>5s} {'keys':>4s} {'qkeys':>5s} {'frows':>5s} "
+          f"{'fwarps':>6s} {'drop':>4s} {'fwd+bwd ms':>10s}  kernels (µs)")
     for shape in args.shapes:
         torch.manual_seed(0)
         data = inputs(shape, args.batch)
-        for warps, stages, block, keys, query_keys, dropout in itertools.product(
-                args.warps, args.stages, args.blocks, args.forward_keys, args.query_pass_keys, args.dropout):
-            kernels.LAUNCH = kernels.Launch(warps, stages, block or None, keys or None, query_keys or None)
+        for warps, stages, block, keys, query_keys, rows_, warps_, dropout in itertools.product(
+                args.warps, args.stages, args.blocks, args.forward_keys, args.query_pass_keys, args.forward_rows,
+                args.forward_warps, args.dropout):
+            kernels.LAUNCH = kernels.Launch(warps, stages, block or None, keys or None, query_keys or None,
+                                            rows_ or None, warps_ or None)
             row = dict(shape=shape, warps=warps, stages=stages, block=block or "auto", forward_keys=keys or "auto",
-                       query_pass_keys=query_keys or "auto", dropout=dropout)
+                       query_pass_keys=query_keys or "auto", forward_rows=rows_ or "auto",
+                       forward_warps=warps_ or "auto", dropout=dropout)
             try:
                 call = (*data, dropout)
                 row.update(ms=round(time_ms(call, args.iters), 4), kernels_us=kernel_us(call))
@@ -114,7 +122,7 @@ def main() -> None:
                 row.update(error=f"{type(e).__name__}: {e}"[:200])
             rows.append(row)
             print(f"{shape:12s} {warps:5d} {stages:6d} {row['block']:>5} {row['forward_keys']:>4} "
-                  f"{row['query_pass_keys']:>5} {dropout:4.2f} "
+                  f"{row['query_pass_keys']:>5} {row['forward_rows']:>5} {row['forward_warps']:>6} {dropout:4.2f} "
                   f"{row.get('ms', float('nan')):10.3f}  {row.get('kernels_us', row.get('error'))}", flush=True)
     if args.out:
         with open(args.out, "w") as f:

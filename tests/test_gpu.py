@@ -379,12 +379,12 @@ def test_triton_attention_equals_the_reference(dtype, shape):
         torch.testing.assert_close(a.double(), b.double(), atol=tol * 4, rtol=tol * 4)
 
 
-@pytest.mark.parametrize("launch", [dict(), dict(forward_keys=32)])
+@pytest.mark.parametrize("launch", [dict(), dict(forward_keys=32), dict(forward_rows=64, forward_warps=8)])
 def test_triton_attention_dropout_is_the_mask_the_backward_assumes(launch, monkeypatch):
     """Compiled for the GPU at the graph's shape (85 nodes: three tiles of 32 keys backward; heads
     of 128): the weights the forward drops, read back as in test_triton_attention.keep_mask, are
     the ones the backward's gradients assume, with the forward's keys in one tile (the default
-    here) or in the backward's three."""
+    here) or in the backward's three, and with the forward on 64-row tiles (warpgroup products)."""
     from test_triton_attention import reference
 
     from rgfusion.trainer.model import _triton_attention_kernels as kernels

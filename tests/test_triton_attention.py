@@ -217,11 +217,14 @@ def test_any_block_size_gives_the_same_result(block, monkeypatch):
 
 
 @pytest.mark.parametrize("launch", [dict(forward_keys=16), dict(block=16), dict(block=16, forward_keys=32),
-                                    dict(block=16, query_pass_keys=64), dict(block=32, query_pass_keys=16)])
+                                    dict(block=16, query_pass_keys=64), dict(block=32, query_pass_keys=16),
+                                    dict(block=16, forward_rows=64, forward_warps=8),
+                                    dict(block=32, forward_rows=16, forward_keys=64)])
 def test_forward_key_tiles_keep_forward_and_backward_in_step(launch, monkeypatch):
     # The backward redraws the forward's mask with its own tiles: 33 keys in 16-key tiles under
     # 64 rows, in one tile of 64 (the default under 16 rows) or in 32-key tiles forward, must meet
-    # the same random numbers in the backward's tiles; so must the query pass's own key tiles.
+    # the same random numbers in the backward's tiles; so must the query pass's own key tiles, and
+    # the forward's own row tiles (64 rows over the backward's 16: its row sums padded further).
     from rgfusion.trainer.model import _triton_attention_kernels as kernels
 
     monkeypatch.setattr(kernels, "LAUNCH", kernels.Launch(**launch))

@@ -229,6 +229,10 @@ class Launch:
     num_stages: int = 3
     block: int | None = None  # rows per tile; None: block_size()'s choice
     forward_keys: int | None = None  # keys per tile of the forward alone; None: forward_key_block()'s choice
+    # Rows per tile and warps of the forward alone (None: ``block``'s, ``num_warps``): at sm_90 a
+    # tile of 64 rows takes Hopper's warpgroup products, which 32 rows cannot.
+    forward_rows: int | None = None
+    forward_warps: int | None = None
     query_pass_keys: int | None = None  # keys per tile of the backward's query pass; None: query_pass_key_block()'s
 
 
@@ -271,9 +275,12 @@ class _Shape:
         self.nk = self.kv.shape[1]
         self.D = self.kv.shape[-1] // ((3 if kv is None else 2) * heads)
         self.block = LAUNCH.block or block_size(max(self.nq, self.nk), self.D)
-        self.nqp = triton.cdiv(self.nq, self.block) * self.block
+        self.forward_rows = LAUNCH.forward_rows or self.block
+        # Row sums padded to whole tiles of the forward's and of the backward's (powers of two).
+        padded = max(self.block, self.forward_rows)
+        self.nqp = triton.cdiv(self.nq, padded) * padded
         self.keys_fit, self.queries_fit = self.nk <= self.block, self.nq <= self.block
-        self.forward_keys = LAUNCH.forward_keys or forward_key_block(self.nk, self.block)
+        self.forward_keys = LAUNCH.forward_keys or forward_key_block(self.nk, self.forward_rows)
         self.query_pass_keys = LAUNCH.query_pass_keys or query_pass_key_block(self.nk, self.block)
         self.meta = dict(H=heads, D=self.D, BLOCK=self.block, SELF=self.self_attention, HAS_BIAS=bias is not None,
                          DROPOUT=dropout_p > 0, EXACT=q.dtype == torch.float32,
@@ -286,6 +293,14 @@ class _Shape:
         """Programs over ``n`` rows (queries or keys): one per block and head."""
         return (self.blocks(n) * self.B * self.meta["H"],)
 
+    def forward_launch(self) -> tuple[tuple[int], int, dict]:
+        """The forward's grid, its query tiles per head, and its compile-time arguments. Its tiles
+        cover every padded row: the backward reads their row sums."""
+        tiles = self.nqp // self.forward_rows
+        meta = {**self.meta, "BLOCK": self.forward_rows, "num_warps": LAUNCH.forward_warps or LAUNCH.num_warps,
+                "KEY_BLOCK": self.forward_keys, "KEYS_FIT": self.nk <= self.forward_keys}
+        return (tiles * self.B * self.meta["H"],), tiles, meta
+
 
 def register() -> SimpleNamespace:
     from torch.library import register_autograd, triton_op, wrap_triton
@@ -296,11 +311,11 @@ def register() -> SimpleNamespace:
         s = _Shape(q, kv, bias, heads, dropout_p)
         out = q.new_empty(s.B, s.nq, heads * s.D)
         lse = torch.empty(s.B * heads, s.nqp, device=q.device, dtype=torch.float32)
-        wrap_triton(_forward)[s.grid(s.nq)](
+        grid, tiles, meta = s.forward_launch()
+        wrap_triton(_forward)[grid](
             q, s.kv, q if bias is None else bias, q if seed is None else seed, out, lse, s.nq, s.nk, s.nqp,
-            s.blocks(s.nq), q.stride(0), q.stride(1), s.kv.stride(0), s.kv.stride(1), *_bias_strides(bias),
-            out.stride(0), out.stride(1), s.D ** -0.5, dropout_p, KEY_BLOCK=s.forward_keys,
-            KEYS_FIT=s.nk <= s.forward_keys, **s.meta)
+            tiles, q.stride(0), q.stride(1), s.kv.stride(0), s.kv.stride(1), *_bias_strides(bias),
+            out.stride(0), out.stride(1), s.D ** -0.5, dropout_p, **meta)
         return out, lse
 
     @triton_op("rgfusion::short_attention_backward", mutates_args=())
