@@ -112,9 +112,9 @@ def main() -> None:
     for s in args.sums[1:]:
         opt._update = TritonUpdate(groups, DEVICE, update=best, sums=s)
         row(f"kernels update {best[0]}x{best[1]} sums {s[0]}x{s[1]}", replay_us(lambda: update(opt), args.iters))
-    for master, moments, name, traffic in (("split", "fp32", "split masters", SPLIT_BYTES),
-                                           ("fp32", "bf16", "bf16 moments", BYTES - BF16_MOMENTS),
-                                           ("split", "bf16", "split masters, bf16 moments", SPLIT_BYTES - BF16_MOMENTS)):
+    kinds = (("split", "fp32", "split masters", SPLIT_BYTES), ("fp32", "bf16", "bf16 moments", BYTES - BF16_MOMENTS),
+             ("split", "bf16", "split masters, bf16 moments", SPLIT_BYTES - BF16_MOMENTS))
+    for master, moments, name, traffic in kinds:
         other = optimizer(kernels=True, master=master, moments=moments)
         row(f"kernels, {name}", replay_us(lambda: update(other), args.iters), traffic)
         del other

@@ -190,8 +190,8 @@ kernels() {  # one GPU: the geometry-bias and bias-GELU kernels' times at the st
 }
 
 adamw() {  # one GPU: the whole optimizer update alone, per program shape and per kind of master and moments
-  python3 benchmarks/adamw_bench.py --updates ${ADAMW_UPDATES:-1024x4} --sums ${ADAMW_SUMS:-32768x8} --kernels-only --out "$OUT/adamw.json" \
-    2>&1 | tee "$OUT/adamw.txt"
+  python3 benchmarks/adamw_bench.py --updates ${ADAMW_UPDATES:-1024x4} --sums ${ADAMW_SUMS:-32768x8} --kernels-only \
+    --out "$OUT/adamw.json" 2>&1 | tee "$OUT/adamw.txt"
 }
 
 streams() {  # one GPU: the CUDA-only tests, then the model step with the towers on one stream and on two

@@ -230,5 +230,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError("data.url is empty: set it in the recipe or with --set data.url=...")
     for key, value in (("master", "split"), ("moments", "bf16")):
         if getattr(cfg.optim, key) == value and cfg.train.engine != "native":
-            raise ConfigError(f"optim.{key} '{value}' is the native engine's: set train.engine=native (and zero_stage 0)")
+            raise ConfigError(f"optim.{key} '{value}' is the native engine's: set train.engine=native "
+                              "(and zero_stage 0)")
     return cfg

@@ -15,8 +15,9 @@ gather: 30 bytes, 28 with bf16 gradients. With ``master="split"`` (Triton kernel
 master is not a buffer of its own: the bf16 weights hold its upper half, rounded, and an int16
 buffer what the rounding removed, exactly (``split_master``): 26 bytes, the update being the
 last, serial part of a step. With ``moments="bf16"`` the moments are bf16, rounded
-stochastically from the fp32 arithmetic (``round_stochastic``): 8 bytes less. Learning rate, step count, clip coefficient and the finite-norm flag
-live on the device, so a step never waits for the host and can be captured in a CUDA graph.
+stochastically from the fp32 arithmetic (``round_stochastic``): 8 bytes less. Learning rate,
+step count, clip coefficient and the finite-norm flag live on the device, so a step never waits
+for the host and can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
