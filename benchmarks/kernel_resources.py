@@ -13,8 +13,10 @@ is the nodes per program, and --blocks and --dropout do not apply).
 Triton compiles to a cubin on any machine (its wheel ships ptxas and cuobjdump), so a kernel
 change can be checked for what bounds a latency-bound kernel, how many programs fit on an SM,
 before spending GPU time on it. A thread's registers bound the programs an SM holds:
-65,536 / (registers × 32 × warps). The figures come from the local Triton, whose code
-generation can differ from the GPU machine's.
+65,536 / (registers × 32 × warps). The figures come from the Triton imported, whose code
+generation differs between versions: for the GPU machine's (3.6.0 in December 2026), install it
+apart (`python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0`) and put it first,
+`PYTHONPATH=/tmp/t36/lib/python3.11/site-packages .venv/bin/python benchmarks/kernel_resources.py`.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def resources(kernel: str, shape: str, block: int, warps: int, stages: int, drop
                   DROPOUT=dropout, EXACT=False, BIAS_GRAD=bias_grad,
                   KEYS_FIT=keys <= (block if kernel == "backward_key" else key_block), QUERIES_FIT=queries <= block)
     constants = {(i,): values[n] for i, n in enumerate(fn.arg_names) if n in CONSTANTS}
-    return usage(ASTSource(fn=fn, signature=signature(fn, "bf16"), constexprs=constants), warps, stages, arch)
+    types = signature(fn, "bf16")
+    return usage(ASTSource(fn=fn, signature=types, constexprs=constants, attrs=aligned(fn, types)), warps, stages, arch)
 
 
 def geometry_resources(kernel: str, warps: int, stages: int, arch: int) -> dict:
@@ -87,11 +90,20 @@ def geometry_resources(kernel: str, warps: int, stages: int, arch: int) -> dict:
     meta = geometry._meta(torch.empty(1, 85, 4), torch.empty(2, 16, 5), torch.empty(2, 8, 16), torch.bfloat16, kernel)
     constants = {(i,): meta[n] for i, n in enumerate(fn.arg_names) if n in meta}
     types = {n: "constexpr" if n in meta else GEOMETRY_TYPES.get(n, "*bf16") for n in fn.arg_names}
-    return usage(ASTSource(fn=fn, signature=types, constexprs=constants), warps, stages, arch)
+    return usage(ASTSource(fn=fn, signature=types, constexprs=constants, attrs=aligned(fn, types)), warps, stages,
+                 arch)
+
+
+def aligned(fn, types: dict[str, str]) -> dict:
+    """Every pointer argument on 16 bytes, as the JIT specialises the tensors it is given: without
+    it the compiler assumes no alignment and drops its vector loads and stores."""
+    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if types[n].startswith("*")}
 
 
 def usage(source: ASTSource, warps: int, stages: int, arch: int) -> dict:
-    """Registers and spills (from the cubin), shared memory, and programs per SM of one kernel."""
+    """Registers and spills (from the cubin), shared memory, programs per SM, and from the SASS the
+    instructions, exponentials (MUFU.EX2) and matrix products (HGMMA: Hopper's warpgroup ones,
+    HMMA: the warp's) of one kernel."""
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=warps, num_stages=stages))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -99,9 +111,12 @@ def usage(source: ASTSource, warps: int, stages: int, arch: int) -> dict:
         f.flush()
         cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
         usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
     return dict(registers=registers, spill_bytes=int(re.search(r"STACK:(\d+)", usage).group(1)),
-                shared=compiled.metadata.shared, programs_per_sm=65536 // (registers * 32 * warps))
+                shared=compiled.metadata.shared, programs_per_sm=65536 // (registers * 32 * warps),
+                sass=len(lines), **{op: sum(f" {op}" in line for line in lines) for op in ("MUFU.EX2", "HGMMA", "HMMA")})
 
 
 def main() -> None:
@@ -117,8 +132,10 @@ def main() -> None:
                    help="keys per tile of the backward's query pass (0: the kernels' own choice)")
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for Hopper")
     args = p.parse_args()
+    print(f"Triton {triton.__version__}, sm_{args.arch}")
     print(f"{'shape':8s} {'kernel':15s} {'block':>7s} {'warps':>5s} {'stages':>6s} {'drop':>4s} "
-          f"{'regs':>4s} {'spill B':>7s} {'smem B':>7s} {'per SM':>6s}")
+          f"{'regs':>4s} {'spill B':>7s} {'smem B':>7s} {'per SM':>6s} {'SASS':>6s} {'EX2':>4s} {'HGMMA':>5s} "
+          f"{'HMMA':>4s}")
     if "geometry" in args.shapes:
         for kernel in GEOMETRY_KERNELS:
             own = geometry.LAUNCH[kernel]
@@ -145,7 +162,8 @@ def main() -> None:
 def row(shape: str, kernel: str, tile: int | str, warps: int, stages: int, dropout: int, r: dict) -> None:
     """``tile``: rows per tile, or ROWSxKEYS for a forward whose key tiles differ."""
     print(f"{shape:8s} {kernel:15s} {tile!s:>7s} {warps:5d} {stages:6d} {dropout:4d} {r['registers']:4d} "
-          f"{r['spill_bytes']:7d} {r['shared']:7d} {r['programs_per_sm']:6d}", flush=True)
+          f"{r['spill_bytes']:7d} {r['shared']:7d} {r['programs_per_sm']:6d} {r['sass']:6d} {r['MUFU.EX2']:4d} "
+          f"{r['HGMMA']:5d} {r['HMMA']:4d}", flush=True)
 
 
 if __name__ == "__main__":

@@ -259,12 +259,16 @@ def test_kernel_resources_compiles_for_a_gpu_this_machine_lacks():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
     out = subprocess.run([sys.executable, str(script), "--shapes", "caption", "geometry", "--blocks", "0", "16"],
                          env=env, capture_output=True, text=True, timeout=300, check=True).stdout.splitlines()
-    rows = [line.split() for line in out[1:]]
+    assert out[0].startswith("Triton ") and out[0].endswith("sm_90")
+    rows = [line.split() for line in out[2:]]
     # 20 words fit one 32-row block, so no query pass; 16-row blocks split them and need one.
     assert [r[:3] for r in rows] == [["geometry", "forward", "16"], ["geometry", "backward", "8"],
                                      ["caption", "forward", "32"], ["caption", "forward", "16"],
                                      ["caption", "backward_query", "16x32"], ["caption", "backward_key", "32"],
                                      ["caption", "backward_key", "16"]]
     for r in rows:
-        registers, spills, programs = int(r[6]), int(r[7]), int(r[9])
-        assert 0 < registers <= 255 and spills >= 0 and programs >= 1
+        registers, spills, programs, sass, exps, products = int(r[6]), int(r[7]), int(r[9]), int(r[10]), int(
+            r[11]), int(r[12]) + int(r[13])
+        assert 0 < registers <= 255 and spills >= 0 and programs >= 1 and sass > 0
+        # The attention kernels exponentiate scores their products made; the geometry ones neither.
+        assert (exps > 0 and products > 0) == (r[0] == "caption")
