@@ -113,6 +113,9 @@ class Shape:
     update: str = "end"
     update_stages: int = 8
     update_priority: int = 0  # of the pipelined update's streams
+    # bf16w, update at the end: the side tower's gradients summed (for the clip) on its own stream,
+    # beside the end of the other tower's backward (FlatAdamW.update's streams)
+    side_sums: bool = False
     # the captured step's stream priority, the image tower's; a high-priority side stream gets one
     # level more (0, a new stream's, is the lowest, so -1 leaves the probe's update stream below both)
     image_priority: int = 0
@@ -248,10 +251,20 @@ def make_update(model: torch.nn.Module, v: Variant, device: torch.device, shape:
                         kernels=kernels, master="split" if shape.adamw == "split" else "fp32",
                         moments=shape.moments)
         model.to(torch.bfloat16)  # buffers; the parameters are views into the flat bf16 weights
-        # step drops the gradients itself
-        return UpdatePipeline(opt, stages, device, shape.update_priority) if pipelined else opt.step
-    if shape.update != "end":
-        raise ValueError(f"--update {shape.update}: bf16w variants only (FlatAdamW)")
+        if pipelined:
+            return UpdatePipeline(opt, stages, device, shape.update_priority)
+        if not shape.side_sums:
+            return opt.step  # it drops the gradients itself
+        tower = model.text if shape.side_tower == "caption" else model.image
+        streams = opt.side_streams(tower, side_of(shape, device))
+
+        def update_beside() -> None:
+            opt.load_lrs()
+            opt.update(streams=streams)
+
+        return update_beside
+    if shape.update != "end" or shape.side_sums:
+        raise ValueError("--update and --side-sums: bf16w variants only (FlatAdamW)")
     fused = {"fused": True, "capturable": v.captured} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
 
@@ -270,6 +283,11 @@ def embed_both(model, batch: dict[str, torch.Tensor]):
 def side_priority(shape: Shape) -> int:
     """The side stream's priority: one level above the image tower's when high."""
     return shape.image_priority - 1 if shape.side_priority == "high" else shape.image_priority
+
+
+def side_of(shape: Shape, device: torch.device) -> torch.cuda.Stream | None:
+    """The side tower's stream (model/streams.py beside's), None without one."""
+    return side_stream(device, 0, side_priority(shape)) if shape.side_streams and device.type == "cuda" else None
 
 
 def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, shape: Shape):
@@ -303,7 +321,7 @@ def step_fn(model, update: Callable[[], None], loss_cfg, ids, v: Variant, shape:
 
     pipeline = update if isinstance(update, UpdatePipeline) else None
     # the tower on the side stream gathers its gradients there (towers: 0 image, 1 caption)
-    side = side_stream(device, 0, side_priority(shape)) if shape.side_streams and device.type == "cuda" else None
+    side = side_of(shape, device)
     gather_streams = {1: side} if shape.side_tower == "caption" else {0: side}
 
     def step(batch):
@@ -657,6 +675,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adamw", choices=("kernels", "split", "compiled"), default="kernels",
                    help="bf16w's optimizer update on CUDA: Triton kernels (split: on split fp32 masters, "
                         "optim.master=split), or inductor's over gathered gradients")
+    p.add_argument("--side-sums", action="store_true",
+                   help="bf16w: the side tower's gradients summed for the clip on its stream, beside the other "
+                        "tower's backward")
     p.add_argument("--moments", choices=("fp32", "bf16"), default="fp32",
                    help="bf16w's AdamW moments, bf16 ones rounded stochastically (optim.moments)")
     p.add_argument("--ffn", choices=("model", "math"), default="model",
@@ -708,7 +729,8 @@ def main(argv: list[str] | None = None) -> int:
                                 eager_random=args.compile_random == "eager", image_compile=args.image_compile,
                                 image_inductor=tuple(inductor_option(p, "--image-inductor", item)
                                                      for item in args.image_inductor),
-                                adamw=args.adamw, moments=args.moments, update=args.update,
+                                adamw=args.adamw, moments=args.moments, side_sums=args.side_sums,
+                                update=args.update,
                                 update_stages=args.update_stages,
                                 update_priority=args.update_priority,
                                 image_priority=args.image_priority)

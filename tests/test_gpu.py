@@ -604,3 +604,34 @@ def test_pipelined_update_waits_for_each_stage(variant, bert_dir, monkeypatch):
     pipelined = losses("pipelined", 0)
     assert losses("pipelined", 10_000_000) == pipelined
     torch.testing.assert_close(torch.tensor(pipelined), torch.tensor(losses("staged", 0)), rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["full-bert-bf16w-graph", "full-bert-bf16w-compile-graph"])
+def test_side_sums_give_the_same_steps(variant, bert_dir, monkeypatch):
+    """gpu_bench's captured BERT row with the caption tower's gradients summed on its side stream
+    (FlatAdamW.update's streams): replay after replay the same gradient norms and losses as with
+    every sum on the main stream. A sum that read a gradient before its backward wrote it would
+    move the norm. (Within 1e-4: atomic adds in the backward may order their sums differently.)"""
+    bench = load_script("gpu_bench")
+    v = next(v for v in bench.variants() if v.name == variant)
+    made = []
+
+    class Recorded(bench.FlatAdamW):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(bench, "FlatAdamW", Recorded)
+
+    def steps(side_sums: bool) -> torch.Tensor:
+        shape = bench.Shape(batch=16, regions=6, region_dim=48, grid=(3, 3), grid_dim=40, width=128, words=9,
+                            vocab=100, attention="triton", side_streams=True, side_sums=side_sums)
+        built = bench.build_bench(v, shape, DEVICE, bert_dir, tiny=True)
+        assert made[-1].side_streams(built.model.text, bench.side_of(shape, DEVICE))  # the caption tower's groups
+        out = []
+        for i in range(5):
+            loss = built.step(built.batches[i % 3])
+            out.append([float(loss), float(made[-1].norm)])
+        return torch.tensor(out)
+
+    torch.testing.assert_close(steps(True), steps(False), rtol=1e-4, atol=0)

@@ -282,3 +282,16 @@ def test_bf16_moments_reach_the_bf16w_rows_optimizer(monkeypatch):
     (opt,) = made
     assert all(s["exp_avg_sq"].dtype == bench.torch.bfloat16 and s["step"] == 3 for s in opt.state.values())
     assert len(set(losses)) == 3
+
+
+def test_side_sums_need_flat_adamw():
+    """--side-sums on the CPU (no side stream: the sums stay on the one stream) trains the bf16w
+    row; a torch-AdamW row refuses it."""
+    bench = load_bench()
+    shape = dict(batch=4, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200, side_sums=True)
+    rows = {v.name: v for v in bench.variants()}
+    built = bench.build_bench(rows["full-bigru-bf16w"], bench.Shape(**shape), bench.torch.device("cpu"), None,
+                              tiny=True)
+    assert len({float(built.step(built.batches[i % 3])) for i in range(3)}) == 3
+    with pytest.raises(ValueError, match="--side-sums: bf16w variants only"):
+        bench.build_bench(rows["full-bigru-fp32"], bench.Shape(**shape), bench.torch.device("cpu"), None, tiny=True)
