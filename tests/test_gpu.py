@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from bench_helpers import load_script, record_flat_adamw
 
 from rgfusion.trainer.model import ModelConfig, TextConfig, build_model
 
@@ -454,20 +455,6 @@ def test_compiled_captured_bert_with_the_triton_kernel_draws_new_dropout_each_re
     assert all(p.grad is not None and p.grad.isfinite().all() for p in bert.parameters() if p.requires_grad)
 
 
-def load_script(name: str):
-    """A script of benchmarks/ (no package) as a module."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve string annotations through it
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_attention_bench_times_each_kernel(tmp_path, monkeypatch):
     import json
     import sys
@@ -614,14 +601,7 @@ def test_side_sums_give_the_same_steps(variant, bert_dir, monkeypatch):
     move the norm. (Within 1e-4: atomic adds in the backward may order their sums differently.)"""
     bench = load_script("gpu_bench")
     v = next(v for v in bench.variants() if v.name == variant)
-    made = []
-
-    class Recorded(bench.FlatAdamW):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(bench, "FlatAdamW", Recorded)
+    made = record_flat_adamw(bench, monkeypatch)
 
     def steps(side_sums: bool) -> torch.Tensor:
         shape = bench.Shape(batch=16, regions=6, region_dim=48, grid=(3, 3), grid_dim=40, width=128, words=9,

@@ -5,24 +5,18 @@ Compile and CUDA-graph modes need a GPU."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import sys
 import tarfile
-from pathlib import Path
 
 import pytest
+from bench_helpers import BENCHMARKS, load_script, record_flat_adamw
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
+BENCH = BENCHMARKS / "gpu_bench.py"
 
 
 def load_bench():
-    # benchmarks/ is no package: load the script as a module.
-    spec = importlib.util.spec_from_file_location("gpu_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_bench"] = module  # dataclasses resolve string annotations through it
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_bench")
 
 
 def test_variant_names_cover_every_precision_and_mode():
@@ -239,9 +233,7 @@ def test_suite_ab_runs_each_named_row_twice_in_turn(tmp_path):
 def test_ffn_bench_reads_tiles_and_names_a_bad_one(capsys):
     """ffn_bench.py --tiles (the timing itself needs a GPU: tests/test_gpu.py)."""
     pytest.importorskip("triton")
-    spec = importlib.util.spec_from_file_location("ffn_bench", BENCH.parent / "ffn_bench.py")
-    ffn_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ffn_bench)
+    ffn_bench = load_script("ffn_bench")
     assert ffn_bench.tile("32x256x8") == ffn_bench.gelu.Launch(block_m=32, block_n=256, num_warps=8)
     for bad in ("32x256", "ax128x4"):
         with pytest.raises(ffn_bench.argparse.ArgumentTypeError, match=f"'{bad}': a tile is ROWSxCOLUMNSxWARPS"):
@@ -266,14 +258,7 @@ def test_pipelined_update_steps_as_the_staged_end_of_step_one():
 
 def test_bf16_moments_reach_the_bf16w_rows_optimizer(monkeypatch):
     bench = load_bench()
-    made = []
-
-    class Recorded(bench.FlatAdamW):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(bench, "FlatAdamW", Recorded)
+    made = record_flat_adamw(bench, monkeypatch)
     shape = bench.Shape(batch=4, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200,
                         moments="bf16")
     v = next(v for v in bench.variants() if v.name == "full-bigru-bf16w")
