@@ -291,3 +291,26 @@ def test_split_masters_save_and_load_as_fp32_ones():
 def test_split_masters_need_bf16_and_the_kernels(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FlatAdamW([{"params": model(SIZES, seed=0)[0]}], lr=1e-2, **{"master": "split", **kwargs})
+
+
+@pytest.mark.parametrize("case", ["clips", "under", "no limit", "non-finite", "loss not finite"])
+def test_the_clip_kernel_is_torchs_clip(case):
+    """TritonUpdate.conclude (one kernel) against the torch ops it replaced: the norm of the
+    partial sums, the clip scale, whether to update, and each group's step count advanced by that."""
+    update = TritonUpdate([[300, 5000], [70]], torch.device(DEVICE))
+    gen = torch.Generator().manual_seed(7)
+    partial = torch.rand(len(update.partial), generator=gen) * (0.001 if case == "under" else 10.0)
+    if case == "non-finite":
+        partial[1] = math.inf
+    update.partial.copy_(partial)
+    max_norm = math.inf if case == "no limit" else 2.0
+    finite = torch.tensor(case != "loss not finite", device=DEVICE)
+    steps = [torch.tensor(float(n), device=DEVICE) for n in (4, 9)]
+    norm, scale, ok = update.conclude(max_norm, finite, steps)
+    want = partial.double().sum().sqrt()
+    go = bool(want.isfinite()) and case != "loss not finite"
+    assert float(ok) == float(go) and [float(s) for s in steps] == [4 + go, 9 + go]
+    torch.testing.assert_close(norm.cpu().double(), want.float().double(), rtol=1e-6, atol=0)
+    if go:
+        torch.testing.assert_close(float(scale), min(max_norm / (float(want) + 1e-6), 1.0), rtol=1e-6, atol=0)
+        assert (float(scale) < 1) == (case == "clips")

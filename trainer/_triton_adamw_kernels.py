@@ -60,6 +60,26 @@ def _sum_squares(table, param, start, length, flat, partial, gathered, GRAD: tl.
 
 
 @triton.jit
+def _conclude(partial, n, finite_ptr, steps, n_steps, out, max_norm, BLOCK: tl.constexpr):
+    """The clip from the ``n`` partial sums of squares, in one program where torch took a dozen
+    small kernels at the end of the step: ``out`` = (the global norm, the clip scale, 1 where the
+    update goes ahead: a finite norm and a true ``finite``), and each group's step count (the
+    float32 at each address of ``steps``) advanced where it does."""
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(partial + offs, mask=offs < n, other=0.0)
+    norm = tl.sqrt(tl.sum(acc))
+    ok = ((norm < float("inf")) & (tl.load(finite_ptr) != 0)).to(tl.float32)  # NaN < inf is false
+    tl.store(out, norm)
+    tl.store(out + 1, tl.minimum(max_norm / (norm + 1e-6), 1.0))
+    tl.store(out + 2, ok)
+    for i in range(n_steps):
+        step = tl.load(steps + i).to(tl.pointer_type(tl.float32))
+        tl.store(step, tl.load(step) + ok)
+
+
+@triton.jit
 def _join(high, low):
     """flat_adamw.join_master: the fp32 value of bf16 ``high`` and int16 ``low``."""
     bits = (high.to(tl.uint16, bitcast=True).to(tl.uint32) << 16) + low.to(tl.int32).to(tl.uint32, bitcast=True)

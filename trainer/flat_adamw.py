@@ -295,8 +295,6 @@ class FlatAdamW(torch.optim.Optimizer):
         kernels = self._kernels("gather")
         if self.gathered is None:  # before any capture: a replay's update reads them after the next forward began
             self.gathered = [torch.zeros_like(f.key, dtype=f.params[0].dtype) for f in self.flats]
-            self._scale_ok = (torch.ones((), device=self.lrs[0].device),
-                              torch.ones((), dtype=torch.bool, device=self.lrs[0].device))
         for i in groups:
             kernels.gather(i, self.flats[i].grads(), self.gathered[i])
             for p in self.flats[i].params:
@@ -306,11 +304,8 @@ class FlatAdamW(torch.optim.Optimizer):
     def conclude(self, finite: Tensor | None = None) -> None:
         """After every group's ``gather``: the norm, the clip scale and whether to update, and the
         step counts, for ``apply_range``. ``finite`` as in ``update``."""
-        self.norm, scale, ok = self._kernels("conclude").clip(self.max_norm, self._finite if finite is None else finite)
-        for buffer, value in zip(self._scale_ok, (scale, ok)):
-            buffer.copy_(value)
-        for f in self.flats:
-            self.state[f.key]["step"].add_(ok)
+        self.norm, *self._scale_ok = self._kernels("conclude").conclude(
+            self.max_norm, self._finite if finite is None else finite, [self.state[f.key]["step"] for f in self.flats])
         self._opt_called = True
 
     @torch.no_grad()

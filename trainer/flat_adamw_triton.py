@@ -4,8 +4,9 @@ The compiled update (flat_adamw.clip_and_update) first gathers a group's gradien
 buffer, then reads it for the norm and again for AdamW: on an H200, 0.21 ms of the BERT step's
 1.4 ms update went to the gather alone, at the end of the step where nothing runs beside it
 (benchmarks/RESULTS.md, session 14). Here a kernel sums the squares of every gradient in place,
-torch turns the sums into the clip scale, and one pass per group reads gradient, master and
-moments and writes master, moments and the bf16 weights (trainer/_triton_adamw_kernels.py). A
+one program turns the sums into the clip scale and advances the step counts, and one pass per
+group reads gradient, master and moments and writes master, moments and the bf16 weights
+(trainer/_triton_adamw_kernels.py). A
 master in int16 is a split one's low bits (flat_adamw.split_master), the weights its high half.
 """
 
@@ -114,6 +115,10 @@ class TritonUpdate:
         self.sums_launches, chunks = cover(sizes, sums[0], device)
         self.partial = torch.empty(chunks, device=device)
         self.tables = [GradientTable(device) for _ in sizes]
+        # The clip's results, (norm, scale, go-ahead), where the AdamW kernels read them: kept for
+        # good, as a captured step's pool would reuse a fresh tensor before a later replay reads it.
+        self.clipped = torch.zeros(3, device=device)
+        self.steps: tuple[tuple[int, ...], Tensor] | None = None  # the step counts' addresses
 
     def __call__(self, grads: list[list[Tensor]], masters: list[Tensor], exp_avgs: list[Tensor],
                  exp_avg_sqs: list[Tensor], weights: list[Tensor | None], lrs: list[Tensor], steps: list[Tensor],
@@ -124,10 +129,9 @@ class TritonUpdate:
         tower's backward ends); the current stream waits for them before the clip."""
         summed = [self.summed(i, group, (streams or {}).get(i)) for i, group in enumerate(grads)]
         grads, tables = [group for group, _ in summed], [table for _, table in summed]  # alive until queued
-        norm, scale, ok = self.clip(max_norm, finite)
+        norm, scale, ok = self.conclude(max_norm, finite, steps)
         block, warps = self.update_shape
         for i, (table, group) in enumerate(zip(tables, self.updates)):
-            steps[i].add_(ok)
             beta1, beta2, eps, decay = hypers[i]
             w = weights[i]
             for launch in group:
@@ -170,10 +174,16 @@ class TritonUpdate:
         grads = [readable(g) for g in grads]
         self.sums(i, self.tables[i](grads), GRAD_TYPES[grads[0].dtype], gathered)
 
-    def clip(self, max_norm: float, finite: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(norm, clip scale, whether to update) from the sums of squares of every group."""
-        norm = self.partial.sum().sqrt()
-        return norm, (max_norm / (norm + 1e-6)).clamp(max=1.0), norm.isfinite() & finite
+    def conclude(self, max_norm: float, finite: Tensor, steps: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """From the sums of squares of every group: the norm, the clip scale and whether to update
+        (1 or 0), as views of ``clipped``; the groups' ``steps`` (float32 counts) advanced by the
+        last. One kernel (``_conclude``)."""
+        addresses = tuple(s.data_ptr() for s in steps)
+        if self.steps is None or self.steps[0] != addresses:  # outside a capture: the counts stay put
+            self.steps = addresses, torch.tensor(addresses, dtype=torch.int64, device=self.clipped.device)
+        kernels._conclude[(1,)](self.partial, len(self.partial), finite, self.steps[1], len(steps), self.clipped,
+                                max_norm, BLOCK=1024, num_warps=4)
+        return self.clipped[0], self.clipped[1], self.clipped[2]
 
     def update_range(self, i: int, gathered: Tensor, lo: int, hi: int, master: Tensor, exp_avg: Tensor,
                      exp_avg_sq: Tensor, weights: Tensor | None, lr: Tensor, step: Tensor,
