@@ -173,7 +173,7 @@ def _step(g, at, mask, master, exp_avg, exp_avg_sq, weights, scale_ptr, ok_ptr, 
     v = tl.where(ok, v, v0)
     if exp_avg.dtype.element_ty == tl.bfloat16:
         seed = _mix(_mul32(step.to(tl.uint32), 0x9E3779B9) + salt.to(tl.uint32))
-        bits = _mix(at.to(tl.uint32) ^ seed)
+        bits = _mix(_mul32(at.to(tl.uint32), 0x9E3779B9) ^ seed)
         tl.store(exp_avg + at, _round_stochastic(m, bits & 0xFFFF), mask=mask)
         tl.store(exp_avg_sq + at, _round_stochastic(v, bits >> 16), mask=mask)
     else:
