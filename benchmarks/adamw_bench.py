@@ -6,7 +6,8 @@ groups, replayed in a CUDA graph as in the captured step. Needs a CUDA device.
 Rows: the Triton kernels (trainer/flat_adamw_triton.py) for each program shape (elements × warps)
 of AdamW's kernel, then, with the fastest of those, for each of the sums of squares'; the
 kernels on split masters (optim.master=split, 26 bytes a parameter), on bf16 moments
-(optim.moments=bf16, 20 bytes) and on both (18 bytes); the compiled torch update,
+(optim.moments=bf16, 20 bytes) and on both (18 bytes), each for every AdamW shape; the compiled
+torch update,
 which first gathers the gradients into one flat buffer
 (flat_adamw.clip_and_update); and inductor's AdamW pass alone on gradients already gathered
 (flat_adamw.adamw_update), the bandwidth the kernels' AdamW should reach. Each figure is the
@@ -114,9 +115,11 @@ def main() -> None:
         row(f"kernels update {best[0]}x{best[1]} sums {s[0]}x{s[1]}", replay_us(lambda: update(opt), args.iters))
     kinds = (("split", "fp32", "split masters", SPLIT_BYTES), ("fp32", "bf16", "bf16 moments", BYTES - BF16_MOMENTS),
              ("split", "bf16", "split masters, bf16 moments", SPLIT_BYTES - BF16_MOMENTS))
-    for master, moments, name, traffic in kinds:
+    for master, moments, name, traffic in kinds:  # fewer bytes a parameter may want other program shapes
         other = optimizer(kernels=True, master=master, moments=moments)
-        row(f"kernels, {name}", replay_us(lambda: update(other), args.iters), traffic)
+        for u in args.updates:
+            other._update = TritonUpdate(groups, DEVICE, update=u, sums=args.sums[0])
+            row(f"kernels, {name}, update {u[0]}x{u[1]}", replay_us(lambda: update(other), args.iters), traffic)
         del other
     if not args.kernels_only:
         opt = optimizer(kernels=False)

@@ -190,7 +190,7 @@ kernels() {  # one GPU: the geometry-bias and bias-GELU kernels' times at the st
 }
 
 adamw() {  # one GPU: the whole optimizer update alone, per program shape and per kind of master and moments
-  python3 benchmarks/adamw_bench.py --updates ${ADAMW_UPDATES:-1024x4} --sums ${ADAMW_SUMS:-32768x8} --kernels-only \
+  python3 benchmarks/adamw_bench.py --updates ${ADAMW_UPDATES:-1024x4 2048x4 2048x8} --sums ${ADAMW_SUMS:-32768x8} --kernels-only \
     --out "$OUT/adamw.json" 2>&1 | tee "$OUT/adamw.txt"
 }
 
