@@ -7,8 +7,7 @@ Rows: the Triton kernels (trainer/flat_adamw_triton.py) for each program shape (
 of AdamW's kernel, then, with the fastest of those, for each of the sums of squares'; the
 kernels on split masters (optim.master=split, 26 bytes a parameter), on bf16 moments
 (optim.moments=bf16, 20 bytes) and on both (18 bytes), each for every AdamW shape; the compiled
-torch update,
-which first gathers the gradients into one flat buffer
+torch update, which first gathers the gradients into one flat buffer
 (flat_adamw.clip_and_update); and inductor's AdamW pass alone on gradients already gathered
 (flat_adamw.adamw_update), the bandwidth the kernels' AdamW should reach. Each figure is the
 median over ``--iters`` replays, in µs, with the memory traffic it implies in TB/s.
