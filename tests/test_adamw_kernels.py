@@ -117,17 +117,19 @@ def lowbias32(x: int) -> int:
 
 
 @triton.jit
-def _hash_and_round(index, x, bits, hashed, rounded, n, BLOCK: tl.constexpr):
+def _hash_and_round(index, x, bits, hashed, rounded, drawn, step, salt, n, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     mask = offs < n
     h = kernels._mix(tl.load(index + offs, mask=mask).to(tl.uint32))
     tl.store(hashed + offs, h.to(tl.int32, bitcast=True), mask=mask)
+    d = kernels._rounding_bits(offs, tl.load(step), salt)
+    tl.store(drawn + offs, d.to(tl.int32, bitcast=True), mask=mask)
     r = kernels._round_stochastic(tl.load(x + offs, mask=mask), tl.load(bits + offs, mask=mask).to(tl.uint32))
     tl.store(rounded + offs, r, mask=mask)
 
 
 def test_the_hash_and_the_rounding_agree_in_torch_python_and_the_kernels():
-    from rgfusion.trainer.flat_adamw import mix32, round_stochastic
+    from rgfusion.trainer.flat_adamw import mix32, round_stochastic, rounding_bits
 
     gen = torch.Generator().manual_seed(4)
     index = torch.cat([torch.tensor([0, 1, 2, 0x7FFFFFFF, 0x80000000, MASK]),
@@ -137,10 +139,12 @@ def test_the_hash_and_the_rounding_agree_in_torch_python_and_the_kernels():
     x = torch.randn(256, generator=gen) * 10.0 ** torch.randint(-20, 20, (256,), generator=gen)
     bits = torch.randint(0, 1 << 16, (256,), generator=gen)
     hashed, rounded = torch.empty(256, dtype=torch.int32), torch.empty(256, dtype=torch.bfloat16)
-    on = [t.to(DEVICE) for t in (index, x, bits.to(torch.int32), hashed, rounded)]
-    _hash_and_round[(1,)](*on, 256, BLOCK=256)
+    drawn, step = torch.empty(256, dtype=torch.int32), torch.tensor(12345.0)
+    on = [t.to(DEVICE) for t in (index, x, bits.to(torch.int32), hashed, rounded, drawn, step)]
+    _hash_and_round[(1,)](*on, 3, 256, BLOCK=256)
     assert torch.equal(on[3].cpu().to(torch.int64) & MASK, expected)
     assert torch.equal(on[4].cpu().view(torch.int16), round_stochastic(x, bits).view(torch.int16))
+    assert torch.equal(on[5].cpu().to(torch.int64) & MASK, rounding_bits(256, step, 3))  # the step's and group's draw
 
 
 def test_stochastic_rounding_averages_to_the_value_over_all_bits():

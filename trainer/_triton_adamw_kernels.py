@@ -110,6 +110,13 @@ def _mix(x):
 
 
 @triton.jit
+def _rounding_bits(at, step, salt):
+    """flat_adamw.rounding_bits of elements ``at`` (uint32) at ``step`` (float32) in group ``salt``."""
+    seed = _mix(_mul32(step.to(tl.uint32), 0x9E3779B9) + salt.to(tl.uint32))
+    return _mix(_mul32(at.to(tl.uint32), 0x9E3779B9) ^ seed)
+
+
+@triton.jit
 def _round_stochastic(x, bits):
     """flat_adamw.round_stochastic: fp32 ``x`` to bf16 with 16 random ``bits`` (uint32)."""
     high = (x.to(tl.uint32, bitcast=True) + bits) >> 16
@@ -172,8 +179,7 @@ def _step(g, at, mask, master, exp_avg, exp_avg_sq, weights, scale_ptr, ok_ptr, 
     m = tl.where(ok, m, m0)
     v = tl.where(ok, v, v0)
     if exp_avg.dtype.element_ty == tl.bfloat16:
-        seed = _mix(_mul32(step.to(tl.uint32), 0x9E3779B9) + salt.to(tl.uint32))
-        bits = _mix(_mul32(at.to(tl.uint32), 0x9E3779B9) ^ seed)
+        bits = _rounding_bits(at, step, salt)
         tl.store(exp_avg + at, _round_stochastic(m, bits & 0xFFFF), mask=mask)
         tl.store(exp_avg_sq + at, _round_stochastic(v, bits >> 16), mask=mask)
     else:
