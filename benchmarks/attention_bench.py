@@ -110,8 +110,9 @@ def main() -> None:
         for warps, stages, block, keys, query_keys, rows_, warps_, dropout in itertools.product(
                 args.warps, args.stages, args.blocks, args.forward_keys, args.query_pass_keys, args.forward_rows,
                 args.forward_warps, args.dropout):
-            kernels.LAUNCH = kernels.Launch(warps, stages, block or None, keys or None, query_keys or None,
-                                            rows_ or None, warps_ or None)
+            kernels.LAUNCH = kernels.Launch(num_warps=warps, num_stages=stages, block=block or None,
+                                            forward_keys=keys or None, query_pass_keys=query_keys or None,
+                                            forward_rows=rows_ or None, forward_warps=warps_ or None)
             row = dict(shape=shape, warps=warps, stages=stages, block=block or "auto", forward_keys=keys or "auto",
                        query_pass_keys=query_keys or "auto", forward_rows=rows_ or "auto",
                        forward_warps=warps_ or "auto", dropout=dropout)

@@ -229,11 +229,11 @@ class Launch:
     num_stages: int = 3
     block: int | None = None  # rows per tile; None: block_size()'s choice
     forward_keys: int | None = None  # keys per tile of the forward alone; None: forward_key_block()'s choice
+    query_pass_keys: int | None = None  # keys per tile of the backward's query pass; None: query_pass_key_block()'s
     # Rows per tile and warps of the forward alone (None: ``block``'s, ``num_warps``): at sm_90 a
     # tile of 64 rows takes Hopper's warpgroup products, which 32 rows cannot.
     forward_rows: int | None = None
     forward_warps: int | None = None
-    query_pass_keys: int | None = None  # keys per tile of the backward's query pass; None: query_pass_key_block()'s
 
 
 LAUNCH = Launch()
