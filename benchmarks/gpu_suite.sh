@@ -2,6 +2,7 @@
 # The GPU benchmark suite, run on a machine of the device tool from the repo root:
 #   bash benchmarks/gpu_suite.sh setup data converge      # 4-GPU machine: 3 recipes + harness in parallel
 #   bash benchmarks/gpu_suite.sh setup data scale         # ZeRO 1/2/3 x 1/2/4 GPUs, negatives, resume
+#   bash benchmarks/gpu_suite.sh setup data moments       # 2-GPU machine: AdamW's moments in fp32 and bf16
 #   RUNS="2:1 2:8 3:8" bash benchmarks/gpu_suite.sh setup data scale   # any stage:GPU-count pairs
 #   TRAIN_IMAGES=6000 bash benchmarks/gpu_suite.sh setup data feed     # 1 GPU: loader and trainer profile
 #   bash benchmarks/gpu_suite.sh setup mfu                                # 1 GPU: MFU by precision, compile, attention, batch
@@ -83,6 +84,16 @@ converge() {
   for n in full region_only grid_only; do echo "== $n"; grep -E "epoch [0-9]+:|throughput" "$OUT/$n.log" | tail -12; done
   tail -16 "$OUT/gpu_bench.log"
   tar czf "$OUT/mlruns.tgz" mlruns runs/*/reports 2>/dev/null
+}
+
+moments() {  # two GPUs: the full model on the native engine, AdamW's moments in fp32 and in bf16, one budget
+  local RECIPE=configs/bench/paper_dims_native.yaml  # train1 reads it
+  log "convergence: fp32 moments on GPU 0, bf16 moments on GPU 1"
+  train1 0 29411 moments_fp32 --set optim.moments=fp32 & local p0=$!
+  train1 1 29412 moments_bf16 --set optim.moments=bf16 & local p1=$!
+  wait $p0 $p1
+  for n in moments_fp32 moments_bf16; do echo "== $n"; grep -E "epoch [0-9]+:|throughput" "$OUT/$n.log" | tail -12; done
+  tar czf "$OUT/mlruns.tgz" mlruns 2>/dev/null
 }
 
 scale_run() {  # NGPU STAGE NAME [--set ...]
