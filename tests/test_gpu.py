@@ -572,9 +572,10 @@ def test_ffn_kernels_equal_the_math_path_compiled():
 @pytest.mark.parametrize("variant", ["full-bert-bf16w-graph", "full-bert-bf16w-compile-graph"])
 def test_pipelined_update_waits_for_each_stage(variant, bert_dir, monkeypatch):
     """gpu_bench's captured BERT row with the update pipelined into the next forward
-    (trainer/update_pipeline.py), replayed: each update stage idling 5 ms first changes no loss
-    to the bit, as it would if a kernel read a weight before its stage's event; and the losses
-    are those of the same buffers updated at each step's end, within bf16 rounding."""
+    (trainer/update_pipeline.py), replayed: each update stage idling 5 ms first changes no loss,
+    as it would if a kernel read a weight before its stage's event (a step moves these weights by
+    a few percent; 1e-4 leaves room for the backward's atomic adds, whose order varies); and the
+    losses are those of the same buffers updated at each step's end, within bf16 rounding."""
     from rgfusion.trainer.update_pipeline import UpdatePipeline
 
     bench = load_script("gpu_bench")
@@ -588,9 +589,9 @@ def test_pipelined_update_waits_for_each_stage(variant, bert_dir, monkeypatch):
         built = bench.build_bench(v, shape, DEVICE, bert_dir, tiny=True)
         return [float(built.step(built.batches[i % 3])) for i in range(5)]
 
-    pipelined = losses("pipelined", 0)
-    assert losses("pipelined", 10_000_000) == pipelined
-    torch.testing.assert_close(torch.tensor(pipelined), torch.tensor(losses("staged", 0)), rtol=2e-3, atol=0)
+    pipelined = torch.tensor(losses("pipelined", 0))
+    torch.testing.assert_close(torch.tensor(losses("pipelined", 10_000_000)), pipelined, rtol=1e-4, atol=0)
+    torch.testing.assert_close(pipelined, torch.tensor(losses("staged", 0)), rtol=2e-3, atol=0)
 
 
 @pytest.mark.parametrize("variant", ["full-bert-bf16w-graph", "full-bert-bf16w-compile-graph"])
