@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import gzip
 import json
 import os
@@ -256,13 +257,7 @@ def make_update(model: torch.nn.Module, v: Variant, device: torch.device, shape:
         if not shape.side_sums:
             return opt.step  # it drops the gradients itself
         tower = model.text if shape.side_tower == "caption" else model.image
-        streams = opt.side_streams(tower, side_of(shape, device))
-
-        def update_beside() -> None:
-            opt.load_lrs()
-            opt.update(streams=streams)
-
-        return update_beside
+        return functools.partial(opt.step, streams=opt.side_streams(tower, side_of(shape, device)))
     if shape.update != "end" or shape.side_sums:
         raise ValueError("--update and --side-sums: bf16w variants only (FlatAdamW)")
     fused = {"fused": True, "capturable": v.captured} if device.type == "cuda" else {}

@@ -244,10 +244,11 @@ class FlatAdamW(torch.optim.Optimizer):
             self._update = clip_and_update
 
     @torch.no_grad()
-    def step(self) -> None:  # type: ignore[override]
-        """Clip, update every group and drop the gradients; ``norm`` is the norm before clipping."""
+    def step(self, streams: dict[int, torch.cuda.Stream] | None = None) -> None:  # type: ignore[override]
+        """Clip, update every group and drop the gradients; ``norm`` is the norm before clipping.
+        ``streams`` as in ``update``."""
         self.load_lrs()
-        self.update()
+        self.update(streams=streams)
 
     def load_lrs(self) -> None:
         """The groups' learning rates (the scheduler's values) into the device tensors ``update``
