@@ -494,6 +494,24 @@ def test_geometry_and_ffn_benches_time_each_launch_and_restore_the_kernels_own(t
     assert geometry.LAUNCH == own_geometry and gelu.LAUNCH == own_gelu
 
 
+def test_adamw_bench_times_every_kind_of_master_and_moments(tmp_path, monkeypatch):
+    """adamw_bench.py at the BERT recipe's groups: a row per program shape, then each kind of
+    master and moments at each shape, with the bytes a parameter each moves."""
+    import json
+    import sys
+
+    out = tmp_path / "adamw.json"
+    monkeypatch.setattr(sys, "argv", ["adamw_bench", "--updates", "1024x4", "2048x4", "--sums", "32768x8",
+                                      "--kernels-only", "--iters", "3", "--out", str(out)])
+    load_script("adamw_bench").main()
+    rows = json.loads(out.read_text())["rows"]
+    kinds = [r["name"] for r in rows if r["name"].startswith("kernels, ")]
+    assert kinds == [f"kernels, {kind}, update {u}" for kind in ("split masters", "bf16 moments",
+                                                                   "split masters, bf16 moments")
+                     for u in ("1024x4", "2048x4")]
+    assert all(r["us"] > 0 and r["tb_per_s"] > 0 for r in rows)
+
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_edge_bias_kernels_equal_the_math_path_compiled(dtype):
