@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
+import os
 import sys
 
 from rgfusion.configs import ConfigError
@@ -36,5 +38,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The console script: ``main`` as a process, ended before finalization once torch is loaded."""
+    code = main()
+    if "torch" in sys.modules:
+        exit_before_finalization(code)
+    sys.exit(code)
+
+
+def exit_before_finalization(code: int) -> None:
+    """Run the exit handlers (log, MLflow and temp-file flushes), flush stdio, then end the process
+    without interpreter finalization. Process groups that DeepSpeed keeps referenced (ZeRO-3's
+    hooks hold its engine through autograd) would meet finalization with gloo's threads still
+    running, which aborted ranks after a finished run ("terminate called without an active
+    exception")."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

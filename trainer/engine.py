@@ -9,6 +9,7 @@ of the optimizer step.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -79,6 +80,11 @@ def init_distributed(env: DistEnv, device: str) -> bool:
 
     if dist.is_initialized():  # Ray Train sets up the group before calling us
         return False
+    # Its functions take `group=group.WORLD` as a default, evaluated on import: imported after
+    # the group exists (DeepSpeed does so lazily), they keep the world group alive past
+    # destroy_process_group, and gloo's threads then meet interpreter finalization, which
+    # aborted ranks at exit ("terminate called without an active exception").
+    import torch.distributed.nn  # noqa: F401
     env.export()
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if device.startswith("cuda"):
@@ -93,16 +99,29 @@ def init_distributed(env: DistEnv, device: str) -> bool:
     return True
 
 
+def release_engine(engine: Any) -> None:
+    """Remove DeepSpeed's gradient hooks: held by autograd, out of the garbage collector's sight,
+    they would keep the engine, and the process groups it holds, alive until interpreter exit."""
+    destroy = getattr(engine, "destroy", None)
+    if destroy is not None:
+        destroy()
+
+
 def leave_distributed(env: DistEnv) -> None:
-    """Leave a launched job's process group once every rank is done with it. Ranks that tore gloo
-    down, or exited, while a peer still talked to it were seen to abort ("terminate called without
-    an active exception"): in a two-process test, and in a two-node run on one machine after the
-    run had finished."""
+    """Leave a launched job's process groups once every rank is done with them, and free them
+    while the interpreter is whole: a gloo group that outlives it, or a rank that tears gloo down
+    while a peer still talks to it, aborts the rank at exit ("terminate called without an active
+    exception"), seen in two-process tests and in a two-node run on one machine."""
+    import deepspeed.comm
     import torch.distributed as dist
 
     if env.launcher != "single" and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if deepspeed.comm.is_initialized():  # its destroy also drops DeepSpeed's references to the groups
+            deepspeed.comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
+        gc.collect()
 
 
 def free_port() -> int:

@@ -84,6 +84,8 @@ def train(config: RunConfig, *, on_eval: Callable[[dict[str, Any]], None] | None
             result = run.execute()
         finally:
             run.tracker.end("FINISHED" if run.finished else "KILLED")
+    eng.release_engine(run.engine)
+    del run  # its engine's references to the process groups go before leave_distributed frees them
     if joined:
         eng.leave_distributed(env)
     return result
