@@ -5,6 +5,7 @@
     python3 benchmarks/attention_bench.py --forward-keys 0 32 128   # the forward's key tiles
     python3 benchmarks/attention_bench.py --shapes graph --query-pass-keys 0 128   # the query pass's
     python3 benchmarks/attention_bench.py --shapes graph --forward-rows 0 64 --forward-warps 0 8 --forward-keys 0 128
+    python3 benchmarks/attention_bench.py --shapes graph --key-pass-keys 0 128 --key-pass-warps 0 16  # one pass back
 
 Shapes at batch 128: BERT's 20-word captions (12 heads of 64, a key mask), the joint graph's 85
 nodes (8 heads of 128, a geometry bias per head with its gradient, heads-last as the model makes
@@ -97,25 +98,31 @@ def main() -> None:
                    help="rows per tile of the forward alone (0: the row tile of the others)")
     p.add_argument("--forward-warps", nargs="+", type=int, default=[0],
                    help="warps of the forward alone (0: --warps)")
+    p.add_argument("--key-pass-keys", nargs="+", type=int, default=[0],
+                   help="keys per program of the backward's key pass (0: the row tile); all of them: no query pass")
+    p.add_argument("--key-pass-warps", nargs="+", type=int, default=[0],
+                   help="warps of the key pass alone (0: --warps)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", default="")
     args = p.parse_args()
     rows = []
     print(f"{'shape':12s} {'warps':>5s} {'stages':>6s} {'block':>5s} {'keys':>4s} {'qkeys':>5s} {'frows':>5s} "
-          f"{'fwarps':>6s} {'drop':>4s} {'fwd+bwd ms':>10s}  kernels (µs)")
+          f"{'fwarps':>6s} {'kkeys':>5s} {'kwarps':>6s} {'drop':>4s} {'fwd+bwd ms':>10s}  kernels (µs)")
     for shape in args.shapes:
         torch.manual_seed(0)
         data = inputs(shape, args.batch)
-        for warps, stages, block, keys, query_keys, rows_, warps_, dropout in itertools.product(
+        for warps, stages, block, keys, query_keys, rows_, warps_, key_keys, key_warps, dropout in itertools.product(
                 args.warps, args.stages, args.blocks, args.forward_keys, args.query_pass_keys, args.forward_rows,
-                args.forward_warps, args.dropout):
+                args.forward_warps, args.key_pass_keys, args.key_pass_warps, args.dropout):
             kernels.LAUNCH = kernels.Launch(num_warps=warps, num_stages=stages, block=block or None,
                                             forward_keys=keys or None, query_pass_keys=query_keys or None,
-                                            forward_rows=rows_ or None, forward_warps=warps_ or None)
+                                            forward_rows=rows_ or None, forward_warps=warps_ or None,
+                                            key_pass_keys=key_keys or None, key_pass_warps=key_warps or None)
             row = dict(shape=shape, warps=warps, stages=stages, block=block or "auto", forward_keys=keys or "auto",
                        query_pass_keys=query_keys or "auto", forward_rows=rows_ or "auto",
-                       forward_warps=warps_ or "auto", dropout=dropout)
+                       forward_warps=warps_ or "auto", key_pass_keys=key_keys or "auto",
+                       key_pass_warps=key_warps or "auto", dropout=dropout)
             try:
                 call = (*data, dropout)
                 row.update(ms=round(time_ms(call, args.iters), 4), kernels_us=kernel_us(call))
@@ -123,7 +130,8 @@ def main() -> None:
                 row.update(error=f"{type(e).__name__}: {e}"[:200])
             rows.append(row)
             print(f"{shape:12s} {warps:5d} {stages:6d} {row['block']:>5} {row['forward_keys']:>4} "
-                  f"{row['query_pass_keys']:>5} {row['forward_rows']:>5} {row['forward_warps']:>6} {dropout:4.2f} "
+                  f"{row['query_pass_keys']:>5} {row['forward_rows']:>5} {row['forward_warps']:>6} "
+                  f"{row['key_pass_keys']:>5} {row['key_pass_warps']:>6} {dropout:4.2f} "
                   f"{row.get('ms', float('nan')):10.3f}  {row.get('kernels_us', row.get('error'))}", flush=True)
     if args.out:
         with open(args.out, "w") as f:

@@ -5,6 +5,7 @@
     python3 benchmarks/kernel_resources.py --shapes geometry     # the graph's geometry-bias kernels
     python3 benchmarks/kernel_resources.py --shapes graph --forward-keys 0 64 128   # the forward's key tiles
     python3 benchmarks/kernel_resources.py --shapes graph --query-pass-keys 0 128   # the query pass's
+    python3 benchmarks/kernel_resources.py --shapes graph --key-pass-keys 0 128 --warps 4 8  # the key pass's
 
 The attention kernels at the BERT step's three shapes, and ``geometry``: the geometry-bias
 kernels at the graph's (85 nodes, two layers of 16 hidden units and 8 heads, a bf16 bias; the block column
@@ -45,7 +46,7 @@ SHAPES = {
 }
 KERNELS = {"forward": kernels._forward, "backward_query": kernels._backward_query,
            "backward_key": kernels._backward_key}
-CONSTANTS = ("H", "D", "BLOCK", "KEY_BLOCK", "SELF", "HAS_BIAS", "DROPOUT", "EXACT", "BIAS_GRAD", "KEYS_FIT",
+CONSTANTS = ("H", "D", "BLOCK", "ROWS", "KEY_BLOCK", "SELF", "HAS_BIAS", "DROPOUT", "EXACT", "BIAS_GRAD", "KEYS_FIT",
              "QUERIES_FIT")
 GEOMETRY_KERNELS = {"forward": geometry._forward, "backward": geometry._backward}
 GEOMETRY_TYPES = {"boxes": "*fp32", "adj": "*i1", "shares": "*fp32", "N": "i32", "HID": "i32", "fill": "fp32"}
@@ -73,13 +74,13 @@ def signature(fn, dtype: str) -> dict[str, str]:
 
 def resources(kernel: str, shape: str, block: int, warps: int, stages: int, dropout: bool, arch: int,
               key_block: int) -> dict:
-    """``key_block``: keys per tile of the forward or the query pass (the key pass's tiles are
-    ``block`` square)."""
+    """``key_block``: keys per tile of the forward or the query pass, or per program of the key pass
+    (whose query tiles are ``block`` rows)."""
     head, heads, self_attention, bias, bias_grad, queries, keys = SHAPES[shape]
     fn = KERNELS[kernel]
-    values = dict(H=heads, D=head, BLOCK=block, KEY_BLOCK=key_block, SELF=self_attention, HAS_BIAS=bias,
-                  DROPOUT=dropout, EXACT=False, BIAS_GRAD=bias_grad,
-                  KEYS_FIT=keys <= (block if kernel == "backward_key" else key_block), QUERIES_FIT=queries <= block)
+    values = dict(H=heads, D=head, BLOCK=key_block if kernel == "backward_key" else block, ROWS=block,
+                  KEY_BLOCK=key_block, SELF=self_attention, HAS_BIAS=bias, DROPOUT=dropout, EXACT=False,
+                  BIAS_GRAD=bias_grad, KEYS_FIT=keys <= key_block, QUERIES_FIT=queries <= block)
     constants = {(i,): values[n] for i, n in enumerate(fn.arg_names) if n in CONSTANTS}
     types = signature(fn, "bf16")
     return usage(ASTSource(fn=fn, signature=types, constexprs=constants, attrs=aligned(fn, types)), warps, stages, arch)
@@ -116,7 +117,8 @@ def usage(source: ASTSource, warps: int, stages: int, arch: int) -> dict:
     lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
     return dict(registers=registers, spill_bytes=int(re.search(r"STACK:(\d+)", usage).group(1)),
                 shared=compiled.metadata.shared, programs_per_sm=65536 // (registers * 32 * warps),
-                sass=len(lines), **{op: sum(f" {op}" in line for line in lines) for op in ("MUFU.EX2", "HGMMA", "HMMA")})
+                sass=len(lines),
+                **{op: sum(f" {op}" in line for line in lines) for op in ("MUFU.EX2", "HGMMA", "HMMA")})
 
 
 def main() -> None:
@@ -130,6 +132,8 @@ def main() -> None:
                    help="keys per tile of the forward (0: the kernels' own choice)")
     p.add_argument("--query-pass-keys", nargs="+", type=int, default=[0],
                    help="keys per tile of the backward's query pass (0: the kernels' own choice)")
+    p.add_argument("--key-pass-keys", nargs="+", type=int, default=[0],
+                   help="keys per program of the backward's key pass (0: the row tile)")
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for Hopper")
     args = p.parse_args()
     print(f"Triton {triton.__version__}, sm_{args.arch}")
@@ -142,11 +146,12 @@ def main() -> None:
             for warps, stages in itertools.product(args.warps or [own.num_warps], args.stages or [own.num_stages]):
                 found = geometry_resources(kernel, warps, stages, args.arch)
                 row("geometry", kernel, own.rows, warps, stages, 0, found)
-    # The kernels' own key tiles where --forward-keys or --query-pass-keys says 0; the key pass's are square.
+    # The kernels' own key tiles where --forward-keys, --query-pass-keys or --key-pass-keys says 0.
     key_tile = {"forward": kernels.forward_key_block, "backward_query": kernels.query_pass_key_block}
     for shape, kernel in itertools.product([s for s in args.shapes if s in SHAPES], KERNELS):
         head, *_, queries, keys = SHAPES[shape]
-        key_tiles = {"forward": args.forward_keys, "backward_query": args.query_pass_keys}.get(kernel, [0])
+        key_tiles = {"forward": args.forward_keys, "backward_query": args.query_pass_keys,
+                     "backward_key": args.key_pass_keys}[kernel]
         for block, key_block, warps, stages, dropout in itertools.product(
                 args.blocks, key_tiles, args.warps or [kernels.LAUNCH.num_warps],
                 args.stages or [kernels.LAUNCH.num_stages], args.dropout):
@@ -160,7 +165,7 @@ def main() -> None:
 
 
 def row(shape: str, kernel: str, tile: int | str, warps: int, stages: int, dropout: int, r: dict) -> None:
-    """``tile``: rows per tile, or ROWSxKEYS for a forward whose key tiles differ."""
+    """``tile``: rows per tile, or ROWSxKEYS where a kernel's key tiles differ from its rows."""
     print(f"{shape:8s} {kernel:15s} {tile!s:>7s} {warps:5d} {stages:6d} {dropout:4d} {r['registers']:4d} "
           f"{r['spill_bytes']:7d} {r['shared']:7d} {r['programs_per_sm']:6d} {r['sass']:6d} {r['MUFU.EX2']:4d} "
           f"{r['HGMMA']:5d} {r['HMMA']:4d}", flush=True)

@@ -219,12 +219,16 @@ def test_any_block_size_gives_the_same_result(block, monkeypatch):
 @pytest.mark.parametrize("launch", [dict(forward_keys=16), dict(block=16), dict(block=16, forward_keys=32),
                                     dict(block=16, query_pass_keys=64), dict(block=32, query_pass_keys=16),
                                     dict(block=16, forward_rows=64, forward_warps=8),
-                                    dict(block=32, forward_rows=16, forward_keys=64)])
+                                    dict(block=32, forward_rows=16, forward_keys=64),
+                                    dict(block=16, key_pass_keys=64, key_pass_warps=8),
+                                    dict(block=16, key_pass_keys=32), dict(block=32, key_pass_keys=16)])
 def test_forward_key_tiles_keep_forward_and_backward_in_step(launch, monkeypatch):
     # The backward redraws the forward's mask with its own tiles: 33 keys in 16-key tiles under
     # 64 rows, in one tile of 64 (the default under 16 rows) or in 32-key tiles forward, must meet
-    # the same random numbers in the backward's tiles; so must the query pass's own key tiles, and
-    # the forward's own row tiles (64 rows over the backward's 16: its row sums padded further).
+    # the same random numbers in the backward's tiles; so must the query pass's own key tiles, the
+    # forward's own row tiles (64 rows over the backward's 16: its row sums padded further), and
+    # the key pass's own key blocks: all 33 keys in one of 64 over 16-row query tiles (no query
+    # pass), or blocks of 32 or 16 beside query tiles of another size.
     from rgfusion.trainer.model import _triton_attention_kernels as kernels
 
     monkeypatch.setattr(kernels, "LAUNCH", kernels.Launch(**launch))
@@ -248,6 +252,20 @@ def test_key_tiles_of_the_forward_and_of_the_query_pass():
     assert [query_pass_key_block(n, 32) for n in (85, 36, 49, 64, 65)] == [32, 64, 64, 64, 32]
 
 
+def test_a_key_pass_holding_every_key_needs_no_query_pass(monkeypatch):
+    from rgfusion.trainer.model import _triton_attention_kernels as kernels
+
+    # The graph's 85 nodes at 8 heads of 128: 32-row tiles, all keys in one program of 128.
+    monkeypatch.setattr(kernels, "LAUNCH", kernels.Launch(key_pass_keys=128, key_pass_warps=16))
+    shape = kernels._Shape(torch.empty(4, 85, 3 * 8 * 128), None, None, 8, 0.1)
+    grid, blocks, meta = shape.key_pass_launch()
+    assert shape.keys_fit and grid == (4 * 8,) and blocks == 1
+    assert (meta["BLOCK"], meta["ROWS"], meta["num_warps"], meta["KEYS_FIT"]) == (128, 32, 16, True)
+    monkeypatch.setattr(kernels, "LAUNCH", kernels.Launch())
+    shape = kernels._Shape(torch.empty(4, 85, 3 * 8 * 128), None, None, 8, 0.1)
+    assert not shape.keys_fit and shape.key_pass_launch()[:2] == ((3 * 4 * 8,), 3)
+
+
 def test_kernel_resources_compiles_for_a_gpu_this_machine_lacks():
     # benchmarks/kernel_resources.py: Triton's own compiler, not its interpreter, so a process of its own.
     import os
@@ -257,15 +275,18 @@ def test_kernel_resources_compiles_for_a_gpu_this_machine_lacks():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
-    out = subprocess.run([sys.executable, str(script), "--shapes", "caption", "geometry", "--blocks", "0", "16"],
+    out = subprocess.run([sys.executable, str(script), "--shapes", "caption", "geometry", "--blocks", "0", "16",
+                          "--key-pass-keys", "0", "64"],
                          env=env, capture_output=True, text=True, timeout=300, check=True).stdout.splitlines()
     assert out[0].startswith("Triton ") and out[0].endswith("sm_90")
     rows = [line.split() for line in out[2:]]
-    # 20 words fit one 32-row block, so no query pass; 16-row blocks split them and need one.
+    # 20 words fit one 32-row block, so no query pass; 16-row blocks split them and need one. The
+    # key pass also with 64 keys a program over query tiles of the row tile.
     assert [r[:3] for r in rows] == [["geometry", "forward", "16"], ["geometry", "backward", "8"],
                                      ["caption", "forward", "32"], ["caption", "forward", "16"],
                                      ["caption", "backward_query", "16x32"], ["caption", "backward_key", "32"],
-                                     ["caption", "backward_key", "16"]]
+                                     ["caption", "backward_key", "32x64"], ["caption", "backward_key", "16"],
+                                     ["caption", "backward_key", "16x64"]]
     for r in rows:
         registers, spills, programs, sass, exps, products = int(r[6]), int(r[7]), int(r[9]), int(r[10]), int(
             r[11]), int(r[12]) + int(r[13])

@@ -5,9 +5,9 @@ so torch.compile sees the kernels themselves instead of breaking the graph aroun
 
 Tiling follows FlashAttention-2: a forward program holds one block of queries and runs an
 online softmax over blocks of keys. The backward holds one block of keys and loops over the
-queries (key and value gradients, and the bias gradient, each score computed once there). With
-more than one key block a first pass, one program per query block, gives the query gradient and
-the row sums dO·O that the second pass needs. One block of keys needs no first pass.
+queries in tiles (key and value gradients, and the bias gradient, each score computed once
+there). With more than one key block a first pass, one program per query block, gives the query
+gradient and the row sums dO·O that the second pass needs. One block of keys needs no first pass.
 """
 
 from __future__ import annotations
@@ -182,18 +182,19 @@ def _backward_query(q_src, kv_src, bias, seed_ptr, lse, delta, out, dout, dq, NQ
 @triton.jit
 def _backward_key(q_src, kv_src, bias, seed_ptr, lse, delta, dout, dq, dkv, dbias, NQ, NK, NQP, N_BLOCKS,
                   s_qb, s_qt, s_kb, s_kt, sb_b, sb_h, sb_i, sb_j, s_ob, s_ot, s_gb, s_gt, s_vb, s_vt, scale, p_drop,
-                  H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SELF: tl.constexpr,
+                  H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, SELF: tl.constexpr,
                   HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
                   KEYS_FIT: tl.constexpr, QUERIES_FIT: tl.constexpr, EXACT: tl.constexpr):
-    """One block of keys: its key and value gradients and its columns of the bias gradient.
-    KEYS_FIT (every key in this one block): the row sums and the query gradient too."""
+    """One block of BLOCK keys, over the queries in tiles of ROWS: its key and value gradients and
+    its columns of the bias gradient. KEYS_FIT (every key in this one block): the row sums and the
+    query gradient too."""
     bh, b, h, keys, q_col, k_col, v_col, scale, p_drop = _program(N_BLOCKS, scale, p_drop, H, D, BLOCK, SELF)
     k = _rows(kv_src, b, k_col, s_kb, s_kt, keys, NK, D)
     v = _rows(kv_src, b, v_col, s_kb, s_kt, keys, NK, D)
     dk = tl.zeros((BLOCK, D), tl.float32)
     dv = tl.zeros((BLOCK, D), tl.float32)
-    for start in range(0, _stop(NQ, BLOCK, QUERIES_FIT), BLOCK):
-        rows = start + tl.arange(0, BLOCK)
+    for start in range(0, _stop(NQ, ROWS, QUERIES_FIT), ROWS):
+        rows = start + tl.arange(0, ROWS)
         q = _rows(q_src, b, q_col, s_qb, s_qt, rows, NQ, D)
         do = _rows(dout, b, h * D, s_ob, s_ot, rows, NQ, D)
         p = tl.exp(_scores(q, k, bias, b, h, sb_b, sb_h, sb_i, sb_j, rows, keys, NQ, NK, scale, HAS_BIAS, EXACT)
@@ -234,6 +235,10 @@ class Launch:
     # tile of 64 rows takes Hopper's warpgroup products, which 32 rows cannot.
     forward_rows: int | None = None
     forward_warps: int | None = None
+    # Keys per program and warps of the backward's key pass (None: ``block``'s, ``num_warps``). The
+    # graph's 85 keys in one tile of 128 need no query pass: each score is computed once a step.
+    key_pass_keys: int | None = None
+    key_pass_warps: int | None = None
 
 
 LAUNCH = Launch()
@@ -279,7 +284,8 @@ class _Shape:
         # Row sums padded to whole tiles of the forward's and of the backward's (powers of two).
         padded = max(self.block, self.forward_rows)
         self.nqp = triton.cdiv(self.nq, padded) * padded
-        self.keys_fit, self.queries_fit = self.nk <= self.block, self.nq <= self.block
+        self.key_pass_keys = LAUNCH.key_pass_keys or self.block
+        self.keys_fit, self.queries_fit = self.nk <= self.key_pass_keys, self.nq <= self.block
         self.forward_keys = LAUNCH.forward_keys or forward_key_block(self.nk, self.forward_rows)
         self.query_pass_keys = LAUNCH.query_pass_keys or query_pass_key_block(self.nk, self.block)
         self.meta = dict(H=heads, D=self.D, BLOCK=self.block, SELF=self.self_attention, HAS_BIAS=bias is not None,
@@ -300,6 +306,14 @@ class _Shape:
         meta = {**self.meta, "BLOCK": self.forward_rows, "num_warps": LAUNCH.forward_warps or LAUNCH.num_warps,
                 "KEY_BLOCK": self.forward_keys, "KEYS_FIT": self.nk <= self.forward_keys}
         return (tiles * self.B * self.meta["H"],), tiles, meta
+
+    def key_pass_launch(self) -> tuple[tuple[int], int, dict]:
+        """The key pass's grid, its key blocks per head, and its compile-time arguments: query tiles
+        of the row tile's size, so the row sums' padding holds."""
+        blocks = triton.cdiv(self.nk, self.key_pass_keys)
+        meta = {**self.meta, "BLOCK": self.key_pass_keys, "ROWS": self.block, "KEYS_FIT": self.keys_fit,
+                "QUERIES_FIT": self.queries_fit, "num_warps": LAUNCH.key_pass_warps or LAUNCH.num_warps}
+        return (blocks * self.B * self.meta["H"],), blocks, meta
 
 
 def register() -> SimpleNamespace:
@@ -335,9 +349,10 @@ def register() -> SimpleNamespace:
             wrap_triton(_backward_query)[s.grid(s.nq)](*common, out, grad, dq, s.nq, s.nk, s.nqp, s.blocks(s.nq),
                                                        *strides, s.D ** -0.5, dropout_p, KEY_BLOCK=s.query_pass_keys,
                                                        KEYS_FIT=s.nk <= s.query_pass_keys, **s.meta)
-        wrap_triton(_backward_key)[s.grid(s.nk)](
-            *common, grad, dq, dkv, dbias, s.nq, s.nk, s.nqp, s.blocks(s.nk), *strides, dkv.stride(0), dkv.stride(1),
-            s.D ** -0.5, dropout_p, BIAS_GRAD=bias_grad, KEYS_FIT=s.keys_fit, QUERIES_FIT=s.queries_fit, **s.meta)
+        grid, blocks, meta = s.key_pass_launch()
+        wrap_triton(_backward_key)[grid](
+            *common, grad, dq, dkv, dbias, s.nq, s.nk, s.nqp, blocks, *strides, dkv.stride(0), dkv.stride(1),
+            s.D ** -0.5, dropout_p, BIAS_GRAD=bias_grad, **meta)
         return dq, (dkv if kv is not None else dq.new_empty(0)), dbias
 
     def setup_context(ctx, inputs, output) -> None:
