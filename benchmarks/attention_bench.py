@@ -99,7 +99,8 @@ def main() -> None:
     p.add_argument("--forward-warps", nargs="+", type=int, default=[0],
                    help="warps of the forward alone (0: --warps)")
     p.add_argument("--key-pass-keys", nargs="+", type=int, default=[0],
-                   help="keys per program of the backward's key pass (0: the row tile); all of them: no query pass")
+                   help="the most keys a program of the key pass holds whole, when they span more than two row "
+                        "tiles (0: row tiles); then there is no query pass")
     p.add_argument("--key-pass-warps", nargs="+", type=int, default=[0],
                    help="warps of the key pass alone (0: --warps)")
     p.add_argument("--batch", type=int, default=128)

@@ -220,15 +220,13 @@ def test_any_block_size_gives_the_same_result(block, monkeypatch):
                                     dict(block=16, query_pass_keys=64), dict(block=32, query_pass_keys=16),
                                     dict(block=16, forward_rows=64, forward_warps=8),
                                     dict(block=32, forward_rows=16, forward_keys=64),
-                                    dict(block=16, key_pass_keys=64, key_pass_warps=8),
-                                    dict(block=16, key_pass_keys=32), dict(block=32, key_pass_keys=16)])
+                                    dict(block=16, key_pass_keys=64, key_pass_warps=8)])
 def test_forward_key_tiles_keep_forward_and_backward_in_step(launch, monkeypatch):
     # The backward redraws the forward's mask with its own tiles: 33 keys in 16-key tiles under
     # 64 rows, in one tile of 64 (the default under 16 rows) or in 32-key tiles forward, must meet
     # the same random numbers in the backward's tiles; so must the query pass's own key tiles, the
     # forward's own row tiles (64 rows over the backward's 16: its row sums padded further), and
-    # the key pass's own key blocks: all 33 keys in one of 64 over 16-row query tiles (no query
-    # pass), or blocks of 32 or 16 beside query tiles of another size.
+    # the key pass holding all 33 keys in one block of 64 over 16-row query tiles (no query pass).
     from rgfusion.trainer.model import _triton_attention_kernels as kernels
 
     monkeypatch.setattr(kernels, "LAUNCH", kernels.Launch(**launch))
@@ -261,6 +259,9 @@ def test_a_key_pass_holding_every_key_needs_no_query_pass(monkeypatch):
     grid, blocks, meta = shape.key_pass_launch()
     assert shape.keys_fit and grid == (4 * 8,) and blocks == 1
     assert (meta["BLOCK"], meta["ROWS"], meta["num_warps"], meta["KEYS_FIT"]) == (128, 32, 16, True)
+    # CGF's 49 cells span two row tiles: they keep them, as they do in the forward.
+    assert kernels._Shape(torch.empty(4, 36, 8 * 128), torch.empty(4, 49, 2 * 8 * 128), None, 8,
+                          0.1).key_pass_launch()[:2] == ((2 * 4 * 8,), 2)
     monkeypatch.setattr(kernels, "LAUNCH", kernels.Launch())
     shape = kernels._Shape(torch.empty(4, 85, 3 * 8 * 128), None, None, 8, 0.1)
     assert not shape.keys_fit and shape.key_pass_launch()[:2] == ((3 * 4 * 8,), 3)

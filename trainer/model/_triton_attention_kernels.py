@@ -235,8 +235,9 @@ class Launch:
     # tile of 64 rows takes Hopper's warpgroup products, which 32 rows cannot.
     forward_rows: int | None = None
     forward_warps: int | None = None
-    # Keys per program and warps of the backward's key pass (None: ``block``'s, ``num_warps``). The
-    # graph's 85 keys in one tile of 128 need no query pass: each score is computed once a step.
+    # The most keys a program of the backward's key pass holds whole when they span more than two
+    # row tiles (None: row tiles), and its warps (None: ``num_warps``). The graph's 85 keys in one
+    # block of 128 need no query pass: each score is computed once a step.
     key_pass_keys: int | None = None
     key_pass_warps: int | None = None
 
@@ -251,14 +252,20 @@ def _bias_strides(bias: Tensor | None) -> list[int]:
     return [0 if n == 1 else s for n, s in zip(bias.shape, bias.stride())]
 
 
+def whole_key_block(keys: int, block: int, most: int) -> int:
+    """All ``keys`` in one tile when they span more than two row tiles of ``block`` and ``most``
+    holds them; else tiles of ``block``."""
+    whole = triton.next_power_of_2(keys)
+    return whole if keys > 2 * block and whole <= most else block
+
+
 def forward_key_block(keys: int, block: int) -> int:
     """Keys per tile of the forward, whose query tiles hold ``block`` rows. Keys over more than two
     such tiles (the graph's 85 nodes) take one tile of at most 128: the loop over key tiles and
     its rescaling fold away, and the graph's forward took 97 µs alone on an H200 instead of 125.
     Keys over two tiles (CGF's 36 and 49) lost with one tile of 128: 63 and 48 µs against 51 and
     39 (benchmarks/RESULTS.md, session 17)."""
-    whole = triton.next_power_of_2(keys)
-    return whole if keys > 2 * block and whole <= 128 else block
+    return whole_key_block(keys, block, 128)
 
 
 def query_pass_key_block(keys: int, block: int) -> int:
@@ -284,7 +291,7 @@ class _Shape:
         # Row sums padded to whole tiles of the forward's and of the backward's (powers of two).
         padded = max(self.block, self.forward_rows)
         self.nqp = triton.cdiv(self.nq, padded) * padded
-        self.key_pass_keys = LAUNCH.key_pass_keys or self.block
+        self.key_pass_keys = whole_key_block(self.nk, self.block, LAUNCH.key_pass_keys or 0)
         self.keys_fit, self.queries_fit = self.nk <= self.key_pass_keys, self.nq <= self.block
         self.forward_keys = LAUNCH.forward_keys or forward_key_block(self.nk, self.forward_rows)
         self.query_pass_keys = LAUNCH.query_pass_keys or query_pass_key_block(self.nk, self.block)
