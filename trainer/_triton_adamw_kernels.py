@@ -15,6 +15,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from rgfusion.trainer.flat_adamw import GOLDEN, HASH
+
+# flat_adamw's hash constants as the kernels read them: torch's update and the kernels draw the same bits.
+_HASH0, _HASH1, _GOLDEN = tl.constexpr(HASH[0]), tl.constexpr(HASH[1]), tl.constexpr(GOLDEN)
+
 # Elements and warps per program, of AdamW's kernel and of the sums of squares' (benchmarks/adamw_bench.py).
 UPDATE, SUMS = (1024, 4), (32768, 8)
 ALIGN = 8  # elements: a 16-byte vector of bf16
@@ -104,16 +109,16 @@ def _mul32(x, c: tl.constexpr):
 @triton.jit
 def _mix(x):
     """flat_adamw.mix32 on uint32 ``x``."""
-    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
-    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    x = _mul32(x ^ (x >> 16), _HASH0)
+    x = _mul32(x ^ (x >> 15), _HASH1)
     return x ^ (x >> 16)
 
 
 @triton.jit
 def _rounding_bits(at, step, salt):
     """flat_adamw.rounding_bits of elements ``at`` (uint32) at ``step`` (float32) in group ``salt``."""
-    seed = _mix(_mul32(step.to(tl.uint32), 0x9E3779B9) + salt.to(tl.uint32))
-    return _mix(_mul32(at.to(tl.uint32), 0x9E3779B9) ^ seed)
+    seed = _mix(_mul32(step.to(tl.uint32), _GOLDEN) + salt.to(tl.uint32))
+    return _mix(_mul32(at.to(tl.uint32), _GOLDEN) ^ seed)
 
 
 @triton.jit
