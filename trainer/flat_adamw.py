@@ -283,9 +283,7 @@ class FlatAdamW(torch.optim.Optimizer):
         """``update``'s ``streams`` for a ``module`` whose forward, and so whose backward, runs on
         ``stream``: the groups all of whose parameters are the module's (None, or off the Triton
         kernels: no group)."""
-        from rgfusion.trainer.flat_adamw_triton import TritonUpdate
-
-        if stream is None or not isinstance(self._update, TritonUpdate):
+        if stream is None or self._triton() is None:
             return {}
         own = {id(p) for p in module.parameters()}
         return {i: stream for i, f in enumerate(self.flats) if all(id(p) in own for p in f.params)}
@@ -322,11 +320,16 @@ class FlatAdamW(torch.optim.Optimizer):
                             self.param_groups[i]["weight_decay"]), *self._scale_ok)
 
     def _kernels(self, what: str):
+        update = self._triton()
+        if update is None:
+            raise ValueError(f"FlatAdamW.{what} needs the Triton kernels")
+        return update
+
+    def _triton(self):
+        """The Triton update, None where the update is torch's."""
         from rgfusion.trainer.flat_adamw_triton import TritonUpdate
 
-        if not isinstance(self._update, TritonUpdate):
-            raise ValueError(f"FlatAdamW.{what} needs the Triton kernels")
-        return self._update
+        return self._update if isinstance(self._update, TritonUpdate) else None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop (or zero) the model parameters' gradients: the next backward hands over fresh ones."""
