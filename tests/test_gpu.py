@@ -587,6 +587,11 @@ def test_ffn_kernels_equal_the_math_path_compiled():
         assert float((a - want).norm()) <= 2 * float((b - want).norm()), name
 
 
+# gpu_bench's captured BERT rows, small, with the Triton attention and the caption tower on its side stream.
+CAPTURED_BERT = dict(batch=16, regions=6, region_dim=48, grid=(3, 3), grid_dim=40, width=128, words=9, vocab=100,
+                     attention="triton", side_streams=True)
+
+
 @pytest.mark.parametrize("variant", ["full-bert-bf16w-graph", "full-bert-bf16w-compile-graph"])
 def test_pipelined_update_waits_for_each_stage(variant, bert_dir, monkeypatch):
     """gpu_bench's captured BERT row with the update pipelined into the next forward
@@ -601,9 +606,7 @@ def test_pipelined_update_waits_for_each_stage(variant, bert_dir, monkeypatch):
 
     def losses(update: str, spin: int) -> list[float]:
         monkeypatch.setattr(UpdatePipeline, "spin", spin)
-        shape = bench.Shape(batch=16, regions=6, region_dim=48, grid=(3, 3), grid_dim=40, width=128, words=9,
-                            vocab=100, attention="triton", side_streams=True, update=update,
-                            update_stages=3)
+        shape = bench.Shape(**CAPTURED_BERT, update=update, update_stages=3)
         built = bench.build_bench(v, shape, DEVICE, bert_dir, tiny=True)
         return [float(built.step(built.batches[i % 3])) for i in range(5)]
 
@@ -623,8 +626,7 @@ def test_side_sums_give_the_same_steps(variant, bert_dir, monkeypatch):
     made = record_flat_adamw(bench, monkeypatch)
 
     def steps(side_sums: bool) -> torch.Tensor:
-        shape = bench.Shape(batch=16, regions=6, region_dim=48, grid=(3, 3), grid_dim=40, width=128, words=9,
-                            vocab=100, attention="triton", side_streams=True, side_sums=side_sums)
+        shape = bench.Shape(**CAPTURED_BERT, side_sums=side_sums)
         built = bench.build_bench(v, shape, DEVICE, bert_dir, tiny=True)
         assert made[-1].side_streams(built.model.text, bench.side_of(shape, DEVICE))  # the caption tower's groups
         out = []

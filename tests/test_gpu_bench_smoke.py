@@ -19,6 +19,15 @@ def load_bench():
     return load_script("gpu_bench")
 
 
+TINY = dict(batch=4, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200)
+
+
+def tiny_bench(bench, variant: str = "full-bigru-fp32", **shape):
+    """The row ``variant`` on the CPU at tiny shapes, ``shape`` overriding Shape's fields."""
+    v = next(v for v in bench.variants() if v.name == variant)
+    return bench.build_bench(v, bench.Shape(**TINY, **shape), bench.torch.device("cpu"), None, tiny=True)
+
+
 def test_variant_names_cover_every_precision_and_mode():
     names = {v.name for v in load_bench().variants()}
     for prec in ("fp32", "bf16", "bf16w"):
@@ -96,10 +105,7 @@ def test_image_inductor_options_reach_the_image_towers_compile_alone(monkeypatch
     assert exc.value.code == 2 and "--image-inductor triton.no_such_option=1" in capsys.readouterr().err
     compiled = []
     monkeypatch.setattr(bench.torch, "compile", lambda fn, options: compiled.append((fn.__name__, options)) or fn)
-    shape = bench.Shape(batch=4, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200,
-                        image_inductor=(("triton.mix_order_reduction", False),))
-    v = next(v for v in bench.variants() if v.name == "full-bigru-fp32-default")
-    bench.build_bench(v, shape, bench.torch.device("cpu"), None, tiny=True)
+    tiny_bench(bench, "full-bigru-fp32-default", image_inductor=(("triton.mix_order_reduction", False),))
     options = dict(compiled)
     assert options["images"]["triton.mix_order_reduction"] is False
     assert "triton.mix_order_reduction" not in options["captions"]
@@ -160,22 +166,14 @@ def test_profile_writes_a_gzipped_chrome_trace(tmp_path):
 @pytest.mark.parametrize("towers", ["image", "text"])
 def test_one_tower_row_trains_that_tower_and_counts_its_flops(towers):
     bench = load_bench()
-    shape = bench.Shape(batch=4, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200,
-                        towers=towers)
-    v = next(v for v in bench.variants() if v.name == "full-bigru-fp32")
-    built = bench.build_bench(v, shape, bench.torch.device("cpu"), None, tiny=True)
+    shape = bench.Shape(**TINY, towers=towers)
+    built = tiny_bench(bench, towers=towers)
     before = {n: p.detach().clone() for n, p in built.model.named_parameters()}
     built.step(built.batches[0])
     moved = {n.split(".")[0] for n, p in built.model.named_parameters() if not bench.torch.equal(p, before[n])}
     assert moved == {towers}
     full = bench.row_flops(built, bench.dataclasses.replace(shape, towers="both"))
     assert 0 < bench.row_flops(built, shape) < full
-
-
-def tiny_bench(bench, **shape):
-    shape = bench.Shape(batch=4, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200, **shape)
-    v = next(v for v in bench.variants() if v.name == "full-bigru-fp32")
-    return bench.build_bench(v, shape, bench.torch.device("cpu"), None, tiny=True)
 
 
 def test_side_tower_image_gives_each_tower_its_own_embeddings():
@@ -247,22 +245,15 @@ def test_pipelined_update_steps_as_the_staged_end_of_step_one():
     bench = load_bench()
     losses = []
     for update in ("staged", "pipelined"):
-        shape = bench.Shape(batch=4, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200,
-                            update=update, update_stages=3)
-        v = next(v for v in bench.variants() if v.name == "full-bigru-bf16w")
-        built = bench.build_bench(v, shape, bench.torch.device("cpu"), None, tiny=True)
+        built = tiny_bench(bench, "full-bigru-bf16w", update=update, update_stages=3)
         losses.append([float(built.step(built.batches[i % 3])) for i in range(4)])
     assert losses[0] == losses[1] and len(set(losses[0])) == 4
-
 
 
 def test_bf16_moments_reach_the_bf16w_rows_optimizer(monkeypatch):
     bench = load_bench()
     made = record_flat_adamw(bench, monkeypatch)
-    shape = bench.Shape(batch=4, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200,
-                        moments="bf16")
-    v = next(v for v in bench.variants() if v.name == "full-bigru-bf16w")
-    built = bench.build_bench(v, shape, bench.torch.device("cpu"), None, tiny=True)
+    built = tiny_bench(bench, "full-bigru-bf16w", moments="bf16")
     losses = [float(built.step(built.batches[i % 3])) for i in range(3)]
     (opt,) = made
     assert all(s["exp_avg_sq"].dtype == bench.torch.bfloat16 and s["step"] == 3 for s in opt.state.values())
@@ -273,10 +264,7 @@ def test_side_sums_need_flat_adamw():
     """--side-sums on the CPU (no side stream: the sums stay on the one stream) trains the bf16w
     row; a torch-AdamW row refuses it."""
     bench = load_bench()
-    shape = dict(batch=4, regions=6, region_dim=32, grid=(3, 3), grid_dim=32, width=32, vocab=200, side_sums=True)
-    rows = {v.name: v for v in bench.variants()}
-    built = bench.build_bench(rows["full-bigru-bf16w"], bench.Shape(**shape), bench.torch.device("cpu"), None,
-                              tiny=True)
+    built = tiny_bench(bench, "full-bigru-bf16w", side_sums=True)
     assert len({float(built.step(built.batches[i % 3])) for i in range(3)}) == 3
     with pytest.raises(ValueError, match="--side-sums: bf16w variants only"):
-        bench.build_bench(rows["full-bigru-fp32"], bench.Shape(**shape), bench.torch.device("cpu"), None, tiny=True)
+        tiny_bench(bench, side_sums=True)
