@@ -17,7 +17,7 @@ import triton.language as tl  # noqa: E402
 
 from rgfusion.trainer import _triton_adamw_kernels as kernels  # noqa: E402
 
-from rgfusion.trainer.flat_adamw import FlatAdamW, clip_and_update  # noqa: E402
+from rgfusion.trainer.flat_adamw import MOMENT_TYPES, FlatAdamW, clip_and_update  # noqa: E402
 from rgfusion.trainer.flat_adamw_triton import TritonUpdate, cut  # noqa: E402
 
 torch.set_num_threads(1)
@@ -102,8 +102,7 @@ def test_kernels_step_as_the_torch_update(precision, moments):
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 torch.testing.assert_close(kernel_opt.state[b.master][key], torch_opt.state[a.master][key], **close)
     assert kernel_opt.state[kernel_opt.flats[0].master]["step"] == 3
-    assert kernel_opt.state[kernel_opt.flats[0].master]["exp_avg"].dtype == getattr(torch, {"bf16": "bfloat16"}.get(
-        moments, "float32"))
+    assert kernel_opt.state[kernel_opt.flats[0].master]["exp_avg"].dtype == MOMENT_TYPES[moments]
 
 
 MASK = 0xFFFFFFFF

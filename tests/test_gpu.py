@@ -512,7 +512,6 @@ def test_adamw_bench_times_every_kind_of_master_and_moments(tmp_path, monkeypatc
     assert all(r["us"] > 0 and r["tb_per_s"] > 0 for r in rows)
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_edge_bias_kernels_equal_the_math_path_compiled(dtype):
     """The geometry biases of the step's two graph layers at its shape (85 nodes, 8 heads), in one
