@@ -6,6 +6,9 @@ cover. On a GPU the update runs there; without one the kernels run in Triton's i
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -334,3 +337,43 @@ def test_rounding_bits_are_even_and_independent():
     assert 235 < chi.mean() < 280
     for a, b in [(halves[0][:-1], halves[0][1:]), (halves[0], halves[1]), (halves[0], halves[4])]:
         assert abs(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1]) < 0.01
+
+
+COMPILE_FOR_SM90 = r'''
+import sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rgfusion.trainer import _triton_adamw_kernels as kernels
+
+FLAGS = dict(GRAD=tl.bfloat16, HAS_WEIGHTS=True, SPLIT=False, ALIGNED=True, BLOCK=1024)
+SCALARS = ("beta1", "beta2", "log_beta1", "log_beta2", "eps", "weight_decay")
+moments, salt = sys.argv[1], int(sys.argv[2])
+for fn in (kernels._adamw.fn, kernels._adamw_range.fn):
+    kernel = getattr(kernels, fn.__name__)
+    types, constants = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in FLAGS or (name == "salt" and salt == 1):  # the JIT passes an integer 1 as a constexpr
+            types[name], constants[(i,)] = "constexpr", FLAGS.get(name, salt)
+        elif name in SCALARS:
+            types[name] = "fp32"
+        elif name in ("salt", "lo", "hi"):
+            types[name] = "i32"
+        elif name in ("exp_avg", "exp_avg_sq"):
+            types[name] = "*" + moments
+        else:
+            types[name] = "*i64" if name in ("table", "param", "start", "length", "flat") else "*fp32"
+    triton.compile(ASTSource(fn=kernel, signature=types, constexprs=constants), target=GPUTarget("cuda", 90, 32))
+print("compiled")
+'''
+
+
+@pytest.mark.parametrize("moments,salt", [("bf16", 1), ("bf16", 2), ("fp32", 1)])
+def test_the_update_kernels_compile_for_every_group_number(moments, salt):
+    """The compiler, not the interpreter (a subprocess without TRITON_INTERPRET): Triton's JIT
+    passes an integer argument equal to 1 as a constexpr, so the second group's ``salt`` reached
+    the kernel as a Python int, which the interpreter never shows (an H200 run of session 22)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90, moments, str(salt)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-2000:]

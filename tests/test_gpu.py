@@ -634,4 +634,6 @@ def test_side_sums_give_the_same_steps(variant, bert_dir, monkeypatch):
             out.append([float(loss), float(made[-1].norm)])
         return torch.tensor(out)
 
-    torch.testing.assert_close(steps(True), steps(False), rtol=1e-4, atol=0)
+    side, main, again = steps(True), steps(False), steps(False)
+    torch.testing.assert_close(side, main, rtol=1e-4, atol=0,
+                               msg=lambda m: f"{m}\nside sums {side.tolist()}\nmain {main.tolist()}\nagain {again.tolist()}")

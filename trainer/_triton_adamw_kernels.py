@@ -117,7 +117,7 @@ def _mix(x):
 @triton.jit
 def _rounding_bits(at, step, salt):
     """flat_adamw.rounding_bits of elements ``at`` (uint32) at ``step`` (float32) in group ``salt``."""
-    seed = _mix(_mul32(step.to(tl.uint32), _GOLDEN) + salt.to(tl.uint32))
+    seed = _mix(_mul32(step.to(tl.uint32), _GOLDEN) + tl.cast(salt, tl.uint32))  # a salt of 1 comes as a constexpr
     return _mix(_mul32(at.to(tl.uint32), _GOLDEN) ^ seed)
 
 
