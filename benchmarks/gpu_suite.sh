@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_suite.sh setup data converge      # 4-GPU machine: 3 recipes + harness in parallel
 #   bash benchmarks/gpu_suite.sh setup data scale         # ZeRO 1/2/3 x 1/2/4 GPUs, negatives, resume
 #   bash benchmarks/gpu_suite.sh setup data moments       # 2-GPU machine: AdamW's moments in fp32 and bf16
+#   MOMENTS_SETS="--set optim.master=split" MOMENTS_EPOCHS=20 TRAIN_IMAGES=6000 ... moments   # 1 GPU, both on it
 #   RUNS="2:1 2:8 3:8" bash benchmarks/gpu_suite.sh setup data scale   # any stage:GPU-count pairs
 #   TRAIN_IMAGES=6000 bash benchmarks/gpu_suite.sh setup data feed     # 1 GPU: loader and trainer profile
 #   bash benchmarks/gpu_suite.sh setup mfu                                # 1 GPU: MFU by precision, compile, attention, batch
@@ -86,11 +87,13 @@ converge() {
   tar czf "$OUT/mlruns.tgz" mlruns runs/*/reports 2>/dev/null
 }
 
-moments() {  # two GPUs: the full model on the native engine, AdamW's moments in fp32 and in bf16, one budget
+moments() {  # the full model on the native engine, AdamW's moments in fp32 and in bf16, one budget, side by side
   local RECIPE=configs/bench/paper_dims_native.yaml  # train1 reads it
-  log "convergence: fp32 moments on GPU 0, bf16 moments on GPU 1"
-  train1 0 29411 moments_fp32 --set optim.moments=fp32 & local p0=$!
-  train1 1 29412 moments_bf16 --set optim.moments=bf16 & local p1=$!
+  local second; second=$(python3 -c "import torch; print(min(1, torch.cuda.device_count() - 1))")  # one GPU: both on it
+  local sets=(--set train.epochs=${MOMENTS_EPOCHS:-10} ${MOMENTS_SETS:-})
+  log "convergence: fp32 moments on GPU 0, bf16 moments on GPU $second"
+  train1 0 29411 moments_fp32 --set optim.moments=fp32 "${sets[@]}" & local p0=$!
+  train1 "$second" 29412 moments_bf16 --set optim.moments=bf16 "${sets[@]}" & local p1=$!
   wait $p0 $p1
   for n in moments_fp32 moments_bf16; do echo "== $n"; grep -E "epoch [0-9]+:|throughput" "$OUT/$n.log" | tail -12; done
   tar czf "$OUT/mlruns.tgz" mlruns 2>/dev/null
