@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import functools
 import gzip
 import json
 import os
@@ -114,9 +113,6 @@ class Shape:
     update: str = "end"
     update_stages: int = 8
     update_priority: int = 0  # of the pipelined update's streams
-    # bf16w, update at the end: the side tower's gradients summed (for the clip) on its own stream,
-    # beside the end of the other tower's backward (FlatAdamW.update's streams)
-    side_sums: bool = False
     # the captured step's stream priority, the image tower's; a high-priority side stream gets one
     # level more (0, a new stream's, is the lowest, so -1 leaves the probe's update stream below both)
     image_priority: int = 0
@@ -252,14 +248,10 @@ def make_update(model: torch.nn.Module, v: Variant, device: torch.device, shape:
                         kernels=kernels, master="split" if shape.adamw == "split" else "fp32",
                         moments=shape.moments)
         model.to(torch.bfloat16)  # buffers; the parameters are views into the flat bf16 weights
-        if pipelined:
-            return UpdatePipeline(opt, stages, device, shape.update_priority)
-        if not shape.side_sums:
-            return opt.step  # it drops the gradients itself
-        tower = model.text if shape.side_tower == "caption" else model.image
-        return functools.partial(opt.step, streams=opt.side_streams(tower, side_of(shape, device)))
-    if shape.update != "end" or shape.side_sums:
-        raise ValueError("--update and --side-sums: bf16w variants only (FlatAdamW)")
+        # step drops the gradients itself
+        return UpdatePipeline(opt, stages, device, shape.update_priority) if pipelined else opt.step
+    if shape.update != "end":
+        raise ValueError(f"--update {shape.update}: bf16w variants only (FlatAdamW)")
     fused = {"fused": True, "capturable": v.captured} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
 
@@ -670,9 +662,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adamw", choices=("kernels", "split", "compiled"), default="kernels",
                    help="bf16w's optimizer update on CUDA: Triton kernels (split: on split fp32 masters, "
                         "optim.master=split), or inductor's over gathered gradients")
-    p.add_argument("--side-sums", action="store_true",
-                   help="bf16w: the side tower's gradients summed for the clip on its stream, beside the other "
-                        "tower's backward")
     p.add_argument("--moments", choices=("fp32", "bf16"), default="fp32",
                    help="bf16w's AdamW moments, bf16 ones rounded stochastically (optim.moments)")
     p.add_argument("--ffn", choices=("model", "math"), default="model",
@@ -724,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
                                 eager_random=args.compile_random == "eager", image_compile=args.image_compile,
                                 image_inductor=tuple(inductor_option(p, "--image-inductor", item)
                                                      for item in args.image_inductor),
-                                adamw=args.adamw, moments=args.moments, side_sums=args.side_sums,
+                                adamw=args.adamw, moments=args.moments,
                                 update=args.update,
                                 update_stages=args.update_stages,
                                 update_priority=args.update_priority,

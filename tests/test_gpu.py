@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from bench_helpers import load_script, record_flat_adamw
+from bench_helpers import load_script
 
 from rgfusion.trainer.model import ModelConfig, TextConfig, build_model
 
@@ -612,34 +612,3 @@ def test_pipelined_update_waits_for_each_stage(variant, bert_dir, monkeypatch):
     pipelined = torch.tensor(losses("pipelined", 0))
     torch.testing.assert_close(torch.tensor(losses("pipelined", 10_000_000)), pipelined, rtol=1e-4, atol=0)
     torch.testing.assert_close(pipelined, torch.tensor(losses("staged", 0)), rtol=2e-3, atol=0)
-
-
-@pytest.mark.parametrize("variant", ["full-bert-bf16w-graph", "full-bert-bf16w-compile-graph"])
-@pytest.mark.parametrize("side_sums", [True, False])
-def test_side_sums_take_the_norm_of_the_whole_gradients(variant, side_sums, bert_dir, monkeypatch):
-    """gpu_bench's captured BERT row with the caption tower's gradients summed on its side stream
-    (FlatAdamW.update's streams): replay after replay, the norm the update clips by is the one
-    torch takes of the gradients on the main stream, which autograd has made wait for the whole
-    backward. A sum that read a gradient before its backward wrote it would move the norm. Within
-    one build: two builds of the compiled row differ by more than any race would (session 22,
-    the backward's atomic adds through Adam's first steps)."""
-    bench = load_script("gpu_bench")
-    v = next(v for v in bench.variants() if v.name == variant)
-    made = record_flat_adamw(bench, monkeypatch)
-    update = bench.FlatAdamW.update
-
-    def checked(self, *args, **kwargs):
-        grads = [g.float() for flat in self.flats for g in flat.grads()]
-        self.reference = torch.stack([g.norm() for g in grads]).norm()
-        update(self, *args, **kwargs)
-
-    monkeypatch.setattr(bench.FlatAdamW, "update", checked)
-    shape = bench.Shape(**CAPTURED_BERT, side_sums=side_sums)
-    built = bench.build_bench(v, shape, DEVICE, bert_dir, tiny=True)
-    assert made[-1].side_streams(built.model.text, bench.side_of(shape, DEVICE))  # the caption tower's groups
-    norms = []
-    for i in range(5):
-        built.step(built.batches[i % 3])
-        norms.append([float(made[-1].norm), float(made[-1].reference)])
-    norms = torch.tensor(norms)
-    torch.testing.assert_close(norms[:, 0], norms[:, 1], rtol=1e-4, atol=0)

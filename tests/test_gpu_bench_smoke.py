@@ -258,13 +258,3 @@ def test_bf16_moments_reach_the_bf16w_rows_optimizer(monkeypatch):
     (opt,) = made
     assert all(s["exp_avg_sq"].dtype == bench.torch.bfloat16 and s["step"] == 3 for s in opt.state.values())
     assert len(set(losses)) == 3
-
-
-def test_side_sums_need_flat_adamw():
-    """--side-sums on the CPU (no side stream: the sums stay on the one stream) trains the bf16w
-    row; a torch-AdamW row refuses it."""
-    bench = load_bench()
-    built = tiny_bench(bench, "full-bigru-bf16w", side_sums=True)
-    assert len({float(built.step(built.batches[i % 3])) for i in range(3)}) == 3
-    with pytest.raises(ValueError, match="--side-sums: bf16w variants only"):
-        tiny_bench(bench, side_sums=True)

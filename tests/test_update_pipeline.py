@@ -210,22 +210,3 @@ def test_a_probe_that_skips_a_tower_is_an_error():
     model, x, _ = towers_and_batch()
     with pytest.raises(ValueError, match=r"did not call tower\(s\) \[1\]"):
         plan_stages([model.image, model.text], lambda: model.image(x))
-
-
-def test_side_streams_name_the_groups_wholly_of_a_module():
-    """FlatAdamW.side_streams: the groups whose parameters all belong to the module run their sums
-    on its stream; a group shared with another module, no stream, or the torch update: none."""
-    towers = nn.ModuleDict({"image": nn.Linear(4, 4), "text": nn.Linear(4, 4)})
-    image, text = towers["image"], towers["text"]
-    groups = [{"params": ps} for ps in ([text.weight], [image.weight], [text.bias], [image.bias],
-                                        [nn.Parameter(torch.ones(2))])]
-    stream = object()  # a stand-in: the mapping only names it
-    opt = FlatAdamW(groups, precision="fp32", lr=1e-2, kernels=True)
-    assert opt.side_streams(text, stream) == {0: stream, 2: stream}
-    assert opt.side_streams(text, None) == {}
-    mixed = FlatAdamW([{"params": [text.weight, image.weight]}], precision="fp32", lr=1e-2, kernels=True)
-    assert mixed.side_streams(text, stream) == {}
-    plain = FlatAdamW([{"params": list(text.parameters())}], precision="fp32", lr=1e-2, kernels=False, compiled=False)
-    assert plain.side_streams(text, stream) == {}
-    with pytest.raises(ValueError, match="update with streams needs the Triton kernels"):
-        plain.update(streams={0: stream})

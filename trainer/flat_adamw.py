@@ -244,11 +244,10 @@ class FlatAdamW(torch.optim.Optimizer):
             self._update = clip_and_update
 
     @torch.no_grad()
-    def step(self, streams: dict[int, torch.cuda.Stream] | None = None) -> None:  # type: ignore[override]
-        """Clip, update every group and drop the gradients; ``norm`` is the norm before clipping.
-        ``streams`` as in ``update``."""
+    def step(self) -> None:  # type: ignore[override]
+        """Clip, update every group and drop the gradients; ``norm`` is the norm before clipping."""
         self.load_lrs()
-        self.update(streams=streams)
+        self.update()
 
     def load_lrs(self) -> None:
         """The groups' learning rates (the scheduler's values) into the device tensors ``update``
@@ -257,36 +256,22 @@ class FlatAdamW(torch.optim.Optimizer):
             lr.fill_(group["lr"])  # no host sync
 
     @torch.no_grad()
-    def update(self, finite: Tensor | None = None, streams: dict[int, torch.cuda.Stream] | None = None) -> None:
+    def update(self, finite: Tensor | None = None) -> None:
         """``step`` without loading the learning rates: the part a CUDA graph can replay. A false
         ``finite`` (a 0-d bool on the device, e.g. the loss's) skips the update like a
-        non-finite gradient norm does. ``streams`` (the Triton kernels only): groups, by number,
-        whose gradients' sums of squares run on the stream that made those gradients
-        (``side_streams``), beside the rest of the backward."""
+        non-finite gradient norm does."""
         states = [self.state[f.key] for f in self.flats]
         if finite is None:
             finite = self._finite
-        extra = {"streams": streams} if streams else {}
-        if extra:
-            self._kernels("update with streams")
         # Split, the kernels take the low bits where the master would be (flat_adamw_triton.py).
         self.norm = self._update(
             [f.grads() for f in self.flats], [f.key for f in self.flats], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [f.weights for f in self.flats], self.lrs, [s["step"] for s in states],
-            [(*g["betas"], g["eps"], g["weight_decay"]) for g in self.param_groups], self.max_norm, finite, **extra)
+            [(*g["betas"], g["eps"], g["weight_decay"]) for g in self.param_groups], self.max_norm, finite)
         self.zero_grad()
         # What torch's LR schedulers check to warn of a schedule stepped before its optimizer;
         # set here too, as a captured step calls only this part.
         self._opt_called = True
-
-    def side_streams(self, module: nn.Module, stream: torch.cuda.Stream | None) -> dict[int, torch.cuda.Stream]:
-        """``update``'s ``streams`` for a ``module`` whose forward, and so whose backward, runs on
-        ``stream``: the groups all of whose parameters are the module's (None, or off the Triton
-        kernels: no group)."""
-        if stream is None or self._triton() is None:
-            return {}
-        own = {id(p) for p in module.parameters()}
-        return {i: stream for i, f in enumerate(self.flats) if all(id(p) in own for p in f.params)}
 
     @torch.no_grad()
     def gather(self, groups: Iterable[int]) -> None:

@@ -122,13 +122,11 @@ class TritonUpdate:
 
     def __call__(self, grads: list[list[Tensor]], masters: list[Tensor], exp_avgs: list[Tensor],
                  exp_avg_sqs: list[Tensor], weights: list[Tensor | None], lrs: list[Tensor], steps: list[Tensor],
-                 hypers: list[tuple[float, float, float, float]], max_norm: float, finite: Tensor,
-                 streams: dict[int, torch.cuda.Stream] | None = None) -> Tensor:
-        """``streams``: groups whose sums of squares run on a stream of their own, the one their
-        gradients came from (the caption tower's side stream, which is idle while the image
-        tower's backward ends); the current stream waits for them before the clip."""
-        summed = [self.summed(i, group, (streams or {}).get(i)) for i, group in enumerate(grads)]
-        grads, tables = [group for group, _ in summed], [table for _, table in summed]  # alive until queued
+                 hypers: list[tuple[float, float, float, float]], max_norm: float, finite: Tensor) -> Tensor:
+        grads = [[readable(g) for g in group] for group in grads]  # alive until the kernels are queued
+        tables = [table(group) for table, group in zip(self.tables, grads)]
+        for i, (table, group) in enumerate(zip(tables, grads)):
+            self.sums(i, table, GRAD_TYPES[group[0].dtype])
         norm, scale, ok = self.conclude(max_norm, finite, steps)
         block, warps = self.update_shape
         for i, (table, group) in enumerate(zip(tables, self.updates)):
@@ -142,22 +140,6 @@ class TritonUpdate:
                     HAS_WEIGHTS=w is not None, SPLIT=masters[i].dtype == torch.int16, ALIGNED=launch.aligned,
                     BLOCK=block, num_warps=warps)
         return norm
-
-    def summed(self, i: int, group: list[Tensor], stream: torch.cuda.Stream | None) -> tuple[list[Tensor], Tensor]:
-        """Group ``i``'s gradients as the kernels read them and their address table, with their sums
-        of squares queued on ``stream`` (None: the current stream)."""
-        if stream is None:
-            group = [readable(g) for g in group]
-            table = self.tables[i](group)
-            self.sums(i, table, GRAD_TYPES[group[0].dtype])
-            return group, table
-        current = torch.cuda.current_stream(stream.device)
-        with torch.cuda.stream(stream):
-            group, table = self.summed(i, group, None)
-        current.wait_stream(stream)
-        for t in (table, *group):  # made or last read there, read here next: not the other stream's to reuse
-            t.record_stream(current)
-        return group, table
 
     def sums(self, i: int, table: Tensor, grad: tl.dtype, gathered: Tensor | None = None) -> None:
         """Group ``i``'s sums of squares into ``partial`` (``table``: its gradients' addresses, of
