@@ -33,6 +33,9 @@ RECIPE=configs/bench/paper_dims.yaml
 TRAIN_IMAGES=${TRAIN_IMAGES:-20000}  # convergence needs 20K; throughput runs are fine with fewer
 DATA=data/synthetic_paper_dims_$TRAIN_IMAGES
 log() { echo "[$(date +%T)] $*"; }
+# The bf16w rows' optimizer update as configs/bench/paper_dims_native.yaml has it (session 22);
+# UPDATE_FLAGS= times the fp32 masters and moments of sessions 1-21.
+UPDATE_FLAGS=${UPDATE_FLAGS---moments bf16 --adamw split}
 RG="python3 -m rgfusion.trainer.cli"  # the console script may not be on a bare image's PATH
 # The harness rows recorded in benchmarks/RESULTS.md (all 18 take twice as long).
 BENCH_ONLY=full-bigru-fp32,full-bigru-bf16,full-bigru-bf16-default,full-bigru-bf16-graph,full-bert-fp32,full-bert-bf16,full-bert-bf16-default,full-bert-bf16-graph,region-gpo-bigru-fp32,region-gpo-bigru-fp32-graph,region-gpo-bigru-bf16,region-gpo-bigru-bf16-graph
@@ -160,7 +163,7 @@ feed() {  # one GPU: what feeds and what bounds the trainer's step
 mfu() {  # one GPU: MFU rows, each variant in a process of its own; MFU_ATTENTION="sdpa math" compares the kernels, MFU_FLAGS adds gpu_bench flags
   # One process per variant: a BERT row compiled after a BiGRU row in one process did not finish in 7 min (session 7).
   log "model step: MFU by variant, attention and batch"
-  local row='python3 benchmarks/gpu_bench.py --iters 15 --warmup 3 --no-eval'
+  local row="python3 benchmarks/gpu_bench.py --iters 15 --warmup 3 --no-eval $UPDATE_FLAGS"
   for att in ${MFU_ATTENTION:-sdpa math}; do
     for b in 128 ${MFU_BATCHES-256 512}; do
       local only=${MFU_ONLY:-full-bert-bf16w-compile-graph,full-bigru-bf16w-compile-graph,region-gpo-bigru-fp32-graph,region-gpo-bigru-bf16w-graph,region-gpo-bigru-bf16w-compile-graph}
@@ -182,7 +185,7 @@ mfu() {  # one GPU: MFU rows, each variant in a process of its own; MFU_ATTENTIO
 
 towers() {  # one GPU: the BERT step, then each tower's step alone (the other's embeddings a stand-in), with traces
   local row="python3 benchmarks/gpu_bench.py --iters 15 --warmup 3 --no-eval --attention ${TOWERS_ATTENTION:-triton} --side-streams --pad-shapes"
-  row="$row --launch-order main --only full-bert-bf16w-compile-graph ${TOWERS_FLAGS:-}"
+  row="$row --launch-order main --only full-bert-bf16w-compile-graph $UPDATE_FLAGS ${TOWERS_FLAGS:-}"
   for t in both image text; do
     local trace=(); [ $t = both ] || trace=(--profile full-bert-bf16w-compile-graph --trace "$OUT/towers_$t.json.gz")
     $row --towers $t "${trace[@]}" > "$OUT/towers_$t.log" 2>&1
@@ -240,7 +243,7 @@ ab() {  # one GPU: the BERT row once per "name:flags" in AB (';' between them), 
   # Against a machine's drift: session 15's three machines gave the same code 11.27-11.55 ms, while the
   # changes it compared moved the row by 0.03-0.09 ms. A second pass compiles from inductor's caches.
   local row=${AB_ROW:-python3 benchmarks/gpu_bench.py --iters 30 --warmup 3 --no-eval --side-streams --pad-shapes \
---launch-order main --only full-bert-bf16w-compile-graph --attention triton}
+--launch-order main --only full-bert-bf16w-compile-graph --attention triton $UPDATE_FLAGS}
   local pairs; IFS=';' read -ra pairs <<< "${AB:?AB=\"name:flags;name:flags\"}"
   for pass in 1 2; do
     for pair in "${pairs[@]}"; do
