@@ -234,6 +234,9 @@ def test_split_master_holds_fp32_exactly_and_rounds_to_the_nearest_bf16():
     values = torch.cat([values, ties])
     weights, low = split_master(values)
     assert weights.dtype == torch.bfloat16 and low.dtype == torch.int16
+    chunked = split_master(values.view(8, -1), chunk=999)  # chunks that end mid-row, the last one short
+    assert torch.equal(chunked[0].view(-1).view(torch.int16), weights.view(torch.int16))
+    assert torch.equal(chunked[1].view(-1), low) and chunked[0].shape == (8, 509)
     assert torch.equal(join_master(weights, low).view(torch.int32), values.view(torch.int32))
     tie = (values.view(torch.int32) & 0xFFFF) == 0x8000
     assert tie.sum() >= 64
