@@ -713,8 +713,7 @@ def main(argv: list[str] | None = None) -> int:
                                 eager_random=args.compile_random == "eager", image_compile=args.image_compile,
                                 image_inductor=tuple(inductor_option(p, "--image-inductor", item)
                                                      for item in args.image_inductor),
-                                adamw=args.adamw, moments=args.moments,
-                                update=args.update,
+                                adamw=args.adamw, moments=args.moments, update=args.update,
                                 update_stages=args.update_stages,
                                 update_priority=args.update_priority,
                                 image_priority=args.image_priority)

@@ -311,16 +311,11 @@ class FlatAdamW(torch.optim.Optimizer):
                             self.param_groups[i]["weight_decay"]), *self._scale_ok)
 
     def _kernels(self, what: str):
-        update = self._triton()
-        if update is None:
-            raise ValueError(f"FlatAdamW.{what} needs the Triton kernels")
-        return update
-
-    def _triton(self):
-        """The Triton update, None where the update is torch's."""
         from rgfusion.trainer.flat_adamw_triton import TritonUpdate
 
-        return self._update if isinstance(self._update, TritonUpdate) else None
+        if not isinstance(self._update, TritonUpdate):
+            raise ValueError(f"FlatAdamW.{what} needs the Triton kernels")
+        return self._update
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop (or zero) the model parameters' gradients: the next backward hands over fresh ones."""
