@@ -6,13 +6,11 @@ cover. On a GPU the update runs there; without one the kernels run in Triton's i
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
+from triton_compiler import run_compiler
 
 pytest.importorskip("triton")
 import triton  # noqa: E402
@@ -376,7 +374,5 @@ def test_the_update_kernels_compile_for_every_group_number(moments, salt):
     """The compiler, not the interpreter (a subprocess without TRITON_INTERPRET): Triton's JIT
     passes an integer argument equal to 1 as a constexpr, so the second group's ``salt`` reached
     the kernel as a Python int, which the interpreter never shows (an H200 run of session 22)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90, moments, str(salt)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = run_compiler(["-c", COMPILE_FOR_SM90, moments, str(salt)], timeout=300)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-2000:]

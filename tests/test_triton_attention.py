@@ -5,8 +5,11 @@ kernels run in Triton's interpreter (tests/conftest.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from triton_compiler import run_compiler
 
 pytest.importorskip("triton")
 
@@ -269,16 +272,9 @@ def test_a_key_pass_holding_every_key_needs_no_query_pass(monkeypatch):
 
 def test_kernel_resources_compiles_for_a_gpu_this_machine_lacks():
     # benchmarks/kernel_resources.py: Triton's own compiler, not its interpreter, so a process of its own.
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
-    out = subprocess.run([sys.executable, str(script), "--shapes", "caption", "geometry", "--blocks", "0", "16",
-                          "--key-pass-keys", "0", "64"],
-                         env=env, capture_output=True, text=True, timeout=300, check=True).stdout.splitlines()
+    out = run_compiler([str(script), "--shapes", "caption", "geometry", "--blocks", "0", "16", "--key-pass-keys", "0",
+                        "64"], timeout=300, check=True).stdout.splitlines()
     assert out[0].startswith("Triton ") and out[0].endswith("sm_90")
     rows = [line.split() for line in out[2:]]
     # 20 words fit one 32-row block, so no query pass; 16-row blocks split them and need one. The

@@ -13,11 +13,9 @@ rejects (a global that is not a constexpr runs in the interpreter).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from triton_compiler import run_compiler
 
 pytest.importorskip("triton")
 
@@ -83,8 +81,7 @@ print(json.dumps(writes))
 
 
 def test_each_kernel_writes_only_its_outputs():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    run = run_compiler(["-c", SCRIPT], timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout.splitlines()[-1]) == {
         "attention._forward": ["lse", "out"],
