@@ -150,7 +150,7 @@ def test_split_masters_resume_exactly_and_refuse_a_run_without_their_kernels(tmp
 
     from rgfusion.trainer import native as native_engine
 
-    with pytest.raises(ValueError, match="optim.master 'split' needs bf16 weights and FlatAdamW's Triton kernels"):
+    with pytest.raises(ConfigError, match="optim.master 'split' needs bf16 weights and FlatAdamW's Triton kernels"):
         native_bf16("optim.master=split")
     pytest.importorskip("triton")
     monkeypatch.setattr(native_engine, "FlatAdamW", functools.partial(FlatAdamW, kernels=True))

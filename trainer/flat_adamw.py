@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rgfusion.configs import ConfigError
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 MOMENT_TYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -220,8 +222,8 @@ class FlatAdamW(torch.optim.Optimizer):
             kernels = device.type == "cuda" and importlib.util.find_spec("triton") is not None
         if master not in ("fp32", "split"):
             raise ValueError(f"master must be 'fp32' or 'split', not {master!r}")
-        if master == "split" and not (precision == "bf16" and kernels):
-            raise ValueError("optim.master 'split' needs bf16 weights and FlatAdamW's Triton kernels (CUDA); "
+        if master == "split" and not (precision == "bf16" and kernels):  # a ConfigError: the CLI's one-line reason
+            raise ConfigError("optim.master 'split' needs bf16 weights and FlatAdamW's Triton kernels (CUDA); "
                              f"this run has {precision} weights{'' if kernels else ' and no kernels'}")
         if moments not in MOMENT_TYPES:
             raise ValueError(f"moments must be 'fp32' or 'bf16', not {moments!r}")
